@@ -1,0 +1,21 @@
+"""Inverse-Hessian-vector products: approximate ``x ≈ (H + ρI)⁻¹ v``.
+
+One method per module, each a pure function ``method(op, v, **settings) ->
+IHVPResult`` over a :class:`~hg_dist.hessian.HessianOperator` and a flat vector:
+
+* :func:`nystrom` — column-sampling Nyström + Woodbury, one batched call of ``k`` products.
+* :func:`cg` — conjugate gradient (optionally preconditioned).
+* :func:`neumann` — truncated Neumann series.
+* :func:`nystrom_pcg` — CG preconditioned by randomized Nyström.
+* :func:`exact` — dense solve, for tests and small problems.
+"""
+
+from hg_dist.ihvp._result import IHVPResult, IHVPStats
+from hg_dist.ihvp.cg import cg
+from hg_dist.ihvp.exact import dense_hessian, exact
+from hg_dist.ihvp.neumann import neumann
+from hg_dist.ihvp.nystrom import nystrom
+from hg_dist.ihvp.nystrom_pcg import nystrom_pcg, randomized_nystrom
+
+__all__ = ["IHVPResult", "IHVPStats", "cg", "dense_hessian", "exact", "neumann", "nystrom",
+           "nystrom_pcg", "randomized_nystrom"]

@@ -1,0 +1,33 @@
+"""Shared fixtures. One local Ray session serves every Ray test (ray.init costs ~10 s)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _float64_and_seed():
+    """Tests compare numbers against ground truth in float64."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """A local Ray instance for the whole test session (4 logical CPUs on 2 cores).
+
+    ``address="local"`` forces a fresh instance even if a ``ray start`` cluster is
+    running on this machine (the cluster tests start one of their own).
+    """
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
