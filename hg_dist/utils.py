@@ -71,7 +71,7 @@ def vector_to_params(vec: Tensor, like: Sequence[Tensor]) -> Params:
     out, start = [], 0
     for t in like:
         n = t.numel()
-        out.append(vec[start:start + n].reshape(*t.shape, *batch))
+        out.append(vec[start:start + n].reshape(tuple(t.shape) + tuple(batch)))
         start += n
     return tuple(out)
 

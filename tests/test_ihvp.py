@@ -1,0 +1,266 @@
+"""Every IHVP method against a dense exact solve on a registry of SPD problems."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hg_dist import ihvp
+from hg_dist.hessian import HessianOperator, linearize
+
+P = 40
+
+
+def spd(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=generator))
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+def operator(matrix: torch.Tensor) -> HessianOperator:
+    return HessianOperator(matvec=lambda v: matrix @ v, matmat=lambda v: matrix @ v, size=matrix.shape[0])
+
+
+# name -> eigenvalues. Linearly spread spectra keep CG's finite termination in float64
+# even at condition number 1e6; geometric spectra (below) lose it.
+REGISTRY = {
+    "well_conditioned": lambda: torch.linspace(1.0, 10.0, P),
+    "ill_conditioned_1e4": lambda: torch.linspace(1e-4, 1.0, P),
+    "ill_conditioned_1e6": lambda: torch.linspace(1e-6, 1.0, P),
+}
+GEOMETRIC = {
+    "geometric_1e2": lambda: torch.logspace(0, -2, P),
+    "geometric_1e3": lambda: torch.logspace(0, -3, P),
+}
+
+
+def rel_err(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((x - reference).norm() / reference.norm())
+
+
+@pytest.fixture(params=list(REGISTRY))
+def problem(request):
+    matrix = spd(REGISTRY[request.param]())
+    v = torch.randn(P, generator=torch.Generator().manual_seed(1))
+    return matrix, v
+
+
+def test_cg_reaches_exact_solution_within_p_iterations(problem):
+    matrix, v = problem
+    result = ihvp.cg(operator(matrix), v, num_iters=P)
+    assert rel_err(result.solution, torch.linalg.solve(matrix, v)) <= 1e-8
+    assert result.stats.num_hvps == P and result.stats.num_operator_calls == P
+    assert result.stats.residual_norm <= 1e-8 * float(v.norm()) * 1e3
+
+
+def test_cg_error_decreases_with_iterations_on_ill_conditioned():
+    matrix = spd(REGISTRY["ill_conditioned_1e4"]())
+    v = torch.randn(P)
+    exact = torch.linalg.solve(matrix, v)
+    errors = [rel_err(ihvp.cg(operator(matrix), v, num_iters=k).solution, exact) for k in (5, 15, 30)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_cg_with_damping_solves_shifted_system(problem):
+    matrix, v = problem
+    x = ihvp.cg(operator(matrix), v, num_iters=P, rho=0.5).solution
+    assert rel_err(x, torch.linalg.solve(matrix + 0.5 * torch.eye(P), v)) <= 1e-8
+
+
+def test_cg_does_not_turn_converged_solution_into_nan():
+    matrix = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+    v = torch.tensor([1.0, 1.0, 1.0])
+    x = ihvp.cg(operator(matrix), v, num_iters=50).solution  # converges after 3
+    assert torch.allclose(x, torch.tensor([1.0, 0.5, 1 / 3]), rtol=1e-12)
+
+
+def test_cg_rtol_stops_early():
+    matrix = spd(REGISTRY["well_conditioned"]())
+    v = torch.randn(P)
+    result = ihvp.cg(operator(matrix), v, num_iters=P, rtol=1e-6)
+    assert result.stats.iterations < P
+    assert result.stats.residual_norm <= 1e-6 * float(v.norm())
+    assert float((matrix @ result.solution - v).norm()) <= 1e-5 * float(v.norm())
+
+
+def test_seed_recurrence_drifts_but_ours_does_not():
+    """The seed built the new direction from the old residual; that stalls."""
+    matrix = spd(REGISTRY["ill_conditioned_1e4"]())
+    v = torch.randn(P)
+    exact = torch.linalg.solve(matrix, v)
+
+    x, r, p = torch.zeros(P), v.clone(), v.clone()
+    for _ in range(P):
+        ap = matrix @ p
+        alpha = (r @ r) / (p @ ap)
+        x_new, r_new = x + alpha * p, r - alpha * ap
+        beta = (r_new @ r_new) / (r @ r)
+        p = r + beta * p  # the seed's bug: old residual
+        x, r = x_new, r_new
+    assert rel_err(x, exact) > 1e-3
+    assert rel_err(ihvp.cg(operator(matrix), v, num_iters=P).solution, exact) <= 1e-8
+
+
+@pytest.mark.parametrize("rho", [1e-3, 0.1, 2.0])
+def test_nystrom_full_rank_equals_shifted_inverse(problem, rho):
+    matrix, v = problem
+    x = ihvp.nystrom(operator(matrix), v, rank=P, rho=rho).solution
+    assert rel_err(x, torch.linalg.solve(matrix + rho * torch.eye(P), v)) <= 1e-9
+
+
+def test_nystrom_low_rank_matches_dense_formula():
+    matrix = spd(torch.linspace(0.1, 5.0, P))
+    v = torch.randn(P)
+    rank, rho = 7, 0.3
+    result = ihvp.nystrom(operator(matrix), v, rank=rank, rho=rho, generator=torch.Generator().manual_seed(3))
+    columns = torch.randperm(P, generator=torch.Generator().manual_seed(3))[:rank]
+    c = matrix[:, columns]
+    approx = c @ torch.linalg.pinv(matrix[columns][:, columns]) @ c.T
+    expected = torch.linalg.solve(approx + rho * torch.eye(P), v)
+    assert rel_err(result.solution, expected) <= 1e-9
+    assert result.stats.num_hvps == rank and result.stats.num_operator_calls == 1
+
+
+def test_nystrom_exact_for_low_rank_hessian():
+    """If rank(H) = k and the k sampled columns span it, Nyström is exact."""
+    generator = torch.Generator().manual_seed(5)
+    factor = torch.randn(P, 4, generator=generator)
+    matrix = factor @ factor.T
+    v = torch.randn(P)
+    x = ihvp.nystrom(operator(matrix), v, rank=10, rho=0.2).solution
+    assert rel_err(x, torch.linalg.solve(matrix + 0.2 * torch.eye(P), v)) <= 1e-8
+
+
+def test_neumann_converges_below_two_over_lambda_max(problem):
+    matrix, v = problem
+    lam_max = float(torch.linalg.eigvalsh(matrix).max())
+    shifted = matrix + torch.eye(P)  # keeps the test's iteration count small on ill-conditioned rows
+    exact = torch.linalg.solve(shifted, v)
+    alpha = 1.0 / (lam_max + 1)
+    x = ihvp.neumann(operator(matrix), v, num_iters=400, alpha=alpha, rho=1.0).solution
+    assert rel_err(x, exact) <= 1e-8
+
+
+def test_neumann_diverges_above_two_over_lambda_max():
+    matrix = spd(REGISTRY["well_conditioned"]())
+    v = torch.randn(P)
+    exact = torch.linalg.solve(matrix, v)
+    alpha = 2.2 / 10.0
+    errors = [rel_err(ihvp.neumann(operator(matrix), v, num_iters=n, alpha=alpha).solution, exact)
+              for n in (10, 40)]
+    assert errors[1] > 10 * errors[0] and errors[1] > 1.0
+
+
+def test_neumann_partial_sum_matches_series():
+    matrix = spd(REGISTRY["well_conditioned"]())
+    v = torch.randn(P)
+    alpha, n = 0.05, 6
+    term, total = v, v.clone()
+    for _ in range(n):
+        term = term - alpha * matrix @ term
+        total = total + term
+    x = ihvp.neumann(operator(matrix), v, num_iters=n, alpha=alpha).solution
+    assert torch.allclose(x, alpha * total, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY) + list(GEOMETRIC))
+def test_nystrom_pcg_converges(name):
+    eigenvalues = {**REGISTRY, **GEOMETRIC}[name]()
+    matrix = spd(eigenvalues)
+    v = torch.randn(P)
+    result = ihvp.nystrom_pcg(operator(matrix), v, rank=20, num_iters=P, generator=torch.Generator().manual_seed(0))
+    assert rel_err(result.solution, torch.linalg.solve(matrix, v)) <= 1e-8
+    assert result.stats.num_hvps == 20 + result.stats.iterations
+    assert result.stats.num_operator_calls == 1 + result.stats.iterations
+
+
+def test_nystrom_pcg_needs_fewer_products_than_cg_on_geometric_spectrum():
+    matrix = spd(GEOMETRIC["geometric_1e3"]())
+    v = torch.randn(P)
+    exact = torch.linalg.solve(matrix, v)
+    op = operator(matrix)
+
+    def products_to_reach(tolerance, solve):
+        for budget in range(1, 4 * P):
+            result = solve(budget)
+            if rel_err(result.solution, exact) <= tolerance:
+                return result.stats.num_hvps
+        return math.inf
+
+    cg_products = products_to_reach(1e-8, lambda n: ihvp.cg(op, v, num_iters=n))
+    pcg_products = products_to_reach(1e-8, lambda n: ihvp.nystrom_pcg(
+        op, v, rank=10, num_iters=n, generator=torch.Generator().manual_seed(0)))
+    # Plain CG in float64 needs more than p products here (loss of orthogonality).
+    assert cg_products > P
+    assert pcg_products < cg_products
+
+
+def test_nystrom_pcg_with_damping():
+    matrix = spd(GEOMETRIC["geometric_1e2"]())
+    v = torch.randn(P)
+    x = ihvp.nystrom_pcg(operator(matrix), v, rank=10, num_iters=P, rho=0.01).solution
+    assert rel_err(x, torch.linalg.solve(matrix + 0.01 * torch.eye(P), v)) <= 1e-8
+
+
+def test_randomized_nystrom_exact_on_low_rank_matrix():
+    generator = torch.Generator().manual_seed(2)
+    factor = torch.randn(P, 5, generator=generator)
+    matrix = factor @ factor.T
+    basis, eigenvalues = ihvp.randomized_nystrom(operator(matrix), 8, torch.zeros(P), generator)
+    assert torch.allclose(basis @ torch.diag(eigenvalues) @ basis.T, matrix, atol=1e-8)
+
+
+def test_exact_matches_dense_solve(problem):
+    matrix, v = problem
+    result = ihvp.exact(operator(matrix), v, rho=0.1)
+    assert rel_err(result.solution, torch.linalg.solve(matrix + 0.1 * torch.eye(P), v)) <= 1e-10
+    assert result.stats.num_hvps == P
+
+
+def test_exact_singular_hessian_asks_for_rho():
+    matrix = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="rho"):
+        ihvp.exact(operator(matrix), torch.ones(3))
+
+
+def test_methods_on_linearized_ridge_hessian():
+    """The same registry check, with the operator built by ``linearize``."""
+    x_data = torch.randn(30, 6)
+    weights = torch.rand(6) + 0.1
+
+    def inner(theta, phi):
+        return ((x_data @ theta[0]) ** 2).mean() / 2 + (phi[0] * theta[0] ** 2).sum() / 2
+
+    op = linearize(inner, (torch.randn(6),), (weights,))
+    hessian = x_data.T @ x_data / 30 + torch.diag(weights)
+    v = torch.randn(6)
+    exact = torch.linalg.solve(hessian, v)
+    assert torch.allclose(ihvp.dense_hessian(op, v), hessian, atol=1e-12)
+    assert rel_err(ihvp.cg(op, v, num_iters=6).solution, exact) <= 1e-8
+    assert rel_err(ihvp.nystrom(op, v, rank=6, rho=1e-9).solution, exact) <= 1e-6
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda op, v: ihvp.nystrom(op, v, rank=0, rho=0.1), "rank"),
+    (lambda op, v: ihvp.nystrom(op, v, rank=P + 1, rho=0.1), "rank"),
+    (lambda op, v: ihvp.nystrom(op, v, rank=5, rho=0.0), "rho"),
+    (lambda op, v: ihvp.nystrom(op, v, rank=5, rho=-1.0), "rho"),
+    (lambda op, v: ihvp.cg(op, v, num_iters=0), "num_iters"),
+    (lambda op, v: ihvp.cg(op, v, num_iters=3, rho=-0.1), "rho"),
+    (lambda op, v: ihvp.neumann(op, v, num_iters=0, alpha=0.1), "num_iters"),
+    (lambda op, v: ihvp.neumann(op, v, num_iters=3, alpha=0.0), "alpha"),
+    (lambda op, v: ihvp.neumann(op, v, num_iters=3, alpha=math.nan), "alpha"),
+    (lambda op, v: ihvp.nystrom_pcg(op, v, rank=P + 1, num_iters=3), "rank"),
+])
+def test_bad_settings_raise_value_error_naming_argument(call, match):
+    matrix = spd(REGISTRY["well_conditioned"]())
+    with pytest.raises(ValueError, match=match):
+        call(operator(matrix), torch.randn(P))
+
+
+def test_non_integer_rank_is_type_error():
+    matrix = spd(REGISTRY["well_conditioned"]())
+    with pytest.raises(TypeError, match="rank"):
+        ihvp.nystrom(operator(matrix), torch.randn(P), rank=2.5, rho=0.1)
