@@ -1,0 +1,92 @@
+"""Distributed hypergradients and inner steps: the core's functions with an allreduce.
+
+Data-parallel bilevel optimization keeps the parameters ``θ`` (inner) and ``φ``
+(outer) identical on ``W`` replicas; replica ``r`` holds a shard of the data and
+evaluates ``f_r, g_r``, and the full objectives are the means
+``f = (1/W) Σ_r f_r``, ``g = (1/W) Σ_r g_r`` (exactly so for equally sized shards).
+Every quantity the hypergradient needs is linear in ``f`` or ``g``::
+
+    ∇_θ f = mean_r ∇_θ f_r                         (inner step: one round)
+    ∂g/∂θ = mean_r ∂g_r/∂θ,   H V = mean_r H_r V     (one round per operator call)
+    dg/dφ = mean_r (∂g_r/∂φ − ∂²f_r/∂φ∂θ · x)       (one round; x is the same everywhere)
+
+so the core's :func:`~hg_dist.hypergradient.implicit_hypergradient` runs unchanged
+given ``reduce=`` an allreduce-mean. Distributed Nyström calls the operator once
+with all ``k`` columns (a ``p×k`` block, one round) and solves the ``k×k`` Woodbury
+system locally on every rank (identical inputs give identical solutions), hence
+3 rounds per hypergradient for every ``k``; CG and Neumann cost ``iterations + 2``.
+
+Randomised methods (Nyström, Nyström-PCG) must draw the same columns on every
+rank: they need a ``generator=`` in the same state everywhere. A generator already
+bound in the ``functools.partial`` is kept (build it from the run's seed, the same
+on every rank); when none is bound, :func:`distributed_approx` binds
+``torch.Generator().manual_seed(seed)``. Being a keyword of the partial, it is saved
+and restored by the solver's ``state_dict()``, so a resumed run draws the same
+columns as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hg_dist.distributed.counting import CountingAllreduce
+from hg_dist.hypergradient import Hypergradient
+
+
+def _parameters(fn: Callable[..., Any], name: str) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be a Python function or functools.partial whose signature can be "
+                        f"read, got {fn!r}") from error
+
+
+def distributed_approx(approx: Callable[..., Hypergradient], reduce: CountingAllreduce, *,
+                       seed: int) -> functools.partial:
+    """``approx_ihvp`` with ``reduce=`` bound (and ``generator=`` for randomised methods).
+
+    Args:
+        approx: ``(inner_obj, outer_obj, in_params, out_params) -> Hypergradient``, a
+            ``functools.partial`` of a function of :mod:`hg_dist.approx_hypergrad`
+            (e.g. ``partial(nystrom, rank=5, rho=0.1)``).
+        reduce: the allreduce-mean applied to ``∂g/∂θ``, every Hessian product and the
+            hypergradient.
+        seed: seeds the generator bound when ``approx`` takes ``generator=`` but has
+            none bound; must be the same on every rank.
+
+    Returns:
+        ``functools.partial(approx, reduce=reduce[, generator=...])`` (a partial, so
+        the solver still finds and checkpoints the generator).
+    """
+    accepted = _parameters(approx, "approx_ihvp")
+    if "reduce" not in accepted:
+        raise TypeError("approx_ihvp must accept reduce= to run distributed; use a functools.partial "
+                        "of a function from hg_dist.approx_hypergrad (e.g. partial(nystrom, rank=5, "
+                        "rho=0.1))")
+    bound = approx.keywords if isinstance(approx, functools.partial) else {}
+    if "generator" in accepted and bound.get("generator") is None:
+        return functools.partial(approx, reduce=reduce, generator=torch.Generator().manual_seed(int(seed)))
+    return functools.partial(approx, reduce=reduce)
+
+
+class AllreduceGrads:
+    """An inner optimizer ``(params, grads, state) -> (params, state)`` whose grads are averaged first.
+
+    ``grads ↦ mean_r grads_r`` (all leaves flattened into one vector: one round per
+    step), then the wrapped optimizer's update, identical on every rank, so the
+    replicas never drift apart.
+    """
+
+    def __init__(self, optimizer: Callable[..., Any], reduce: CountingAllreduce) -> None:
+        self.optimizer = optimizer
+        self.reduce = reduce
+
+    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: Any, *args: Any,
+                 **kwargs: Any) -> Any:
+        return self.optimizer(params, self.reduce.params(grads), state, *args, **kwargs)

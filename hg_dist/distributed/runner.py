@@ -1,0 +1,113 @@
+"""Entry points: :func:`fit` (a Ray Train run) and :func:`run_experiment` (what examples call).
+
+``run_experiment(build_solver, config)`` runs ``hg_dist.experiment.run_local``
+when ``config.workers == 1`` and otherwise a ``TorchTrainer`` with
+``config.workers`` workers (see :mod:`hg_dist.distributed.train_loop`); both write
+``output/history.parquet``, ``output/result.json`` and ``output/tb``. Everything
+that can be checked on the driver is checked before any worker starts (worker
+count, GPUs, picklability, and — with ``TrainSettings.precheck`` — the data shards,
+by building rank 0's solver once on the driver).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from hg_dist.distributed.settings import TrainSettings, check_scaling
+from hg_dist.distributed.train_loop import Job, train_loop
+
+
+def _available_gpus() -> float:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _precheck(build_solver: Callable[..., Any], config: Any, workers: int) -> None:
+    """Build rank 0's solver on the driver, on CPU and writing nothing, to surface data errors."""
+    probe = dataclasses.replace(config, use_gpu=False) if dataclasses.is_dataclass(config) else config
+    with tempfile.TemporaryDirectory(prefix="hg_dist-precheck-") as scratch:
+        if dataclasses.is_dataclass(probe) and hasattr(probe, "output"):
+            probe = dataclasses.replace(probe, output=scratch)
+        build_solver(probe, rank=0, world_size=workers)
+
+
+def validate(build_solver: Callable[..., Any], config: Any, settings: TrainSettings) -> int:
+    """All driver-side checks of :func:`fit`; returns the number of workers.
+
+    Raises:
+        ValueError: ``workers < 1``, ``use_gpu`` without enough GPUs, or (precheck)
+            more workers than data shards/examples, each naming the fix.
+        TypeError: ``build_solver`` not callable or not picklable.
+    """
+    if not callable(build_solver):
+        raise TypeError(f"build_solver must be a function (config, rank, world_size) -> solver, "
+                        f"got {type(build_solver).__name__}")
+    import ray.cloudpickle
+
+    try:
+        ray.cloudpickle.dumps(Job(build_solver, config, settings))
+    except Exception as error:  # noqa: BLE001 - any pickling failure means the same fix
+        raise TypeError(f"build_solver and config must be picklable to reach the workers ({error}); define "
+                        f"build_solver at module level in an importable module") from error
+    workers = check_scaling(config.workers, config.use_gpu, available_gpus=0.0 if not config.use_gpu
+                            else _available_gpus(), resources_per_worker=settings.worker_resources(config.use_gpu))
+    if settings.precheck:
+        _precheck(build_solver, config, workers)
+    return workers
+
+
+def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings | None = None):
+    """Run ``build_solver``'s solver on ``config.workers`` Ray Train workers; return the ``ray.train.Result``.
+
+    Args:
+        build_solver: ``(config, rank=, world_size=) -> BaseImplicitSolver`` on that
+            rank's data shard; module-level, so workers can import it.
+        config: an ``ExperimentConfig`` (``workers``, ``use_gpu``, ``seed``, ``output`` ...).
+        settings: checkpointing, restarts, storage, resources (:class:`TrainSettings`).
+
+    Returns:
+        ``ray.train.Result``: ``.metrics`` the final metrics, ``.checkpoint`` the final
+        solver state (read it with :func:`hg_dist.distributed.read_checkpoint`).
+    """
+    settings = settings or TrainSettings()
+    workers = validate(build_solver, config, settings)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": Job(build_solver, config, settings)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.use_gpu,
+                                     resources_per_worker=settings.worker_resources(config.use_gpu)),
+        run_config=RunConfig(name=settings.name, storage_path=settings.storage(config.output),
+                             failure_config=FailureConfig(max_failures=settings.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep)),
+    )
+    return trainer.fit()
+
+
+def run_experiment(build_solver: Callable[..., Any], config: Any,
+                   settings: TrainSettings | None = None) -> dict[str, float]:
+    """``run_local`` for ``config.workers == 1``, else :func:`fit`; returns the final metrics.
+
+    Both write ``output/history.parquet``, ``output/result.json`` and TensorBoard logs
+    under ``output/tb`` (in the distributed case rank 0 writes them).
+    """
+    from hg_dist.distributed.sharding import check_workers
+
+    if check_workers(config.workers) == 1:
+        if config.use_gpu:
+            import torch
+            if not torch.cuda.is_available():
+                raise ValueError("use_gpu=True but torch sees no CUDA device; drop --use-gpu")
+        from hg_dist.experiment import run_local
+        return run_local(build_solver, config)
+    os.makedirs(config.output, exist_ok=True)
+    return dict(fit(build_solver, config, settings).metrics)

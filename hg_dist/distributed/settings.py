@@ -1,0 +1,98 @@
+"""Settings of a Ray Train run and the checks made before any worker starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hg_dist.distributed.sharding import check_workers
+
+
+@dataclass(frozen=True)
+class FailAt:
+    """Test hook: make ``rank`` raise once, after outer step ``outer_step``.
+
+    ``marker`` is a file path on storage every worker sees; it is created just before
+    the raise, so the restarted worker group does not fail again.
+    """
+
+    rank: int
+    outer_step: int
+    marker: str
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How :func:`hg_dist.distributed.fit` runs the workers (the solver settings live in the config).
+
+    Attributes:
+        checkpoint_every: save a checkpoint every this many outer steps (and after the last).
+        max_failures: worker-group restarts allowed (``FailureConfig(max_failures=...)``);
+            each restart resumes from the latest checkpoint.
+        storage_path: where Ray Train keeps checkpoints and results; default
+            ``<config.output>/ray`` (must be shared storage on a multi-node cluster).
+        name: the run's folder under ``storage_path``.
+        resources_per_worker: e.g. ``{"CPU": 1}``; default ``{"CPU": 1}``, plus
+            ``{"GPU": 1}`` with ``use_gpu``.
+        num_to_keep: checkpoints kept (older ones are deleted); ``None`` keeps all.
+        precheck: build rank 0's solver once on the driver (CPU) before starting
+            workers, so data/shard errors surface as a plain ``ValueError``.
+        fail_at: test-only failure injection, see :class:`FailAt`.
+    """
+
+    checkpoint_every: int = 10
+    max_failures: int = 0
+    storage_path: str | None = None
+    name: str = "hg_dist"
+    resources_per_worker: dict[str, float] | None = None
+    num_to_keep: int | None = 2
+    precheck: bool = True
+    fail_at: FailAt | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be an int >= 1 (outer steps between checkpoints), "
+                             f"got {self.checkpoint_every!r}")
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) \
+                or self.max_failures < -1:
+            raise ValueError(f"max_failures must be an int >= 0 (or -1 for unlimited restarts), "
+                             f"got {self.max_failures!r}")
+        if self.num_to_keep is not None and (not isinstance(self.num_to_keep, int) or self.num_to_keep < 1):
+            raise ValueError(f"num_to_keep must be None or an int >= 1, got {self.num_to_keep!r}")
+
+    def storage(self, output: str | Path) -> str:
+        """Absolute storage path (Ray Train requires one)."""
+        return str(Path(self.storage_path if self.storage_path is not None else Path(output) / "ray").resolve())
+
+    def worker_resources(self, use_gpu: bool) -> dict[str, float]:
+        if self.resources_per_worker is not None:
+            return dict(self.resources_per_worker)
+        return {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+
+
+def check_scaling(workers: object, use_gpu: object, *, available_gpus: float,
+                  resources_per_worker: dict[str, float] | None = None) -> int:
+    """Raise a ``ValueError`` naming the setting and the fix for impossible scaling settings.
+
+    Args:
+        workers: ``W``, the number of data-parallel workers (``>= 1``).
+        use_gpu: whether every worker needs a GPU.
+        available_gpus: GPUs in the Ray cluster (``ray.cluster_resources()``).
+        resources_per_worker: what each worker asks for.
+
+    Returns:
+        ``workers`` as an int.
+    """
+    workers = check_workers(workers)
+    if not isinstance(use_gpu, bool):
+        raise TypeError(f"use_gpu must be a bool, got {type(use_gpu).__name__}")
+    resources = resources_per_worker or {}
+    gpus_each = resources.get("GPU", 1 if use_gpu else 0)
+    if use_gpu and available_gpus < workers * gpus_each:
+        fitting = int(available_gpus // gpus_each) if gpus_each > 0 else workers
+        fix = (f"drop --use-gpu to train on CPUs, or use --workers {fitting} or fewer" if fitting >= 1
+               else "drop --use-gpu to train on CPUs, or start Ray on machines with GPUs")
+        raise ValueError(f"use_gpu=True needs {workers * gpus_each:g} GPUs for workers={workers}, but the Ray "
+                         f"cluster has {available_gpus:g}; {fix}")
+    return workers

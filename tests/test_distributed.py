@@ -1,0 +1,303 @@
+"""hg_dist.distributed: data-parallel inner steps and hypergradients, sharding, Ray Train runs.
+
+Most equivalence tests run W replicas as threads of this process (ThreadGroup), which
+exercises exactly the reductions a Ray Train worker makes, for a fraction of the cost.
+One TorchTrainer run (2 workers, an injected failure and a restart) covers the real
+Ray path; it is compared with the single-process run on the union of the shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, grad_and_value
+from torch.utils.data import TensorDataset
+
+from hg_dist import approx_hypergrad
+from hg_dist.distributed import (CountingAllreduce, FailAt, ShardedLoader, TrainSettings, check_scaling,
+                                 distribute_solver, distributed_approx, fit, full_batch, read_checkpoint,
+                                 read_parquet_shard, run_experiment, run_threads, shard_indices)
+from hg_dist.distributed.hypergrad import AllreduceGrads
+from hg_dist.experiment import ExperimentConfig, make_approx, make_outer_optimizer
+from hg_dist.optimizers import diff_sgd
+from hg_dist.solver import BaseImplicitSolver
+
+N, D = 64, 8            # examples per split, features (p = D + 1 inner parameters)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------
+# A small problem: logistic regression with one learned weight decay per feature
+# ---------------------------------------------------------------------------------------
+
+def make_data(seed: int = 0, n: int = N, d: int = D) -> tuple[TensorDataset, TensorDataset]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    splits = []
+    for _ in range(2):
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+        y = ((x @ w + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)) > 0).double()
+        splits.append(TensorDataset(x, y))
+    return splits[0], splits[1]
+
+
+class WeightDecay(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.log_decay = nn.Parameter(torch.full((d,), -2.0, dtype=torch.float64))
+
+
+class LogRegSolver(BaseImplicitSolver):
+    """The seed's example solver: inner = logistic regression, outer = per-feature weight decay."""
+
+    def inner_forward(self, in_params, out_params, x, y):
+        loss = F.binary_cross_entropy_with_logits(self.inner_func(in_params, x).squeeze(-1), y)
+        return loss + (in_params[0].squeeze(0) ** 2 * out_params[0].exp()).sum() / 2
+
+    def outer_forward(self, in_params, out_params, x, y):
+        return F.binary_cross_entropy_with_logits(self.inner_func(in_params, x).squeeze(-1), y)
+
+    def inner_update(self):
+        x, y = next(self.inner_loader)
+        grads, loss = grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(), x, y)
+        self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
+                                                                         self.inner_optim_state)
+        return loss
+
+    def outer_update(self):
+        in_x, in_y = next(self.inner_loader)
+        out_x, out_y = next(self.outer_loader)
+        hypergrad = self.approx_ihvp(lambda i, o: self.inner_forward(i, o, in_x, in_y),
+                                     lambda i, o: self.outer_forward(i, o, out_x, out_y),
+                                     self.inner_params, self.outer_params())
+        self.outer_grad = hypergrad
+        self.outer_optimizer.step()
+        self.outer.zero_grad(set_to_none=True)
+        return self.outer_forward(self.inner_params, self.outer_params(), out_x, out_y)
+
+
+def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> LogRegSolver:
+    """Module-level, as examples define it: this rank's shard of the data, per-worker batch = B / W."""
+    train, val = make_data(config.extra.get("data_seed", 0), n=config.extra.get("n", N))
+    batch = config.extra.get("batch_size", 16)
+    if batch % world_size:
+        raise ValueError(f"batch_size={batch} must be divisible by workers={world_size}")
+    inner = nn.Linear(D, 1).double()
+    nn.init.zeros_(inner.weight)
+    nn.init.zeros_(inner.bias)
+    outer = WeightDecay(D)
+    return LogRegSolver(inner, outer,
+                        ShardedLoader(train, batch // world_size, rank=rank, world_size=world_size, seed=config.seed),
+                        full_batch(val, rank, world_size),
+                        make_approx(config), config.num_iters, config.unroll_steps,
+                        functools.partial(diff_sgd, lr=0.5, momentum=0.9, weight_decay=0),
+                        make_outer_optimizer(config, outer.parameters()),
+                        log_freq=4, progress=False)
+
+
+def config_for(tmp_path: Path, **overrides) -> ExperimentConfig:
+    settings = dict(approx="nystrom", rank=4, rho=0.1, num_iters=16, unroll_steps=2, outer_lr=0.5,
+                    output=str(tmp_path / "out"), extra={"batch_size": 16})
+    settings.update(overrides)
+    return ExperimentConfig(**settings)
+
+
+def run_in_threads(config: ExperimentConfig, world_size: int) -> list[LogRegSolver]:
+    """The distributed run with W threads instead of Ray workers (one uninterrupted run)."""
+    def one_rank(collective):
+        solver = build_solver(config, rank=collective.rank, world_size=world_size)
+        distribute_solver(solver, collective, seed=config.seed)
+        solver.run()
+        return solver
+    return run_threads(world_size, one_rank)
+
+
+# ---------------------------------------------------------------------------------------
+# Inner steps and hypergradients: W = 2 equals W = 1 on the union of the shards
+# ---------------------------------------------------------------------------------------
+
+METHODS = {"nystrom": dict(rank=5, rho=0.1), "cg": dict(num_iters=8), "neumann": dict(num_iters=8, lr=0.5),
+           "nystrom_pcg": dict(rank=4, num_iters=4)}
+
+
+def _objectives(x, y, xv, yv):
+    def inner(theta, phi):
+        return F.binary_cross_entropy_with_logits(x @ theta[0], y) + (theta[0] ** 2 * phi[0].exp()).sum() / 2
+
+    def outer(theta, phi):
+        return F.binary_cross_entropy_with_logits(xv @ theta[0], yv)
+    return inner, outer
+
+
+def _shard_run(collective, method: str, steps: int = 5, global_batch: int = 16):
+    """k inner steps with allreduced gradients, then one hypergradient, on this rank's shard."""
+    rank, world = collective.rank, collective.world_size
+    train, val = make_data()
+    inner_reduce, hyper_reduce = CountingAllreduce(collective), CountingAllreduce(collective)
+    loader = ShardedLoader(train, global_batch // world, rank=rank, world_size=world, seed=3)
+    optimizer = AllreduceGrads(functools.partial(diff_sgd, lr=0.5, momentum=0.9, weight_decay=0), inner_reduce)
+    theta, state, phi = (torch.zeros(D),), None, (torch.full((D,), -2.0),)
+    for _ in range(steps):
+        x, y = next(loader)
+        theta, state = optimizer(theta, grad(_objectives(x, y, x, y)[0])(theta, phi), state)
+    (x, y), (xv, yv) = next(full_batch(train, rank, world)), next(full_batch(val, rank, world))
+    approx = distributed_approx(
+        functools.partial(approx_hypergrad.APPROXIMATORS[method], **METHODS[method],
+                          **({"generator": torch.Generator().manual_seed(11)} if "rank" in METHODS[method] else {})),
+        hyper_reduce, seed=0)
+    hypergrad = approx(*_objectives(x, y, xv, yv), theta, phi)
+    return theta[0], hypergrad[0], hyper_reduce.total, inner_reduce.total
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_shards_equal_union(method):
+    (theta1, hg1, comm1, _), = run_threads(1, lambda c: _shard_run(c, method))
+    (theta_a, hg_a, comm, inner_comm), (theta_b, hg_b, _, _) = run_threads(2, lambda c: _shard_run(c, method))
+    assert rel_err(theta_a, theta1) <= 1e-6 and rel_err(hg_a, hg1) <= 1e-6
+    assert torch.equal(theta_a, theta_b) and torch.equal(hg_a, hg_b)       # replicas identical
+    assert comm1.rounds == 0                                              # W = 1: nothing sent
+    assert inner_comm.rounds == 5                                         # one round per inner step
+    iterations = METHODS[method].get("num_iters", 0)
+    calls = {"nystrom": 1, "cg": iterations, "neumann": iterations, "nystrom_pcg": 1 + iterations}[method]
+    assert comm.rounds == calls + 2
+
+
+def test_nystrom_rounds_do_not_grow_with_rank():
+    train, val = make_data(n=N, d=60)
+    stats = {}
+    for rank in (5, 50):
+        def shard(collective, rank=rank):
+            x, y = next(full_batch(train, collective.rank, 2))
+            xv, yv = next(full_batch(val, collective.rank, 2))
+            reduce = CountingAllreduce(collective)
+            approx = distributed_approx(functools.partial(approx_hypergrad.nystrom, rank=rank, rho=0.1), reduce,
+                                        seed=0)
+            approx(*_objectives(x, y, xv, yv), (torch.zeros(60),), (torch.zeros(60),))
+            return reduce.total
+        stats[rank] = run_threads(2, shard)[0]
+    assert stats[5].rounds == stats[50].rounds == 3
+    p, itemsize = 60, 8
+    assert stats[50].bytes == (p + p * 50 + p) * itemsize            # v, the p×k block, the hypergradient
+
+
+def test_solver_two_workers_equal_one(tmp_path):
+    """A whole solve (inner steps, outer steps, Nyström with the config's seed): W = 2 threads vs W = 1."""
+    config = config_for(tmp_path)
+    single = build_solver(config)
+    single.run()
+    replicas = run_in_threads(config, 2)
+    for a, b in zip(replicas[0].outer_params(), single.outer_params()):
+        assert rel_err(a, b) <= 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(replicas[0].inner_params, replicas[1].inner_params))
+    assert replicas[0].recorder.latest()["comm_rounds"] == 3
+
+
+# ---------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------
+
+def test_sharded_loader_batches_union_to_single_process_batches():
+    train, _ = make_data(n=24)
+    single = ShardedLoader(train, 6, seed=5)
+    shards = [ShardedLoader(train, 3, rank=r, world_size=2, seed=5) for r in range(2)]
+    for _ in range(9):                                     # crosses epoch boundaries (4 batches/epoch)
+        x1, _ = next(single)
+        xs = [next(s)[0] for s in shards]
+        assert sorted(map(tuple, torch.cat(xs).tolist())) == sorted(map(tuple, x1.tolist()))
+    resumed = ShardedLoader(train, 3, rank=1, world_size=2, seed=5)
+    resumed.load_state_dict(shards[1].state_dict())
+    assert torch.equal(next(resumed)[0], next(shards[1])[0])
+
+
+def test_shard_indices_equal_and_disjoint():
+    shards = [shard_indices(11, r, 3) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    assert len(set(torch.cat(shards).tolist())) == 9
+
+
+def test_parquet_shards(tmp_path):
+    paths = []
+    for f in range(2):
+        table = pa.table({"a": [float(10 * f + i) for i in range(6)], "b": [float(i) for i in range(6)],
+                          "y": list(range(6))})
+        pq.write_table(table, tmp_path / f"part{f}.parquet", row_group_size=3)
+        paths.append(tmp_path / f"part{f}.parquet")
+    shards = [read_parquet_shard(paths, [["a", "b"], "y"], rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in shards] == [6, 6]
+    features = torch.cat([s.tensors[0] for s in shards])
+    assert features.shape == (12, 2) and features.dtype == torch.float64
+    assert sorted(features[:, 0].tolist()) == sorted([float(10 * f + i) for f in range(2) for i in range(6)])
+    assert shards[0].tensors[1].dtype == torch.int64
+    with pytest.raises(ValueError, match="workers=5 is more than the 4 Parquet row groups"):
+        read_parquet_shard(paths, ["a"], rank=0, world_size=5)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad settings: clear errors before any worker starts
+# ---------------------------------------------------------------------------------------
+
+def test_bad_worker_counts():
+    with pytest.raises(ValueError, match="workers must be >= 1.*--workers 1"):
+        check_scaling(0, False, available_gpus=0)
+    with pytest.raises(ValueError, match="workers"):
+        ExperimentConfig(workers=0)
+    with pytest.raises(ValueError, match=r"use_gpu=True needs 2 GPUs.*drop --use-gpu"):
+        check_scaling(2, True, available_gpus=0)
+    with pytest.raises(ValueError, match=r"workers=80 is more than the 64 examples.*--workers 64 or fewer"):
+        ShardedLoader(make_data()[0], 1, rank=0, world_size=80)
+
+
+def test_run_experiment_rejects_bad_settings_before_starting_workers(tmp_path, ray_session):
+    too_many = config_for(tmp_path, workers=80, extra={"batch_size": 80})
+    with pytest.raises(ValueError, match="workers=80 is more than the 64 examples"):
+        run_experiment(build_solver, too_many)
+    with pytest.raises(ValueError, match=r"use_gpu=True needs 2 GPUs for workers=2, but the Ray cluster has 0; drop --use-gpu"):
+        run_experiment(build_solver, config_for(tmp_path, workers=2, use_gpu=True))
+    assert not (tmp_path / "out" / "ray").exists()                       # no Train run was started
+
+
+# ---------------------------------------------------------------------------------------
+# The real Ray Train path: 2 workers, a worker dies mid-run, restart from the checkpoint
+# ---------------------------------------------------------------------------------------
+
+def test_ray_train_two_workers_with_failure_matches_single_process(tmp_path, ray_session):
+    import ray.cloudpickle
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])     # workers cannot import tests/
+
+    config = config_for(tmp_path, workers=2)
+    settings = TrainSettings(checkpoint_every=2, max_failures=1, resources_per_worker={"CPU": 0.5},
+                             fail_at=FailAt(rank=1, outer_step=5, marker=str(tmp_path / "failed-once")))
+    result = fit(build_solver, config, settings)
+
+    assert result.error is None and (tmp_path / "failed-once").exists()  # it did fail, and recovered
+    final = read_checkpoint(result.checkpoint)["solver"]
+    assert final["counters"]["outer_step"] == 7
+    distributed = final["outer"]["log_decay"]
+
+    uninterrupted = run_in_threads(config, 2)[0].outer_params()[0]
+    assert rel_err(distributed, uninterrupted) <= 1e-10                 # same as without the failure
+    single = build_solver(dataclasses.replace(config, workers=1))
+    single.run()
+    assert rel_err(distributed, single.outer_params()[0]) <= 1e-6        # = W=1 on the union
+
+    out = Path(config.output)
+    written = json.loads((out / "result.json").read_text())
+    assert written["workers"] == 2 and written["restored"] is True
+    assert written["metrics"]["comm_rounds"] == 3
+    history = pq.read_table(out / "history.parquet").to_pydict()
+    assert history["step"] == sorted(set(history["step"])) and history["step"][-1] == 16
+    assert (out / "tb").is_dir()
+    assert result.metrics["comm_rounds"] == 3 and result.metrics["outer_step"] == 7
