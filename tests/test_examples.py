@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -58,12 +56,13 @@ def test_hypercleaning_beats_plain_training(tmp_path):
     assert result["baseline_test_acc"] == metrics["baseline_test_acc"]
 
 
-def test_workers_above_one_go_through_the_distributed_layer(tmp_path, monkeypatch):
+def test_main_hands_the_config_to_run_experiment(tmp_path, monkeypatch):
+    """``--workers N`` reaches ``hg_dist.distributed.run_experiment`` (which runs in
+    this process for N = 1 and on Ray Train otherwise; tested in test_distributed)."""
     calls = []
-    fake = types.ModuleType("hg_dist.distributed")
-    fake.run_experiment = lambda build_solver, config: calls.append((build_solver, config)) or {"done": 1.0}
-    monkeypatch.setitem(sys.modules, "hg_dist.distributed", fake)
     module = load_example("logistic_regression")
+    monkeypatch.setattr(module, "run_experiment",
+                        lambda build_solver, config: calls.append((build_solver, config)) or {"done": 1.0})
     assert module.main(["--workers", "2", "--output", str(tmp_path)]) == {"done": 1.0}
     (build_solver, config), = calls
     assert build_solver is module.build_solver and config.workers == 2

@@ -88,7 +88,8 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
                                      resources_per_worker=settings.worker_resources(config.use_gpu)),
         run_config=RunConfig(name=settings.name, storage_path=settings.storage(config.output),
                              failure_config=FailureConfig(max_failures=settings.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep),
+                             callbacks=list(settings.callbacks)),
     )
     return trainer.fit()
 

@@ -37,6 +37,8 @@ class TrainSettings:
         num_to_keep: checkpoints kept (older ones are deleted); ``None`` keeps all.
         precheck: build rank 0's solver once on the driver (CPU) before starting
             workers, so data/shard errors surface as a plain ``ValueError``.
+        callbacks: Ray Train run callbacks, passed to ``RunConfig(callbacks=...)``
+            (the Tune layer forwards reports to its trial with one).
         fail_at: test-only failure injection, see :class:`FailAt`.
     """
 
@@ -47,6 +49,7 @@ class TrainSettings:
     resources_per_worker: dict[str, float] | None = None
     num_to_keep: int | None = 2
     precheck: bool = True
+    callbacks: tuple = ()
     fail_at: FailAt | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,7 +65,9 @@ class TrainSettings:
             raise ValueError(f"num_to_keep must be None or an int >= 1, got {self.num_to_keep!r}")
 
     def storage(self, output: str | Path) -> str:
-        """Absolute storage path (Ray Train requires one)."""
+        """Absolute storage path (Ray Train requires one); URIs such as ``s3://...`` pass unchanged."""
+        if self.storage_path is not None and "://" in self.storage_path:
+            return self.storage_path
         return str(Path(self.storage_path if self.storage_path is not None else Path(output) / "ray").resolve())
 
     def worker_resources(self, use_gpu: bool) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Dense exact solve of ``(H + ρI) x = v``: the reference for small problems.
 
-Forms the ``p×p`` Hessian with one batched call of ``p`` products, so it costs
+Forms the ``p×p`` Hessian with ``p`` products in batched blocks, so it costs
 ``O(p²)`` memory and ``O(p³)`` time; use it for tests and problems with at most a
 few thousand inner parameters.
 """
@@ -15,10 +15,19 @@ from hg_dist.hessian import HessianOperator
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 
 
-def dense_hessian(op: HessianOperator, like: Tensor) -> Tensor:
-    """The ``p×p`` matrix of ``op`` (dtype and device of ``like``)."""
+BLOCK = 64
+"""Columns of the identity per operator call when forming the dense Hessian."""
+
+
+def dense_hessian(op: HessianOperator, like: Tensor, block: int = BLOCK) -> Tensor:
+    """The ``p×p`` matrix of ``op`` (dtype and device of ``like``), ``block`` columns per call.
+
+    Blocks bound the memory of the batched products' intermediates (all ``p`` at once
+    took 2.5 GiB at ``p = 4810`` in ``benchmarks/scaling.py``, and was slower).
+    """
     identity = torch.eye(op.size, dtype=like.dtype, device=like.device)
-    hessian = op.matmat(identity)
+    hessian = torch.cat([op.matmat(identity[:, start:start + block])
+                         for start in range(0, op.size, block)], dim=1)
     return (hessian + hessian.T) / 2
 
 
@@ -33,6 +42,6 @@ def exact(op: HessianOperator, v: Tensor, *, rho: float = 0.0) -> IHVPResult:
     x, info = torch.linalg.solve_ex(matrix, v)
     if int(info) != 0:
         raise ValueError("the inner Hessian (+ rho·I) is singular; pass rho > 0 to damp it")
-    stats = IHVPStats(method="exact", num_hvps=op.size, num_operator_calls=1,
+    stats = IHVPStats(method="exact", num_hvps=op.size, num_operator_calls=-(-op.size // BLOCK),
                       residual_norm=float(torch.linalg.vector_norm(matrix @ x - v)))
     return IHVPResult(x, stats)

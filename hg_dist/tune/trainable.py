@@ -191,26 +191,12 @@ def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str
 def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metric: str, mode: str,
                       cpus_per_worker: float) -> None:
     """Multi-worker trial: the distributed layer's Train run, its reports forwarded to Tune."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from hg_dist.distributed.runner import validate
+    from hg_dist.distributed.runner import fit
     from hg_dist.distributed.settings import TrainSettings
-    from hg_dist.distributed.train_loop import Job, train_loop
 
-    settings = TrainSettings(resources_per_worker={"CPU": cpus_per_worker}, precheck=False, num_to_keep=1)
-    workers = validate(build_solver, config, settings)
     Path(config.output).mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"job": Job(build_solver, config, settings)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.use_gpu,
-                                     resources_per_worker=settings.worker_resources(config.use_gpu)),
-        run_config=RunConfig(name=settings.name, storage_path=settings.storage(config.output),
-                             failure_config=FailureConfig(max_failures=0),
-                             callbacks=[TrainToTune(metric, mode)]),
-    )
-    trainer.fit()
+    fit(build_solver, config, TrainSettings(resources_per_worker={"CPU": cpus_per_worker}, precheck=False,
+                                            num_to_keep=1, callbacks=(TrainToTune(metric, mode),)))
 
 
 def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: ExperimentConfig | None,

@@ -1,0 +1,66 @@
+"""Smoke test of the IHVP benchmark: ``--quick`` runs, writes a well-formed report, and its
+numbers agree with ground truth where ground truth is known."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """Run ``benchmarks/ihvp.py --quick`` once into a temporary folder; return (report, folder)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import ihvp
+    finally:
+        sys.path.remove(str(ROOT))
+    out = tmp_path_factory.mktemp("bench")
+    ihvp.main(["--quick", "--out", str(out)])
+    return json.loads((out / "ihvp.json").read_text()), out
+
+
+def test_report_structure(quick_report):
+    report, out = quick_report
+    assert (out / "ihvp.md").read_text().startswith("# IHVP benchmark")
+    assert report["benchmark"] == "ihvp" and report["quick"] is True
+    for key in ("torch", "python", "platform", "cpu_count"):
+        assert report["environment"][key]
+    assert len(report["problems"]) >= 2
+    for problem in report["problems"]:
+        assert problem["inner_grad_seconds"] > 0
+        methods = {row["method"] for row in problem["rows"]}
+        assert methods == {"nystrom", "cg", "neumann", "nystrom_pcg", "exact"}
+        for row in problem["rows"]:
+            assert row["seconds"] > 0 and row["time_over_inner_grad"] > 0
+            assert row["num_hvps"] >= 1 and -1 <= row["cosine"] <= 1 + 1e-12 and row["rel_error"] >= 0
+        assert problem["cg_vs_seed"]["core"]["per_iteration_over_inner_grad"] is not None
+        assert problem["nystrom_batched_vs_loop"]["speedup_products_vs_loop"] > 0
+    assert all({"target", "problem", "value", "passed"} <= set(t) for t in report["targets"])
+
+
+def test_numbers_match_ground_truth(quick_report):
+    report, _ = quick_report
+    for problem in report["problems"]:
+        rows = problem["rows"]
+        exact = next(row for row in rows if row["method"] == "exact")
+        assert abs(exact["cosine"] - 1) <= 1e-10 and exact["rel_error"] <= 1e-12
+        assert exact["num_hvps"] == problem["num_inner"]
+        # HVP counts follow from the settings.
+        for row in rows:
+            settings = row["settings"]
+            expected = {"nystrom": settings.get("rank"), "cg": settings.get("num_iters"),
+                        "neumann": settings.get("num_iters"),
+                        "nystrom_pcg": (settings.get("rank") or 0) + (settings.get("num_iters") or 0),
+                        "exact": problem["num_inner"]}[row["method"]]
+            assert row["num_hvps"] == expected
+    # CG with p iterations on the small convex problem is an exact solve (SPD Hessian).
+    logreg = next(problem for problem in report["problems"] if problem["name"].startswith("logreg"))
+    cg_full = next(row for row in logreg["rows"]
+                   if row["method"] == "cg" and row["settings"]["num_iters"] == logreg["num_inner"])
+    assert cg_full["rel_error"] <= 1e-6 and cg_full["cosine"] >= 1 - 1e-10
