@@ -28,8 +28,8 @@ from torch.nn import functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from hg_dist.distributed import run_experiment, shard_indices
-from hg_dist.experiment import (ExperimentConfig, add_common_args, config_from_args, make_approx,
-                                make_outer_optimizer, select_device)
+from hg_dist.experiment import (ExperimentConfig, add_common_args, make_approx,
+                                make_outer_optimizer, parse_config, select_device)
 from hg_dist.optimizers import diff_sgd
 from hg_dist.solver import BaseImplicitSolver
 from hg_dist.utils import Params
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--n-val", type=int, default=300, help="clean validation examples")
     parser.add_argument("--inner-lr", type=float, default=0.3, help="inner SGD step (momentum 0.9)")
     parser.set_defaults(**DEFAULTS)
-    config = config_from_args(parser.parse_args(argv))
+    config = parse_config(parser, argv)
     metrics = run_experiment(build_solver, config)  # in this process when --workers 1
     print(json.dumps(metrics, indent=2))
     return metrics

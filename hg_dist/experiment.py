@@ -20,7 +20,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -139,6 +139,15 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     common = {name: values[name] for name in _COMMON if name in values}
     extra = {name: value for name, value in values.items() if name not in _COMMON}
     return ExperimentConfig(**common, extra=extra)
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> ExperimentConfig:
+    """Parse ``argv`` into a config; an invalid setting ends in ``parser.error`` (usage + message, exit 2)."""
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
 
 
 def make_approx(config: ExperimentConfig) -> Callable[..., Any]:

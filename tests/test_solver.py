@@ -534,6 +534,15 @@ def test_config_from_args_puts_example_flags_in_extra():
     assert (config.approx, config.ihvp_iters, config.workers, config.extra) == ("cg", 7, 2, {"noise": 0.3})
 
 
+def test_parse_config_reports_bad_settings_as_usage_errors(capsys):
+    parser = experiment.add_common_args(argparse.ArgumentParser(prog="example"))
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.parse_config(parser, ["--rank", "0"])
+    assert exit_info.value.code == 2
+    assert "example: error: rank must be >= 1, got 0" in capsys.readouterr().err
+    assert experiment.parse_config(parser, ["--rank", "3"]).rank == 3
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"approx": "lissa"}, "approx must be one of"),
     ({"rho": 0.0}, "rho must be > 0 for approx='nystrom'"),
