@@ -50,7 +50,6 @@ class Reporter:
         self.rank = rank
         self.hooks = hooks
         self.settings = settings
-        self.last_checkpointed_step = -1
         self.last_metrics: dict[str, float] = {}
 
     def __call__(self, solver: Any, metrics: dict[str, float]) -> None:
@@ -70,8 +69,6 @@ class Reporter:
     def report(self, solver: Any, *, checkpoint: bool) -> None:
         import ray.train
 
-        if checkpoint:
-            self.last_checkpointed_step = solver.outer_step
         if checkpoint and self.rank == 0:
             with checkpoint_of(solver) as ckpt:
                 ray.train.report(self.last_metrics, checkpoint=ckpt)
