@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -157,6 +158,27 @@ def test_sampling_respects_nesting():
                 assert "momentum" not in sampled["outer_optimizer"]
             assert config.num_iters == 30 and config.unroll_steps == 5
     assert seen == {"nystrom", "cg", "neumann", "nystrom_pcg"}
+
+
+def test_main_job_space_is_valid_and_builds_solvers():
+    """The README's main job (examples/search.py): its space passes the checks and
+    every sampled trial becomes a config the hyper-cleaning example can build."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "search.py"
+    spec = importlib.util.spec_from_file_location("example_search", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    space = module.search_space([1, 2])
+    check_space(space)
+    base = ExperimentConfig(num_iters=20, unroll_steps=10, extra={"n_train": 100, "n_val": 50})
+    workers = set()
+    for _, sampled in generate_variants(space):
+        config = to_experiment_config(sampled, base)
+        workers.add(config.workers)
+        solver = module.data_hypercleaning.build_solver(config)
+        assert solver.num_iters == 20
+    assert workers == {1, 2}
 
 
 @pytest.mark.parametrize("space, match", [
