@@ -64,3 +64,40 @@ def test_numbers_match_ground_truth(quick_report):
     cg_full = next(row for row in logreg["rows"]
                    if row["method"] == "cg" and row["settings"]["num_iters"] == logreg["num_inner"])
     assert cg_full["rel_error"] <= 1e-6 and cg_full["cosine"] >= 1 - 1e-10
+
+
+def test_end_to_end_quick(tmp_path):
+    """``end_to_end.py --quick``: well-formed curves for every method, plain training keeps its outer
+    parameters, the implicit methods move them, and the unrolled reference matches finite differences."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import end_to_end
+    finally:
+        sys.path.remove(str(ROOT))
+    end_to_end.main(["--quick", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "end_to_end.json").read_text())
+    assert report["benchmark"] == "end_to_end" and report["quick"] is True
+    assert (tmp_path / "end_to_end.md").read_text().startswith("# End-to-end benchmark")
+    assert {problem["name"] for problem in report["problems"]} == {"hypercleaning", "logreg"}
+    for problem in report["problems"]:
+        name, methods = problem["name"], problem["methods"]
+        assert set(methods) == {"plain", "unrolled", "nystrom", "cg", "neumann", "nystrom_pcg", "exact"}
+        assert (tmp_path / f"end_to_end_{name}.png").stat().st_size > 0
+        for method, row in methods.items():
+            curve = row["curve"]
+            assert len(curve) == row["outer_steps"] >= 5
+            assert [point[1] for point in curve] == list(range(1, len(curve) + 1))
+            walls = [point[0] for point in curve]
+            assert all(0 < a < b for a, b in zip(walls, walls[1:])) and walls[-1] <= row["total_s"]
+            assert row["time_per_outer_step_over_plain"] > 0 and row["deterministic"]
+            assert list((tmp_path / "end_to_end_tb" / name / method).glob("events.out.tfevents.*"))
+            # Ground truth: plain training never changes the outer parameters; every other method does.
+            if method == "plain":
+                assert row["outer_param_change"] == 0.0
+            else:
+                assert row["outer_param_change"] > 0
+        assert methods["unrolled"]["solver_class"].startswith("Unrolled")
+        check = problem["unrolled_gradient_check"]
+        assert check["rel_error"] <= 1e-6 and abs(check["directional_finite_difference"]) > 1e-6
+    assert len(report["targets"]) == 6
