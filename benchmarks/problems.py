@@ -238,7 +238,7 @@ def seed_operator(inner_obj, in_params, out_params, *, rev_only: bool = False) -
 
 
 def chunked_operator(inner_obj, in_params, out_params, chunk_size: int = CHUNK_SIZE) -> HessianOperator:
-    """The core's linearization with a fixed ``chunk_size`` (the former prototype fix, ``4``).
+    """The core's linearization with a fixed ``chunk_size``, for comparison with the automatic rule.
 
     The core now picks the chunk size itself (``linearize(..., chunk_size=None)``,
     see :data:`hg_dist.hessian.CHUNK_BUDGET_BYTES`); this fixed-size variant stays
