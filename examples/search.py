@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=3, help="samples per worker count (grid over --workers)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to try")
-    parser.add_argument("--num-iters", type=int, default=100, help="inner steps of each solve")
+    parser.add_argument("--num-iters", type=int, default=400, help="inner steps of each solve")
     parser.add_argument("--unroll-steps", type=int, default=10, help="inner steps between outer steps")
-    parser.add_argument("--n-train", type=int, default=500, help="noisy training examples")
+    parser.add_argument("--n-train", type=int, default=1000, help="noisy training examples")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray instance")
     parser.add_argument("--cpus-per-worker", type=float, default=0.5,
                         help="CPUs per solving process (0.5 lets a 2-worker trial fit on 2 cores)")
