@@ -41,7 +41,6 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -488,13 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
     for prob in problems:
         plot_problem(prob, args.out / f"end_to_end_{prob['name']}.png")
         write_tensorboard(prob, args.out / "end_to_end_tb")
-    report["wall_seconds"] = time.perf_counter() - start
-    report["environment"]["load_average_1min_end"] = os.getloadavg()[0]
-    (args.out / "end_to_end.json").write_text(json.dumps(report, indent=1))
-    (args.out / "end_to_end.md").write_text(to_markdown(report))
-    for t in report["targets"]:
-        print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['target']}  [{t['problem']}]  {t['value']}")
-    return report
+    return P.write_report(report, args.out, "end_to_end", to_markdown, start)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -347,14 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = [benchmark_problem(problem, args.quick) for problem in build_problems(args.quick)]
     report = {"benchmark": "ihvp", "quick": args.quick, "environment": P.environment(),
               "dtype": "float64", "problems": results, "targets": evaluate_targets(results)}
-    report["wall_seconds"] = time.perf_counter() - start
-    report["environment"]["load_average_1min_end"] = os.getloadavg()[0]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ihvp.json").write_text(json.dumps(report, indent=1))
-    (args.out / "ihvp.md").write_text(to_markdown(report))
-    for t in report["targets"]:
-        print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['target']}  [{t['problem']}]  {t['value']}")
-    return report
+    return P.write_report(report, args.out, "ihvp", to_markdown, start)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ error against a reference hypergradient).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import sys
@@ -312,6 +313,23 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads(), "argv": sys.argv,
             "load_average_1min": os.getloadavg()[0],
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_report(report: dict, out: os.PathLike, name: str, markdown: Callable[[dict], str],
+                 start: float) -> dict:
+    """Finish a benchmark's ``report``: wall time and closing load average, then
+    ``out/<name>.json`` and ``out/<name>.md``, and a PASS/FAIL line per target."""
+    from pathlib import Path
+
+    out = Path(out)
+    report["wall_seconds"] = time.perf_counter() - start
+    report["environment"]["load_average_1min_end"] = os.getloadavg()[0]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{name}.md").write_text(markdown(report))
+    for t in report.get("targets", []):
+        print(f"{'PASS' if t['passed'] else 'FAIL'}  {t['target']}  [{t['problem']}]  {t['value']}")
+    return report
 
 
 def accuracy(estimate: Params, reference: Params) -> dict:

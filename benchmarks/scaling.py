@@ -39,7 +39,6 @@ import ctypes
 import functools
 import gc
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -318,12 +317,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             child = spawn({**spec, "threads": args.threads})
             print(f"[scaling] {key}: {child['problem']} done", flush=True)
             report[key].append(child)
-    report["wall_seconds"] = time.perf_counter() - start
-    report["environment"]["load_average_1min_end"] = os.getloadavg()[0]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scaling.json").write_text(json.dumps(report, indent=1))
-    (args.out / "scaling.md").write_text(to_markdown(report))
-    return report
+    return P.write_report(report, args.out, "scaling", to_markdown, start)
 
 
 if __name__ == "__main__":
