@@ -36,7 +36,7 @@ from ray import tune
 from ray.tune import PlacementGroupFactory
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from hg_dist.experiment import ExperimentConfig, seed_everything, write_result
+from hg_dist.experiment import ExperimentConfig, run_local
 from hg_dist.solver import BaseSolver
 from hg_dist.tune.space import to_experiment_config
 
@@ -174,18 +174,15 @@ def trial_demand(workers: int, cpus_per_worker: float = 1.0) -> float:
 
 
 def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str, mode: str) -> None:
-    """One-worker trial: ``run_local``'s steps, with a reporter attached."""
-    seed_everything(config.seed)
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    solver = build_solver(config, rank=0, world_size=1)
-    solver.log_dir = str(output)
-    solver.progress = False
-    attach_callback(solver, SolveReporter(metric, mode, tune.report))
-    tic = time.perf_counter()
-    metrics = solver.run()
-    write_result(output, metrics, config, wall_time_s=time.perf_counter() - tic, workers=1,
-                 global_step=solver.global_step, outer_steps=solver.outer_step)
+    """One-worker trial: :func:`~hg_dist.experiment.run_local` with a reporter attached."""
+
+    def build_reporting_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> BaseSolver:
+        solver = attach_callback(build_solver(config, rank=rank, world_size=world_size),
+                                 SolveReporter(metric, mode, tune.report))
+        solver.progress = False
+        return solver
+
+    run_local(build_reporting_solver, config)
 
 
 def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metric: str, mode: str,
