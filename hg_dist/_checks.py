@@ -9,7 +9,8 @@ import numbers
 def check_int(name: str, value: object, *, minimum: int, maximum: int | None = None, hint: str = "") -> int:
     """Return ``value`` if it is an int in ``[minimum, maximum]``, else raise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})"
+                        + (f"; {hint}" if hint else ""))
     value = int(value)
     if value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"

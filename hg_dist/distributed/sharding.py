@@ -23,16 +23,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Subset, default_collate
 
+from hg_dist._checks import check_int
+
 
 def check_workers(workers: object) -> int:
     """Return ``workers`` if it is an int ``>= 1``, else raise naming the fix."""
-    if isinstance(workers, bool) or not isinstance(workers, int):
-        raise TypeError(f"workers must be an int, got {type(workers).__name__} ({workers!r}); "
-                        f"pass e.g. --workers 2")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}; use --workers 1 for a single process "
-                         f"or --workers N for N data-parallel replicas")
-    return workers
+    return check_int("workers", workers, minimum=1,
+                     hint="use --workers 1 for a single process or --workers N for N data-parallel replicas")
 
 
 def check_shardable(num_items: int, world_size: int, *, what: str = "examples") -> None:
