@@ -42,6 +42,7 @@ import abc
 import copy
 import functools
 import logging as _stdlib_logging
+import math
 import os
 import random
 import time
@@ -249,6 +250,11 @@ def _detach(tree: Any) -> Any:
 
 def _clone(tree: Any) -> Any:
     return _map_tensors(lambda t: t.detach().clone(), tree)
+
+
+def _non_finite(values: Mapping[str, float]) -> list[str]:
+    """Names of the NaN/inf entries of recorded metrics."""
+    return [name for name, value in values.items() if not math.isfinite(value)]
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
@@ -481,7 +487,7 @@ class BaseSolver(abc.ABC):
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().double())
                                                      for g in grads]))
         norm_value = float(norm)  # the one host sync of an outer step
-        if not torch.isfinite(torch.tensor(norm_value)):
+        if not math.isfinite(norm_value):
             raise NonFiniteHypergradientError(
                 f"the hypergradient assigned to outer_grad has non-finite entries (norm={norm_value}); "
                 f"the outer parameters were not changed. Lower the learning rates, raise rho, or pass "
@@ -561,7 +567,7 @@ class BaseSolver(abc.ABC):
         self._after_inner_update()
         if metrics:
             values = to_floats(metrics)
-            bad = [name for name, v in values.items() if not torch.isfinite(torch.tensor(v))]
+            bad = _non_finite(values)
             if bad:
                 self.inner_params, self.inner_optim_state = previous
                 raise NonFiniteLossError(
@@ -577,7 +583,7 @@ class BaseSolver(abc.ABC):
         try:
             metrics = _update_metrics(self.outer_update(), "outer_loss")
             values = to_floats(metrics) if metrics else {}
-            bad = [name for name, v in values.items() if not torch.isfinite(torch.tensor(v))]
+            bad = _non_finite(values)
             if bad:
                 raise NonFiniteLossError(f"outer_update at step {i} returned non-finite {', '.join(bad)}")
             if not _all_finite(list(self.outer.parameters())):
