@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from hg_dist import approx_hypergrad
+from hg_dist import make_approx
 from hg_dist.distributed import CountingAllreduce, SingleProcess, TorchDistributed
 from hg_dist.distributed.hypergrad import AllreduceGrads, distributed_approx
 from hg_dist.optimizers import diff_sgd
@@ -83,8 +83,7 @@ def measure(rank: int, world: int, args: argparse.Namespace, init_file: str, que
     rows = []
     for method, settings in SETTINGS:
         reduce = CountingAllreduce(collective)
-        approx = distributed_approx(functools.partial(approx_hypergrad.APPROXIMATORS[method], **settings),
-                                    reduce, seed=0)
+        approx = distributed_approx(make_approx({"name": method, **settings}), reduce, seed=0)
         approx(inner, outer, theta, phi)                   # warm-up, not timed
         times = []
         for _ in range(args.repeats):

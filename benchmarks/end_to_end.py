@@ -54,13 +54,16 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks.`` importabl
 import torch
 
 from benchmarks import problems as P
-from hg_dist.experiment import ExperimentConfig, seed_everything
+from hg_dist.checkpoint import seed_everything
+from hg_dist.experiment import ExperimentConfig
+from hg_dist.ihvp import METHODS
 from hg_dist.solver import BaseSolver, BaseUnrolledSolver
 from hg_dist.utils import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPLICIT = ("nystrom", "cg", "neumann", "nystrom_pcg", "exact")
+IMPLICIT = tuple(METHODS.names())
+"""Every registered IHVP method."""
 REFERENCES = ("plain", "unrolled")
 EXACT_MAX_INNER = 1000
 """``exact`` (a dense Hessian every outer step) runs only up to this many inner parameters."""
@@ -112,16 +115,17 @@ def load_example(stem: str) -> ModuleType:
 def make_config(spec: Spec, method: str, quick: bool, **extra: Any) -> ExperimentConfig:
     """The example's default settings (plus ``spec.quick`` when ``quick``) for ``method``.
 
-    References use ``approx="cg"`` only as a placeholder: their hypergradient is
-    replaced after the build. ``plain`` gets ``outer_lr = 0``.
+    The example's own approximator keeps its settings; any other method runs with
+    its declared defaults. References use ``cg`` only as a placeholder: their
+    hypergradient is replaced after the build. ``plain`` gets an outer learning rate of 0.
     """
-    settings = {k: v for k, v in load_example(spec.example).DEFAULTS.items() if k != "output"}
-    if quick:
-        settings.update(spec.quick)
-    settings["approx"] = method if method in IMPLICIT else "cg"
-    if method == "plain":
-        settings["outer_lr"] = 0.0
-    return ExperimentConfig(**settings, output=str(RESULTS / "tmp"), extra=dict(extra))
+    defaults = load_example(spec.example).DEFAULTS
+    name = method if method in IMPLICIT else "cg"
+    approximator = defaults.approximator if name == defaults.approximator["name"] else {"name": name}
+    outer_optimizer = {**defaults.outer_optimizer, "lr": 0.0} if method == "plain" else defaults.outer_optimizer
+    config = dataclasses.replace(defaults, approximator=approximator, outer_optimizer=outer_optimizer,
+                                 output=str(RESULTS / "tmp"), extra=dict(extra))
+    return dataclasses.replace(config, **spec.quick) if quick else config
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 For each problem (:mod:`benchmarks.problems`: logistic regression d=200, a tanh MLP
 with p=4810 inner parameters, and a badly conditioned variant of it) and each
-method of :data:`hg_dist.approx_hypergrad.APPROXIMATORS` at several budgets, it
+registered method (:data:`hg_dist.ihvp.METHODS`) at several budgets, it
 records the time of one hypergradient, that time over the time of one inner
 gradient measured in the same run, the HVP count from ``.stats``, and the cosine
 similarity and relative error to the exact hypergradient
@@ -49,7 +49,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks.`` importabl
 import torch
 
 from benchmarks import problems as P
-from hg_dist import approx_hypergrad
+from hg_dist import make_approx
+from hg_dist.ihvp import METHODS
 from hg_dist.utils import params_to_vector
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,30 +63,45 @@ COSINE_TARGET_PCG = 0.999
 # ---------------------------------------------------------------------------
 
 def hypergradient(problem: P.Problem, method: str, settings: dict, seed: int = 0):
-    """One hypergradient of ``problem`` with ``approx_hypergrad.<method>(**settings)``."""
-    kwargs = dict(settings)
-    if method in ("nystrom", "nystrom_pcg"):
-        kwargs["generator"] = torch.Generator().manual_seed(seed)
-    return approx_hypergrad.APPROXIMATORS[method](problem.inner_obj, problem.outer_obj,
-                                                  problem.in_params, problem.out_params, **kwargs)
+    """One hypergradient of ``problem`` with ``make_approx({"name": method, **settings}, seed=seed)``."""
+    return make_approx({"name": method, **settings}, seed=seed)(problem.inner_obj, problem.outer_obj,
+                                                                 problem.in_params, problem.out_params)
+
+
+def budgets(problem: P.Problem, quick: bool) -> dict[str, list]:
+    """Values tried for the budget settings a method may declare (``rank``, ``num_iters``, or both)."""
+    p = problem.num_inner
+    if quick:
+        return {"rank": [5, min(20, p)], "num_iters": [5, p], ("rank", "num_iters"): [(5, 5)]}
+    return {"rank": [r for r in (5, 20, 50, 200) if r <= p], "num_iters": [5, 10, 20, 50, 100],
+            ("rank", "num_iters"): [(20, 5), (20, 10), (20, 20), (50, 10), (50, 20)]}
 
 
 def method_grid(problem: P.Problem, lambda_max: float, quick: bool) -> list[tuple[str, dict]]:
-    """``(method, settings)`` pairs to benchmark; budgets are ranks / iteration counts."""
-    p = problem.num_inner
-    neumann_lr = 1.0 / lambda_max
-    if quick:
-        ranks, iters, pcg = [5, min(20, p)], [5, p], [(5, 5)]
-        neumann_iters = [10]
-    else:
-        ranks = [r for r in (5, 20, 50, 200) if r <= p]
-        iters = [5, 10, 20, 50, 100]
-        pcg = [(20, 5), (20, 10), (20, 20), (50, 10), (50, 20)]
-        neumann_iters = [10, 50, 100]
-    grid: list[tuple[str, dict]] = [("nystrom", {"rank": r, "rho": problem.rho}) for r in ranks]
-    grid += [("cg", {"num_iters": n}) for n in iters]
-    grid += [("neumann", {"num_iters": n, "lr": neumann_lr}) for n in neumann_iters]
-    grid += [("nystrom_pcg", {"rank": r, "num_iters": n}) for r, n in pcg]
+    """``(method, settings)`` for every registered method but the exact reference, from its declaration.
+
+    A method's budget settings (``rank`` and/or ``num_iters``) run over :func:`budgets`;
+    its other settings keep their declared defaults, except two that depend on the
+    problem: Nyström's ``rho`` (the problem's) and Neumann's step ``lr = 1/λ_max``.
+    Neumann converges slowly, so it gets its own iteration budgets.
+    """
+    values = budgets(problem, quick)
+    problem_settings = {"nystrom": {"rho": problem.rho}, "neumann": {"lr": 1.0 / lambda_max}}
+    neumann_iters = [10] if quick else [10, 50, 100]
+    grid: list[tuple[str, dict]] = []
+    for method in METHODS:
+        if method.name == "exact":
+            continue
+        fixed = problem_settings.get(method.name, {})
+        declared = tuple(s.name for s in method.settings if s.name in ("rank", "num_iters"))
+        if method.name == "neumann":
+            grid += [(method.name, {"num_iters": n, **fixed}) for n in neumann_iters]
+        elif len(declared) == 2:
+            grid += [(method.name, {"rank": r, "num_iters": n, **fixed}) for r, n in values[declared]]
+        elif declared:
+            grid += [(method.name, {declared[0]: v, **fixed}) for v in values[declared[0]]]
+        else:
+            grid.append((method.name, dict(fixed)))
     return grid
 
 

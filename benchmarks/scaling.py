@@ -52,7 +52,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks.`` importabl
 import torch
 
 from benchmarks import problems as P
-from hg_dist import approx_hypergrad
+from hg_dist import make_approx
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MMAP_THRESHOLD = 16384
@@ -118,11 +118,8 @@ def peak_memory_bytes(fn: Callable[[], object]) -> tuple[int, str]:
 # ---------------------------------------------------------------------------
 
 def _hypergradient(problem: P.Problem, method: str, settings: dict):
-    kwargs = dict(settings)
-    if method in ("nystrom", "nystrom_pcg"):
-        kwargs["generator"] = torch.Generator().manual_seed(0)
-    return approx_hypergrad.APPROXIMATORS[method](problem.inner_obj, problem.outer_obj,
-                                                  problem.in_params, problem.out_params, **kwargs)
+    return make_approx({"name": method, **settings}, seed=0)(problem.inner_obj, problem.outer_obj,
+                                                              problem.in_params, problem.out_params)
 
 
 def _hypergradient_with(operator: str, problem: P.Problem, method: str, settings: dict):

@@ -19,23 +19,23 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad_and_value
 from torch.nn import functional as F
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import TensorDataset
 
-from hg_dist.distributed import run_experiment, shard_indices
-from hg_dist.experiment import (ExperimentConfig, add_common_args, make_approx,
-                                make_outer_optimizer, parse_config, select_device)
+from hg_dist import cli, make_approx
+from hg_dist.data import ShardedLoader, full_batch
+from hg_dist.experiment import ExperimentConfig, select_device
 from hg_dist.optimizers import diff_sgd
+from hg_dist.outer_optimizers import make_outer_optimizer
 from hg_dist.solver import BaseImplicitSolver
 from hg_dist.utils import Params
 
-DEFAULTS = {"num_iters": 400, "unroll_steps": 10, "rank": 10, "rho": 0.1, "outer_lr": 0.1,
-            "outer_optimizer": "adam", "outer_momentum": 0.9, "output": "runs/data_hypercleaning"}
+DEFAULTS = ExperimentConfig(approximator={"name": "nystrom", "rank": 10, "rho": 0.1},
+                            outer_optimizer={"name": "adam", "lr": 0.1}, num_iters=400, unroll_steps=10,
+                            output="runs/data_hypercleaning")
 
 
 class ExampleWeights(nn.Module):
@@ -90,24 +90,9 @@ class HypercleaningSolver(BaseImplicitSolver):
     def outer_forward(self, in_params: Params, out_params: Params, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(self.inner_func(in_params, input), target)
 
-    def inner_update(self) -> Tensor:
-        batch = next(self.inner_loader)
-        grads, loss = grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(), *batch)
-        self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
-                                                                         self.inner_optim_state)
-        return loss
-
-    def outer_update(self) -> dict[str, Tensor]:
-        in_batch = next(self.inner_loader)
-        out_input, out_target = next(self.outer_loader)
-        self.outer_grad = self.approx_ihvp(lambda i, o: self.inner_forward(i, o, *in_batch),
-                                           lambda i, o: self.outer_forward(i, o, out_input, out_target),
-                                           self.inner_params, self.outer_params())
-        self.outer_optimizer.step()
-        self.outer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            logits = self.inner_func(self.inner_params, out_input)
-            return {"outer_loss": F.cross_entropy(logits, out_target), "val_acc": accuracy(logits, out_target)}
+    def outer_metrics(self, input: Tensor, target: Tensor) -> dict[str, Tensor]:
+        logits = self.inner_func(self.inner_params, input)
+        return {"outer_loss": F.cross_entropy(logits, target), "val_acc": accuracy(logits, target)}
 
     def evaluate(self) -> dict[str, float]:
         """Accuracies of the cleaned model and of plain training (same steps, equal weights)."""
@@ -139,50 +124,39 @@ def train_plain(func, params: Params, x: Tensor, y: Tensor, steps: int, optimize
     return params
 
 
-def batch_loader(dataset: TensorDataset, batch_size: int, generator: torch.Generator) -> DataLoader:
-    """Shuffled batches fetched with one indexing call each (not one call per example)."""
-    sampler = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
-    return DataLoader(dataset, sampler=sampler, batch_size=None)
-
-
 def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> HypercleaningSolver:
-    """The solver for ``config``; an equal-sized strided shard of the data is this worker's."""
+    """The solver for ``config``; rank ``rank`` of ``world_size`` takes its slice of every global batch."""
     extra = config.extra
     n_train = extra.get("n_train", 1000)
     data = load_noisy_digits(n_train, extra.get("n_val", 300), extra.get("noise", 0.4), config.seed)
-    index = shard_indices(n_train, rank, world_size)
-    train = TensorDataset(data["x_train"][index], data["y_train"][index], index)
-    val_index = shard_indices(len(data["y_val"]), rank, world_size)
-    val = TensorDataset(data["x_val"][val_index], data["y_val"][val_index])
-    gen = torch.Generator().manual_seed(config.seed + 1000 * rank)
-    inner_loader = batch_loader(train, extra.get("batch_size", len(train)), gen)
-    outer_loader = batch_loader(val, len(val), gen)
+    train = TensorDataset(data["x_train"], data["y_train"], torch.arange(n_train))
+    inner_loader = ShardedLoader(train, extra.get("batch_size") or n_train, rank=rank, world_size=world_size,
+                                 seed=config.seed)
+    outer_loader = full_batch(TensorDataset(data["x_val"], data["y_val"]), rank, world_size)
     inner = nn.Linear(64, 10)
     outer = ExampleWeights(n_train)
     solver = HypercleaningSolver(
-        inner, outer, inner_loader, outer_loader, make_approx(config),
+        inner, outer, inner_loader, outer_loader, make_approx(config.approximator, seed=config.seed),
         num_iters=config.num_iters, unroll_steps=config.unroll_steps,
         inner_optimizer=functools.partial(diff_sgd, lr=extra.get("inner_lr", 0.3), momentum=0.9, weight_decay=0),
-        outer_optimizer=make_outer_optimizer(config, outer.parameters()),
-        log_freq=extra.get("log_freq", 20), device=select_device(config, rank),
-        log_dir=config.output if rank == 0 else None)
+        outer_optimizer=make_outer_optimizer(config.outer_optimizer, outer.parameters()),
+        log_freq=extra.get("log_freq", 20), device=select_device(config, rank))
     solver.data = data
     solver.initial_params = tuple(p.detach().clone() for p in solver.inner_params)
     return solver
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=float, default=0.4, help="fraction of corrupted training labels")
     parser.add_argument("--n-train", type=int, default=1000, help="training examples")
     parser.add_argument("--n-val", type=int, default=300, help="clean validation examples")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="global inner batch (all workers together); default: all training examples")
     parser.add_argument("--inner-lr", type=float, default=0.3, help="inner SGD step (momentum 0.9)")
-    parser.set_defaults(**DEFAULTS)
-    config = parse_config(parser, argv)
-    metrics = run_experiment(build_solver, config)  # in this process when --workers 1
-    print(json.dumps(metrics, indent=2))
-    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    return cli.main(build_solver, __doc__, DEFAULTS, add_arguments, argv)
 
 
 if __name__ == "__main__":

@@ -19,23 +19,23 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad_and_value
 from torch.nn import functional as F
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import TensorDataset
 
-from hg_dist.distributed import run_experiment, shard_indices
-from hg_dist.experiment import (ExperimentConfig, add_common_args, make_approx,
-                                make_outer_optimizer, parse_config, select_device)
+from hg_dist import cli, make_approx
+from hg_dist.data import ShardedLoader
+from hg_dist.experiment import ExperimentConfig, select_device
 from hg_dist.optimizers import diff_sgd
+from hg_dist.outer_optimizers import make_outer_optimizer
 from hg_dist.solver import BaseImplicitSolver
 from hg_dist.utils import Params, make_functional
 
-DEFAULTS = {"num_iters": 300, "unroll_steps": 10, "rank": 10, "rho": 0.1, "outer_lr": 0.01,
-            "outer_optimizer": "adam", "outer_momentum": 0.9, "output": "runs/dataset_distillation"}
+DEFAULTS = ExperimentConfig(approximator={"name": "nystrom", "rank": 10, "rho": 0.1},
+                            outer_optimizer={"name": "adam", "lr": 0.01}, num_iters=300, unroll_steps=10,
+                            output="runs/dataset_distillation")
 
 
 def convnet() -> nn.Module:
@@ -98,25 +98,10 @@ class DistillationSolver(BaseImplicitSolver):
     def outer_forward(self, in_params: Params, out_params: Params, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(self.inner_func(in_params, input), target)
 
-    def inner_update(self) -> Tensor:
-        labels = next(self.inner_loader)
-        grads, loss = grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(), labels)
-        self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
-                                                                         self.inner_optim_state)
-        return loss
-
-    def outer_update(self) -> dict[str, Tensor]:
-        labels = next(self.inner_loader)
-        input, target = next(self.outer_loader)
-        self.outer_grad = self.approx_ihvp(lambda i, o: self.inner_forward(i, o, labels),
-                                           lambda i, o: self.outer_forward(i, o, input, target),
-                                           self.inner_params, self.outer_params())
-        self.outer_optimizer.step()
-        self.outer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            logits = self.inner_func(self.inner_params, input)
-            return {"outer_loss": F.cross_entropy(logits, target),
-                    "train_acc": (logits.argmax(-1) == target).to(logits.dtype).mean()}
+    def outer_metrics(self, input: Tensor, target: Tensor) -> dict[str, Tensor]:
+        logits = self.inner_func(self.inner_params, input)
+        return {"outer_loss": F.cross_entropy(logits, target),
+                "train_acc": (logits.argmax(-1) == target).to(logits.dtype).mean()}
 
     def evaluate(self) -> dict[str, float]:
         """Test accuracy of fresh convnets trained only on the distilled vs the starting images."""
@@ -133,42 +118,35 @@ class DistillationSolver(BaseImplicitSolver):
 
 
 def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> DistillationSolver:
-    """The solver for ``config``; an equal-sized strided shard of the real images is this worker's."""
+    """The solver for ``config``; rank ``rank`` of ``world_size`` takes its slice of every batch of real images."""
     extra = config.extra
     data = load_digits_images(extra.get("n_train", 1200), config.seed)
     images, labels = first_images_per_class(data["x_train"], data["y_train"], extra.get("images_per_class", 2))
-    index = shard_indices(len(data["y_train"]), rank, world_size)
-    real = TensorDataset(data["x_train"][index], data["y_train"][index])
-    gen = torch.Generator().manual_seed(config.seed + 1000 * rank)
-    sampler = BatchSampler(RandomSampler(real, generator=gen), extra.get("batch_size", 256) // world_size,
-                           drop_last=True)
-    outer_loader = DataLoader(real, sampler=sampler, batch_size=None)
+    outer_loader = ShardedLoader(TensorDataset(data["x_train"], data["y_train"]), extra.get("batch_size", 256),
+                                 rank=rank, world_size=world_size, seed=config.seed)
     inner = convnet()
     outer = SyntheticImages(images)
     inner_optimizer = functools.partial(diff_sgd, lr=extra.get("inner_lr", 0.1), momentum=0.9, weight_decay=0)
     solver = DistillationSolver(
-        inner, outer, [labels], outer_loader, make_approx(config),
+        inner, outer, [labels], outer_loader, make_approx(config.approximator, seed=config.seed),
         num_iters=config.num_iters, unroll_steps=config.unroll_steps, inner_optimizer=inner_optimizer,
-        outer_optimizer=make_outer_optimizer(config, outer.parameters()),
-        log_freq=extra.get("log_freq", 20), device=select_device(config, rank),
-        log_dir=config.output if rank == 0 else None)
+        outer_optimizer=make_outer_optimizer(config.outer_optimizer, outer.parameters()),
+        log_freq=extra.get("log_freq", 20), device=select_device(config, rank))
     solver.data, solver.labels = data, labels
     solver.initial_images = images.clone().to(solver.outer.images.device)
     solver.eval_steps, solver.eval_seed = extra.get("eval_steps", 300), config.seed + 1
     return solver
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-per-class", type=int, default=2, help="synthetic images per class")
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch of real images (all workers)")
     parser.add_argument("--inner-lr", type=float, default=0.1, help="inner SGD step (momentum 0.9)")
     parser.add_argument("--eval-steps", type=int, default=300, help="training steps of the final evaluation")
-    parser.set_defaults(**DEFAULTS)
-    config = parse_config(parser, argv)
-    metrics = run_experiment(build_solver, config)  # in this process when --workers 1
-    print(json.dumps(metrics, indent=2))
-    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    return cli.main(build_solver, __doc__, DEFAULTS, add_arguments, argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,21 @@
-"""Experiment plumbing shared by the examples: config, command-line flags, one-process runs.
+"""Experiment plumbing shared by the examples: the config, its command-line flags, one-process runs.
 
 No Ray here: :func:`run_local` runs a solver in this process; the distributed layer
 (``hg_dist.distributed.run_experiment``) runs the same ``build_solver`` on Ray
 workers and writes the same outputs.
 
+The approximator and the outer optimizer are each one value, checked against
+their registries (:data:`hg_dist.ihvp.METHODS`, :data:`hg_dist.outer_optimizers.OUTER_OPTIMIZERS`)::
+
+    ExperimentConfig(approximator={"name": "nystrom", "rank": 10, "rho": 0.1},
+                     outer_optimizer={"name": "adam", "lr": 0.05})
+
+and the command-line flags are generated from the same declarations
+(``--approx nystrom --rank 10 --rho 0.1``, ``--outer-optimizer adam --outer-lr 0.05``).
+
 Outputs of a run in ``config.output``::
 
-    history.parquet   one row per logged step (see hg_dist.logging)
+    history.parquet   one row per logged step (see hg_dist.recording)
     result.json       {"metrics": final metrics, "config": settings, "wall_time_s": ...}
     tb/               TensorBoard event files
 """
@@ -15,26 +24,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
-import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
+from hg_dist._checks import check_int
+from hg_dist.checkpoint import seed_everything
+from hg_dist.ihvp import METHODS
+from hg_dist.outer_optimizers import OUTER_OPTIMIZERS
+from hg_dist.registry import Registry
 
-from hg_dist import approx_hypergrad
-from hg_dist._checks import check_float, check_int
-
-__all__ = ["ExperimentConfig", "SolverBuilder", "add_common_args", "config_from_args", "make_approx",
-           "make_outer_optimizer", "run_local", "seed_everything", "select_device", "write_result"]
+__all__ = ["ExperimentConfig", "SolverBuilder", "add_common_args", "config_from_args", "parse_config",
+           "run_local", "select_device", "write_result"]
 
 RESULT_FILE = "result.json"
 
-OUTER_OPTIMIZERS = ("sgd", "adam")
+
+def _spec(value: Any, registry: Registry, field: str) -> dict[str, Any]:
+    """A spec from a dict (or a bare name), normalized; errors name the config field."""
+    if isinstance(value, str):
+        value = {"name": value}
+    try:
+        return registry.normalize(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{field}: {error}") from None
 
 
 @dataclasses.dataclass
@@ -42,15 +58,12 @@ class ExperimentConfig:
     """Settings of one bilevel run (the examples' common flags).
 
     Attributes:
-        approx: IHVP method, a key of ``hg_dist.approx_hypergrad.APPROXIMATORS``.
-        rank: Nyström rank ``k`` (``nystrom``, ``nystrom_pcg``).
-        rho: Nyström shift ``ρ`` in ``(C W⁺ Cᵀ + ρI)⁻¹`` (``nystrom`` only; > 0).
-        ihvp_iters: iterations of ``cg``, ``neumann`` and ``nystrom_pcg``.
-        ihvp_lr: Neumann step ``α`` (also passed to CG, which ignores it).
+        approximator: the IHVP method and its settings, e.g. ``{"name": "cg",
+            "num_iters": 10}`` (or just the name); normalized on creation, so it
+            always holds every setting of its method.
+        outer_optimizer: e.g. ``{"name": "sgd", "lr": 0.1, "momentum": 0.9}``.
         num_iters: inner steps in all.
         unroll_steps: inner steps between outer steps.
-        outer_lr, outer_optimizer, outer_momentum: the outer optimizer
-            (``"sgd"`` with momentum, or ``"adam"`` with ``β₁ = outer_momentum``).
         seed: seeds torch, Python and NumPy, and the IHVP column sampler.
         output: output folder.
         workers: data-parallel workers (``> 1`` runs on Ray).
@@ -58,16 +71,12 @@ class ExperimentConfig:
         extra: example-specific settings (flags beyond the common ones).
     """
 
-    approx: str = "nystrom"
-    rank: int = 5
-    rho: float = 0.1
-    ihvp_iters: int = 10
-    ihvp_lr: float = 0.1
+    approximator: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "nystrom", "rank": 5,
+                                                                               "rho": 0.1})
+    outer_optimizer: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "sgd", "lr": 0.1,
+                                                                                  "momentum": 0.9})
     num_iters: int = 200
     unroll_steps: int = 10
-    outer_lr: float = 0.1
-    outer_optimizer: str = "sgd"
-    outer_momentum: float = 0.9
     seed: int = 0
     output: str = "output"
     workers: int = 1
@@ -75,31 +84,24 @@ class ExperimentConfig:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.approx not in approx_hypergrad.APPROXIMATORS:
-            raise ValueError(f"approx must be one of {sorted(approx_hypergrad.APPROXIMATORS)}, got {self.approx!r}")
-        if self.outer_optimizer not in OUTER_OPTIMIZERS:
-            raise ValueError(f"outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {self.outer_optimizer!r}")
-        check_int("rank", self.rank, minimum=1)
-        check_float("rho", self.rho, nonnegative=True)
-        if self.approx == "nystrom" and self.rho <= 0:
-            raise ValueError(f"rho must be > 0 for approx='nystrom' (it divides by rho), got {self.rho}; "
-                             f"use e.g. --rho 0.1")
-        check_int("ihvp_iters", self.ihvp_iters, minimum=1)
-        check_float("ihvp_lr", self.ihvp_lr, positive=True)
+        self.approximator = _spec(self.approximator, METHODS, "approximator")
+        self.outer_optimizer = _spec(self.outer_optimizer, OUTER_OPTIMIZERS, "outer_optimizer")
         check_int("num_iters", self.num_iters, minimum=1)
         check_int("unroll_steps", self.unroll_steps, minimum=1, maximum=self.num_iters,
                   hint="choose it between 1 and num_iters")
-        check_float("outer_lr", self.outer_lr, nonnegative=True)
-        check_float("outer_momentum", self.outer_momentum, nonnegative=True)
-        if self.outer_momentum >= 1:
-            raise ValueError(f"outer_momentum must be < 1, got {self.outer_momentum}")
         check_int("seed", self.seed, minimum=0)
-        check_int("workers", self.workers, minimum=1)
+        check_int("workers", self.workers, minimum=1,
+                  hint="use --workers 1 for a single process or --workers N for N data-parallel replicas")
+        if not isinstance(self.use_gpu, bool):
+            raise TypeError(f"use_gpu must be a bool, got {type(self.use_gpu).__name__}")
+        if not isinstance(self.output, (str, os.PathLike)) or not str(self.output):
+            raise ValueError(f"output must be a non-empty path, got {self.output!r}")
+        self.output = str(self.output)
         if not isinstance(self.extra, dict):
             raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-friendly dict of the settings."""
+        """Plain, JSON-friendly dict of the settings (``ExperimentConfig(**d)`` rebuilds it)."""
         return dataclasses.asdict(self)
 
 
@@ -109,36 +111,83 @@ class SolverBuilder(Protocol):
     def __call__(self, config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> Any: ...
 
 
-_COMMON = {field.name for field in dataclasses.fields(ExperimentConfig)} - {"extra"}
+# ---- command-line flags, generated from the registries ------------------------------------
+
+_SPECS = (("approximator", "--approx", METHODS), ("outer_optimizer", "--outer-optimizer", OUTER_OPTIMIZERS))
+_DEFAULTS_KEY = "hg_dist_defaults"
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the common flags (``--approx``, ``--rank``, ... ``--use-gpu``); examples may ``set_defaults``."""
-    d = ExperimentConfig()
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_common_args(parser: argparse.ArgumentParser,
+                    defaults: ExperimentConfig | Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
+    """Add the common flags to ``parser``; ``defaults`` (a config or its fields) are the example's own.
+
+    Besides ``--approx NAME`` and ``--outer-optimizer NAME``, every setting declared by
+    an IHVP method or an outer optimizer gets its flag (``--rank``, ``--rho``,
+    ``--ihvp-iters``, ``--outer-lr`` ...). A setting flag left out takes the chosen
+    method's value from ``defaults`` (when it names the same method) or the method's
+    declared default; one the chosen method does not take is a usage error.
+
+    Raises:
+        ValueError: a registered setting's flag collides with another flag.
+    """
+    if not isinstance(defaults, ExperimentConfig):
+        defaults = ExperimentConfig(**dict(defaults or {}))
     add = parser.add_argument
-    add("--approx", choices=sorted(approx_hypergrad.APPROXIMATORS), default=d.approx, help="IHVP method")
-    add("--rank", type=int, default=d.rank, help="Nyström rank (nystrom, nystrom_pcg)")
-    add("--rho", type=float, default=d.rho, help="Nyström shift rho > 0 (nystrom)")
-    add("--ihvp-iters", type=int, default=d.ihvp_iters, help="iterations of cg / neumann / nystrom_pcg")
-    add("--ihvp-lr", type=float, default=d.ihvp_lr, help="Neumann step size")
-    add("--num-iters", type=int, default=d.num_iters, help="inner steps in all")
-    add("--unroll-steps", type=int, default=d.unroll_steps, help="inner steps between outer steps")
-    add("--outer-lr", type=float, default=d.outer_lr, help="outer learning rate")
-    add("--outer-optimizer", choices=OUTER_OPTIMIZERS, default=d.outer_optimizer, help="outer optimizer")
-    add("--outer-momentum", type=float, default=d.outer_momentum, help="SGD momentum / Adam beta1")
-    add("--seed", type=int, default=d.seed, help="random seed")
-    add("--output", default=d.output, help="output folder (history.parquet, result.json, tb/)")
-    add("--workers", type=int, default=d.workers, help="data-parallel workers; > 1 runs on Ray")
-    add("--use-gpu", action="store_true", help="run on CUDA")
+    add("--approx", choices=METHODS.names(), default=argparse.SUPPRESS,
+        help=f"IHVP method (default: {defaults.approximator['name']})")
+    add("--outer-optimizer", choices=OUTER_OPTIMIZERS.names(), default=argparse.SUPPRESS,
+        help=f"outer optimizer (default: {defaults.outer_optimizer['name']})")
+    for field, _, registry in _SPECS:
+        group = parser.add_argument_group(f"{registry.kind} settings (each applies to the methods that take it)")
+        for setting in registry.settings().values():
+            owners = [entry.name for entry in registry if any(s.name == setting.name for s in entry.settings)]
+            try:
+                group.add_argument(setting.cli_flag, dest=_dest(setting.cli_flag), type=setting.kind,
+                                   default=argparse.SUPPRESS, help=f"{setting.help} ({', '.join(owners)})")
+            except argparse.ArgumentError as error:
+                raise ValueError(f"{registry.kind} setting {setting.name!r} of {owners} has the flag "
+                                 f"{setting.cli_flag}, which another flag already uses; declare "
+                                 f"Setting(..., flag='...') with a free name") from error
+    add("--num-iters", type=int, default=defaults.num_iters, help="inner steps in all")
+    add("--unroll-steps", type=int, default=defaults.unroll_steps, help="inner steps between outer steps")
+    add("--seed", type=int, default=defaults.seed, help="random seed")
+    add("--output", default=defaults.output, help="output folder (history.parquet, result.json, tb/)")
+    add("--workers", type=int, default=defaults.workers, help="data-parallel workers; > 1 runs on Ray")
+    add("--use-gpu", action="store_true", default=defaults.use_gpu, help="run on CUDA")
+    parser.set_defaults(**{_DEFAULTS_KEY: defaults})
     return parser
+
+
+def _spec_from_flags(values: dict[str, Any], name_flag: str, registry: Registry,
+                     default: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec the flags choose, consuming the flags of ``registry`` from ``values``."""
+    name = values.pop(_dest(name_flag), default["name"])
+    given = {setting.name: values.pop(_dest(setting.cli_flag)) for setting in registry.settings().values()
+             if _dest(setting.cli_flag) in values}
+    entry = registry[name]
+    taken = {s.name for s in entry.settings}
+    wrong = [registry.settings()[s].cli_flag for s in given if s not in taken]
+    if wrong:
+        valid = ", ".join(s.cli_flag for s in entry.settings) or "none"
+        raise ValueError(f"{', '.join(wrong)}: not a setting of the {registry.kind} {name!r} (chosen with "
+                         f"{name_flag}); its settings are {valid}")
+    base = dict(default) if name == default["name"] else {"name": name}
+    return {**base, **given}
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """Build the config from parsed flags; flags that are not common go to ``config.extra``."""
-    values = vars(args)
-    common = {name: values[name] for name in _COMMON if name in values}
-    extra = {name: value for name, value in values.items() if name not in _COMMON}
-    return ExperimentConfig(**common, extra=extra)
+    values = dict(vars(args))
+    defaults = values.pop(_DEFAULTS_KEY, None) or ExperimentConfig()
+    specs = {field: _spec_from_flags(values, flag, registry, getattr(defaults, field))
+             for field, flag, registry in _SPECS}
+    common = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"extra", *specs}
+    fields = {name: values.pop(name) for name in common if name in values}
+    return ExperimentConfig(**specs, **fields, extra={**defaults.extra, **values})
 
 
 def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> ExperimentConfig:
@@ -150,36 +199,12 @@ def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = N
         parser.error(str(err))
 
 
-def make_approx(config: ExperimentConfig) -> Callable[..., Any]:
-    """The chosen ``approx_hypergrad`` function with its settings bound (a ``functools.partial``).
+# ---- running --------------------------------------------------------------------------------
 
-    Nyström methods get a CPU ``torch.Generator`` seeded with ``config.seed``, so
-    every worker samples the same columns (solvers checkpoint its state).
-    """
-    name = config.approx
-    if name == "nystrom":
-        return functools.partial(approx_hypergrad.nystrom, rank=config.rank, rho=config.rho,
-                                 generator=torch.Generator().manual_seed(config.seed))
-    if name == "nystrom_pcg":
-        return functools.partial(approx_hypergrad.nystrom_pcg, rank=config.rank, num_iters=config.ihvp_iters,
-                                 generator=torch.Generator().manual_seed(config.seed))
-    if name == "cg":
-        return functools.partial(approx_hypergrad.conjugate_gradient, num_iters=config.ihvp_iters,
-                                 lr=config.ihvp_lr)
-    if name == "neumann":
-        return functools.partial(approx_hypergrad.neumann, num_iters=config.ihvp_iters, lr=config.ihvp_lr)
-    return functools.partial(approx_hypergrad.exact)
-
-
-def make_outer_optimizer(config: ExperimentConfig, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
-    """``SGD(lr=outer_lr, momentum=outer_momentum)`` or ``Adam(lr=outer_lr, betas=(outer_momentum, 0.999))``."""
-    if config.outer_optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.outer_lr, betas=(config.outer_momentum, 0.999))
-    return torch.optim.SGD(params, lr=config.outer_lr, momentum=config.outer_momentum)
-
-
-def select_device(config: ExperimentConfig, rank: int = 0) -> torch.device:
+def select_device(config: ExperimentConfig, rank: int = 0) -> "torch.device":  # noqa: F821
     """``cuda:<rank % n>`` when ``use_gpu`` (raises if CUDA is missing), else CPU."""
+    import torch
+
     if not config.use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -187,20 +212,9 @@ def select_device(config: ExperimentConfig, rank: int = 0) -> torch.device:
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch, Python's ``random`` and NumPy."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def write_result(output: str | os.PathLike, metrics: Mapping[str, float], config: ExperimentConfig,
                  **info: Any) -> Path:
-    """Write ``output/result.json``: ``{"metrics", "config", **info}``; return its path."""
+    """Write ``output/result.json``: ``{"metrics", "config", **info}`` atomically; return its path."""
     path = Path(output) / RESULT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": dict(metrics), "config": config.to_dict(), **info}
@@ -216,13 +230,11 @@ def run_local(build_solver: SolverBuilder, config: ExperimentConfig) -> dict[str
     Writes ``config.output``/``history.parquet``, ``result.json`` and ``tb/``.
     """
     seed_everything(config.seed)
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
     solver = build_solver(config, rank=0, world_size=1)
-    solver.log_dir = str(output)
+    solver.log_dir = str(config.output)
     tic = time.perf_counter()
     metrics = solver.run()
     wall = time.perf_counter() - tic
-    write_result(output, metrics, config, wall_time_s=wall, workers=1,
+    write_result(config.output, metrics, config, wall_time_s=wall, workers=1,
                  global_step=solver.global_step, outer_steps=solver.outer_step)
     return metrics

@@ -194,6 +194,19 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
     return HessianOperator(matvec=matvec, matmat=matmat, size=num_elements(in_params))
 
 
+def shifted(op: HessianOperator, rho: float) -> HessianOperator:
+    """``H + ρI`` as an operator (``op`` itself when ``ρ = 0``).
+
+    The one place the damping shift is applied: CG, Neumann and the dense solve
+    work on ``shifted(op, rho)``; Nyström uses ``ρ`` inside its Woodbury formula.
+    """
+    if rho == 0:
+        return op
+    return HessianOperator(matvec=lambda v: op.matvec(v) + rho * v,
+                           matmat=lambda vs: op.matmat(vs) + rho * vs,
+                           size=op.size)
+
+
 def mixed_vjp(inner_obj: Objective, in_params: Params, out_params: Params, x: Tensor) -> Params:
     """``∂²f/∂φ∂θ · x``: the derivative w.r.t. ``φ`` of ``⟨∇_θ f(θ, φ), x⟩``.
 

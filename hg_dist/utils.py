@@ -8,8 +8,8 @@ and ``vector_to_params`` convert between the two.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -126,3 +126,21 @@ def make_functional(module: nn.Module,
         return functional_call(module, dict(zip(names, params)), inputs, kwargs)
 
     return func, params
+
+
+def map_tensors(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
+    """Apply ``fn`` to every tensor in nested tuples / NamedTuples / lists / dicts."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(map_tensors(fn, t) for t in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(map_tensors(fn, t) for t in tree)
+    if isinstance(tree, Mapping):
+        return {k: map_tensors(fn, v) for k, v in tree.items()}
+    return tree
+
+
+def detached(tree: Any) -> Any:
+    """``tree`` with every tensor detached (no copy)."""
+    return map_tensors(Tensor.detach, tree)

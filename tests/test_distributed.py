@@ -23,12 +23,13 @@ from torch import nn
 from torch.func import grad, grad_and_value
 from torch.utils.data import TensorDataset
 
-from hg_dist import approx_hypergrad
+from hg_dist import approx_hypergrad, make_approx
 from hg_dist.distributed import (CountingAllreduce, FailAt, ShardedLoader, TrainSettings, check_scaling,
                                  distribute_solver, distributed_approx, fit, full_batch, read_checkpoint,
                                  read_parquet_shard, run_experiment, run_threads, shard_indices)
 from hg_dist.distributed.hypergrad import AllreduceGrads
-from hg_dist.experiment import ExperimentConfig, make_approx, make_outer_optimizer
+from hg_dist.experiment import ExperimentConfig
+from hg_dist.outer_optimizers import make_outer_optimizer
 from hg_dist.optimizers import diff_sgd
 from hg_dist.solver import BaseImplicitSolver
 
@@ -93,24 +94,23 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
     """Module-level, as examples define it: this rank's shard of the data, per-worker batch = B / W."""
     train, val = make_data(config.extra.get("data_seed", 0), n=config.extra.get("n", N))
     batch = config.extra.get("batch_size", 16)
-    if batch % world_size:
-        raise ValueError(f"batch_size={batch} must be divisible by workers={world_size}")
     inner = nn.Linear(D, 1).double()
     nn.init.zeros_(inner.weight)
     nn.init.zeros_(inner.bias)
     outer = WeightDecay(D)
     return LogRegSolver(inner, outer,
-                        ShardedLoader(train, batch // world_size, rank=rank, world_size=world_size, seed=config.seed),
+                        ShardedLoader(train, batch, rank=rank, world_size=world_size, seed=config.seed),
                         full_batch(val, rank, world_size),
-                        make_approx(config), config.num_iters, config.unroll_steps,
+                        make_approx(config.approximator, seed=config.seed), config.num_iters, config.unroll_steps,
                         functools.partial(diff_sgd, lr=0.5, momentum=0.9, weight_decay=0),
-                        make_outer_optimizer(config, outer.parameters()),
+                        make_outer_optimizer(config.outer_optimizer, outer.parameters()),
                         log_freq=4, progress=False)
 
 
 def config_for(tmp_path: Path, **overrides) -> ExperimentConfig:
-    settings = dict(approx="nystrom", rank=4, rho=0.1, num_iters=16, unroll_steps=2, outer_lr=0.5,
-                    output=str(tmp_path / "out"), extra={"batch_size": 16})
+    settings = dict(approximator={"name": "nystrom", "rank": 4, "rho": 0.1}, num_iters=16, unroll_steps=2,
+                    outer_optimizer={"name": "sgd", "lr": 0.5, "momentum": 0.9}, output=str(tmp_path / "out"),
+                    extra={"batch_size": 16})
     settings.update(overrides)
     return ExperimentConfig(**settings)
 
@@ -147,17 +147,14 @@ def _shard_run(collective, method: str, steps: int = 5, global_batch: int = 16):
     rank, world = collective.rank, collective.world_size
     train, val = make_data()
     inner_reduce, hyper_reduce = CountingAllreduce(collective), CountingAllreduce(collective)
-    loader = ShardedLoader(train, global_batch // world, rank=rank, world_size=world, seed=3)
+    loader = ShardedLoader(train, global_batch, rank=rank, world_size=world, seed=3)
     optimizer = AllreduceGrads(functools.partial(diff_sgd, lr=0.5, momentum=0.9, weight_decay=0), inner_reduce)
     theta, state, phi = (torch.zeros(D),), None, (torch.full((D,), -2.0),)
     for _ in range(steps):
         x, y = next(loader)
         theta, state = optimizer(theta, grad(_objectives(x, y, x, y)[0])(theta, phi), state)
     (x, y), (xv, yv) = next(full_batch(train, rank, world)), next(full_batch(val, rank, world))
-    approx = distributed_approx(
-        functools.partial(approx_hypergrad.APPROXIMATORS[method], **METHODS[method],
-                          **({"generator": torch.Generator().manual_seed(11)} if "rank" in METHODS[method] else {})),
-        hyper_reduce, seed=0)
+    approx = distributed_approx(make_approx({"name": method, **METHODS[method]}, seed=11), hyper_reduce, seed=0)
     hypergrad = approx(*_objectives(x, y, xv, yv), theta, phi)
     return theta[0], hypergrad[0], hyper_reduce.total, inner_reduce.total
 
@@ -212,12 +209,12 @@ def test_solver_two_workers_equal_one(tmp_path):
 def test_sharded_loader_batches_union_to_single_process_batches():
     train, _ = make_data(n=24)
     single = ShardedLoader(train, 6, seed=5)
-    shards = [ShardedLoader(train, 3, rank=r, world_size=2, seed=5) for r in range(2)]
+    shards = [ShardedLoader(train, 6, rank=r, world_size=2, seed=5) for r in range(2)]
     for _ in range(9):                                     # crosses epoch boundaries (4 batches/epoch)
         x1, _ = next(single)
         xs = [next(s)[0] for s in shards]
         assert sorted(map(tuple, torch.cat(xs).tolist())) == sorted(map(tuple, x1.tolist()))
-    resumed = ShardedLoader(train, 3, rank=1, world_size=2, seed=5)
+    resumed = ShardedLoader(train, 6, rank=1, world_size=2, seed=5)
     resumed.load_state_dict(shards[1].state_dict())
     assert torch.equal(next(resumed)[0], next(shards[1])[0])
 
@@ -261,7 +258,7 @@ def test_bad_worker_counts():
 
 
 def test_run_experiment_rejects_bad_settings_before_starting_workers(tmp_path, ray_session):
-    too_many = config_for(tmp_path, workers=80, extra={"batch_size": 80})
+    too_many = config_for(tmp_path, workers=80, extra={"batch_size": 80})  # 80 > the 64 examples
     with pytest.raises(ValueError, match="workers=80 is more than the 64 examples"):
         run_experiment(build_solver, too_many)
     with pytest.raises(ValueError, match=r"use_gpu=True needs 2 GPUs for workers=2, but the Ray cluster has 0; drop --use-gpu"):
@@ -283,7 +280,7 @@ def test_ray_train_two_workers_with_failure_matches_single_process(tmp_path, ray
     result = fit(build_solver, config, settings)
 
     assert result.error is None and (tmp_path / "failed-once").exists()  # it did fail, and recovered
-    final = read_checkpoint(result.checkpoint)["solver"]
+    final = read_checkpoint(result.checkpoint)
     assert final["counters"]["outer_step"] == 7
     distributed = final["outer"]["log_decay"]
 

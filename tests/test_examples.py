@@ -34,10 +34,11 @@ def test_example_main_writes_history_result_and_tensorboard(name, approx, tmp_pa
 
     module = load_example(name)
     assert callable(module.build_solver) and callable(module.main)
-    metrics = module.main(TINY[name] + ["--approx", approx, "--ihvp-iters", "3", "--output", str(tmp_path)])
+    settings = ["--ihvp-iters", "3"] if approx == "cg" else ["--rank", "3"]
+    metrics = module.main(TINY[name] + ["--approx", approx, *settings, "--output", str(tmp_path)])
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["metrics"] == metrics
-    assert result["config"]["approx"] == approx and result["config"]["num_iters"] == int(TINY[name][1])
+    assert result["config"]["approximator"]["name"] == approx and result["config"]["num_iters"] == int(TINY[name][1])
     rows = pq.read_table(tmp_path / "history.parquet").to_pylist()
     assert rows[-1]["step"] == int(TINY[name][1]) and rows[-1]["outer_step"] >= 2
     assert rows[-1]["outer_loss"] is not None and rows[-1]["inner_loss"] is not None
@@ -59,9 +60,11 @@ def test_hypercleaning_beats_plain_training(tmp_path):
 def test_main_hands_the_config_to_run_experiment(tmp_path, monkeypatch):
     """``--workers N`` reaches ``hg_dist.distributed.run_experiment`` (which runs in
     this process for N = 1 and on Ray Train otherwise; tested in test_distributed)."""
+    import hg_dist.cli
+
     calls = []
     module = load_example("logistic_regression")
-    monkeypatch.setattr(module, "run_experiment",
+    monkeypatch.setattr(hg_dist.cli, "run_experiment",
                         lambda build_solver, config: calls.append((build_solver, config)) or {"done": 1.0})
     assert module.main(["--workers", "2", "--output", str(tmp_path)]) == {"done": 1.0}
     (build_solver, config), = calls
@@ -76,4 +79,3 @@ def test_build_solver_shards_the_data_by_rank():
     shards = [module.build_solver(config, rank=r, world_size=2) for r in range(2)]
     index = [set(next(s.inner_loader)[2].tolist()) for s in shards]
     assert index[0].isdisjoint(index[1]) and index[0] | index[1] == set(range(200))
-    assert shards[0].log_dir == config.output and shards[1].log_dir is None

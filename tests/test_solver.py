@@ -16,8 +16,11 @@ from torch.optim import SGD
 from torch.utils.data import DataLoader, TensorDataset
 
 import hg_dist
-from hg_dist import approx_hypergrad, experiment
-from hg_dist.logging import ProgressBar, Recorder, format_progress
+from hg_dist import approx_hypergrad, experiment, make_approx
+from hg_dist.callbacks import ProgressBar
+from hg_dist.ihvp import METHODS
+from hg_dist.outer_optimizers import make_outer_optimizer
+from hg_dist.recording import Recorder
 from hg_dist.optimizers import diff_adam, diff_sgd
 from hg_dist.solver import (BaseImplicitSolver, BaseUnrolledSolver, InfiniteLoader, NonFiniteLossError)
 
@@ -320,6 +323,142 @@ def test_load_state_dict_rejects_other_states():
         solver.load_state_dict(state)
 
 
+def _snapshot(solver):
+    """Everything a load could change, copied (parameters, optimizer state, counters, loaders, RNG)."""
+    return {"inner": [t.clone() for t in solver.inner_params],
+            "outer": {k: v.clone() for k, v in solver.outer.state_dict().items()},
+            "outer_optimizer": copy.deepcopy(solver.outer_optimizer.state_dict()),
+            "counters": (solver.global_step, solver.inner_step, solver.outer_step),
+            "loaders": (solver.inner_loader.state_dict(), solver.outer_loader.state_dict()),
+            "history": copy.deepcopy(solver.recorder.history),
+            "generators": [g.get_state().clone() for g in solver.generators()],
+            "rng": torch.get_rng_state().clone()}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _other_states():
+    """Checkpoints that do not fit the solver of make_seed_solver(), each with what its error names."""
+    def saved(**kwargs):
+        other = make_seed_solver(num_iters=40, **kwargs)
+        other.run()
+        return other.state_dict()
+
+    wider_outer = saved()
+    wider_outer["outer"] = {"weight": torch.ones(1, DIM + 1)}
+    bigger_batches = saved()
+    bigger_batches["loaders"]["inner"]["position"] = 7        # 3 batches per epoch here
+    generator = saved(approx=make_approx({"name": "nystrom", "rank": 5, "rho": 0.1}, seed=1))
+    bad_optimizer = saved()
+    bad_optimizer["outer_optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)
+    bad_rng = saved()
+    bad_rng["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)
+    return [(wider_outer, "outer module"), (bigger_batches, "batches per epoch"),
+            (generator, "IHVP generator"), (bad_optimizer, "outer optimizer's 'momentum_buffer'"),
+            (bad_rng, "random state"), ({**saved(), "format": 1}, "format 2")]
+
+
+def test_failed_load_leaves_the_solver_exactly_as_it_was():
+    solver = make_seed_solver(num_iters=30)
+    solver.run()
+    states = _other_states()
+    before = _snapshot(solver)
+    for state, named in states:
+        with pytest.raises(ValueError, match=named):
+            solver.load_state_dict(state)
+        assert _same(_snapshot(solver), before), named
+    solver.num_iters = 50                                       # and it still runs on from where it was
+    solver.run()
+    assert solver.global_step == 50
+
+
+def test_a_load_that_fails_while_applying_is_rolled_back(monkeypatch):
+    solver = make_seed_solver(num_iters=30)
+    solver.run()
+    state = make_seed_solver(num_iters=20)
+    state.run()
+    state = state.state_dict()
+    before = _snapshot(solver)
+    real, calls = solver.recorder.load_state_dict, []
+
+    def fails_once(saved):          # applying fails half-way; the rollback's own call goes through
+        calls.append(saved)
+        if len(calls) == 1:
+            raise OSError("disk")
+        real(saved)
+
+    monkeypatch.setattr(solver.recorder, "load_state_dict", fails_once)
+    with pytest.raises(ValueError, match="could not be applied.*left as it was"):
+        solver.load_state_dict(state)
+    monkeypatch.undo()
+    assert _same(_snapshot(solver), before)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    from hg_dist import checkpoint
+
+    def build():
+        return make_seed_solver(num_iters=40, inner_optimizer=functools.partial(diff_adam, lr=0.01),
+                                approx=make_approx({"name": "nystrom", "rank": 5, "rho": 0.1}, seed=2))
+
+    torch.manual_seed(4)
+    straight = build()
+    straight.run()
+    torch.manual_seed(4)
+    first = build()
+    first.num_iters = 23
+    first.run()
+    torch.save(first.state_dict(), tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt")                   # torch's default: weights_only=True
+    resumed = build()
+    resumed.load_state_dict(state)
+    resumed.run()
+    assert torch.equal(resumed.inner_params[0], straight.inner_params[0])
+    assert torch.equal(resumed.outer.weight, straight.outer.weight)
+    # the file helpers: atomic save, and errors that name a damaged file
+    path = checkpoint.save(first, tmp_path / "solver.pt")
+    again = build()
+    checkpoint.load(again, path)
+    assert again.global_step == 23
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read the checkpoint .*solver.pt.*corrupt, truncated"):
+        checkpoint.load(build(), path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        checkpoint.load(build(), tmp_path / "missing.pt")
+
+
+def test_recorder_archive_and_flush_behave_as_in_the_seed():
+    recorder = Recorder()
+    for value in (1.0, torch.tensor(2.0), 3):
+        recorder.add("loss", value)
+    recorder.add("acc", 0.5)
+    assert recorder.archive == {"loss": [1.0, 2.0, 3.0], "acc": [0.5]}
+    assert recorder.flush() == {"loss": 2.0, "acc": 0.5}       # means since the last flush
+    recorder.add("loss", 10.0)
+    recorder.add("loss", 20.0)
+    assert recorder.flush() == {"loss": 15.0}                  # acc had nothing new
+    assert recorder.flush() == {}
+    assert recorder.archive["loss"] == [1.0, 2.0, 3.0, 10.0, 20.0]
+
+
+def test_seed_code_reads_the_recorder_archive():
+    solver = make_seed_solver(num_iters=40, solver_cls=LossReturning)
+    solver.run()
+    archive = solver.recorder.archive
+    assert len(archive["inner_loss"]) == 40 and len(archive["hypergrad_norm"]) == 3
+    assert archive["hypergrad_norm"][-1] == solver.recorder.latest()["hypergrad_norm"]
+    means = solver.recorder.flush()
+    assert means["inner_loss"] == pytest.approx(sum(archive["inner_loss"]) / 40)
+
+
 # ---- NaN / inf guard ---------------------------------------------------------------------
 
 class NaNOuter(Solver):
@@ -504,17 +643,17 @@ def test_log_dir_gets_tensorboard_and_parquet_history_and_callbacks_see_metrics(
 
 
 def test_progress_bar_is_off_without_a_terminal_and_draws_when_asked():
-    recorder = Recorder()
-    recorder.add("inner_loss", torch.tensor(0.25))
     quiet = io.StringIO()
-    ProgressBar(10, stream=quiet).update(5, recorder, force=True)
+    solver = make_seed_solver(num_iters=20, solver_cls=LossReturning, callbacks=[ProgressBar(file=quiet)])
+    solver.progress = False
+    solver.run()
     assert quiet.getvalue() == ""
     loud = io.StringIO()
-    bar = ProgressBar(10, enabled=True, stream=loud)
-    bar.update(5, recorder, force=True)
-    bar.close()
-    assert loud.getvalue().startswith("\r[") and "5/10" in loud.getvalue() and "inner_loss=0.25" in loud.getvalue()
-    assert format_progress(10, 10, 2.0, {}, width=4).startswith("[####] 10/10  5.0 it/s")
+    solver = make_seed_solver(num_iters=20, solver_cls=LossReturning)
+    solver.progress = False
+    solver.callbacks = (ProgressBar(enabled=True, file=loud, min_interval=0.0),)
+    solver.run()
+    assert "20/20" in loud.getvalue() and "inner_loss=" in loud.getvalue()
 
 
 def test_recorder_rejects_non_scalars():
@@ -524,14 +663,15 @@ def test_recorder_rejects_non_scalars():
         recorder.latest()
 
 
-# ---- experiment config -------------------------------------------------------------------
+# ---- experiment config ----------------------------------------------------------------
 
 def test_config_from_args_puts_example_flags_in_extra():
     parser = experiment.add_common_args(argparse.ArgumentParser())
     parser.add_argument("--noise", type=float, default=0.4)
     config = experiment.config_from_args(parser.parse_args(["--approx", "cg", "--ihvp-iters", "7", "--noise",
                                                             "0.3", "--workers", "2"]))
-    assert (config.approx, config.ihvp_iters, config.workers, config.extra) == ("cg", 7, 2, {"noise": 0.3})
+    assert (config.approximator["name"], config.approximator["num_iters"], config.workers, config.extra) == \
+        ("cg", 7, 2, {"noise": 0.3})
 
 
 def test_parse_config_reports_bad_settings_as_usage_errors(capsys):
@@ -539,27 +679,28 @@ def test_parse_config_reports_bad_settings_as_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         experiment.parse_config(parser, ["--rank", "0"])
     assert exit_info.value.code == 2
-    assert "example: error: rank must be >= 1, got 0" in capsys.readouterr().err
-    assert experiment.parse_config(parser, ["--rank", "3"]).rank == 3
+    assert "example: error: approximator: rank must be >= 1, got 0" in capsys.readouterr().err
+    assert experiment.parse_config(parser, ["--rank", "3"]).approximator["rank"] == 3
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"approx": "lissa"}, "approx must be one of"),
-    ({"rho": 0.0}, "rho must be > 0 for approx='nystrom'"),
+    ({"approximator": {"name": "lissa"}}, "approximator: unknown IHVP method 'lissa'; use one of"),
+    ({"approximator": {"name": "nystrom", "rho": 0.0}}, "rho must be > 0, got 0.0 \\(nystrom\\)"),
     ({"num_iters": 10, "unroll_steps": 20}, "unroll_steps"),
     ({"workers": 0}, "workers"),
-    ({"outer_optimizer": "rmsprop"}, "outer_optimizer must be one of"),
+    ({"outer_optimizer": {"name": "rmsprop"}}, "unknown outer optimizer 'rmsprop'; use one of"),
 ])
 def test_experiment_config_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
         experiment.ExperimentConfig(**kwargs)
 
 
-@pytest.mark.parametrize("name", sorted(approx_hypergrad.APPROXIMATORS))
+@pytest.mark.parametrize("name", METHODS.names())
 def test_make_approx_binds_the_chosen_method(name):
-    config = experiment.ExperimentConfig(approx=name, rank=3, rho=1e-9, ihvp_iters=60, ihvp_lr=0.3)
-    approx = experiment.make_approx(config)
-    assert approx.func is approx_hypergrad.APPROXIMATORS[name]
+    taken = {s.name for s in METHODS[name].settings}
+    settings = {"rank": 3, "rho": 1e-9, "num_iters": 60, "lr": 0.3}
+    approx = make_approx({"name": name, **{k: v for k, v in settings.items() if k in taken}}, seed=0)
+    assert approx.method is METHODS[name] and approx.spec["name"] == name
     theta, phi = (torch.tensor([0.1, 0.2, 0.3]),), (torch.tensor([0.3, 0.2, -0.1]),)
     grads = approx(lambda i, o: quad_inner(i[0], o[0]), lambda i, o: quad_outer(i[0]), theta, phi)
     exact = torch.linalg.solve(A, theta[0] - TARGET)
@@ -569,8 +710,7 @@ def test_make_approx_binds_the_chosen_method(name):
 
 def test_make_outer_optimizer():
     params = [nn.Parameter(torch.zeros(2))]
-    sgd = experiment.make_outer_optimizer(experiment.ExperimentConfig(outer_lr=0.3, outer_momentum=0.5), params)
-    adam = experiment.make_outer_optimizer(experiment.ExperimentConfig(outer_optimizer="adam", outer_momentum=0.8),
-                                           params)
+    sgd = make_outer_optimizer({"name": "sgd", "lr": 0.3, "momentum": 0.5}, params)
+    adam = make_outer_optimizer({"name": "adam", "beta1": 0.8}, params)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.5 and sgd.defaults["lr"] == 0.3
     assert isinstance(adam, torch.optim.Adam) and adam.defaults["betas"] == (0.8, 0.999)

@@ -24,7 +24,9 @@ from ray import tune  # noqa: E402
 from ray.tune.schedulers import FIFOScheduler  # noqa: E402
 from ray.tune.search.variant_generator import generate_variants  # noqa: E402
 
-from hg_dist.experiment import ExperimentConfig, make_approx, make_outer_optimizer  # noqa: E402
+from hg_dist import make_approx  # noqa: E402
+from hg_dist.experiment import ExperimentConfig  # noqa: E402
+from hg_dist.outer_optimizers import make_outer_optimizer  # noqa: E402
 from hg_dist.solver import BaseImplicitSolver  # noqa: E402
 from hg_dist.tune import (SolveReporter, TrialDivergedError, check_space, load_best, rerun_best,  # noqa: E402
                           run_search, to_experiment_config, trial_settings)
@@ -106,10 +108,11 @@ def build_tiny(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> 
     inner = nn.Linear(dim, 1, bias=False)
     nn.init.zeros_(inner.weight)
     outer = Decay(dim)
-    solver = RidgeSolver(inner, outer, [None], [None], make_approx(config), num_iters=config.num_iters,
+    solver = RidgeSolver(inner, outer, [None], [None], make_approx(config.approximator, seed=config.seed),
+                         num_iters=config.num_iters,
                          unroll_steps=config.unroll_steps,
                          inner_optimizer=functools.partial(diff_sgd, lr=0.3, momentum=0.0, weight_decay=0.0),
-                         outer_optimizer=make_outer_optimizer(config, outer.parameters()),
+                         outer_optimizer=make_outer_optimizer(config.outer_optimizer, outer.parameters()),
                          progress=False, log_dir=config.output if rank == 0 else None)
     solver.setup(config, (x[:n][shard], y[:n][shard], x[n:][shard], y[n:][shard]))
     return solver
@@ -141,20 +144,22 @@ def test_sampling_respects_nesting():
         for _, sampled in generate_variants(SPACE):
             config = to_experiment_config(sampled)
             row = trial_settings(config)
-            seen.add(config.approx)
+            name = config.approximator["name"]
+            seen.add(name)
             approx = sampled["approximator"]
-            if config.approx == "nystrom":
+            if name == "nystrom":
                 assert set(approx) == {"name", "rank", "rho"}
                 assert row["ihvp_iters"] is None and row["ihvp_lr"] is None
-                assert config.rank in (2, 3) and 0.05 <= config.rho <= 0.5
-            elif config.approx in ("cg", "neumann"):
+                assert config.approximator["rank"] in (2, 3) and 0.05 <= config.approximator["rho"] <= 0.5
+            elif name in ("cg", "neumann"):
                 assert set(approx) == {"name", "num_iters", "lr"}
-                assert row["rank"] is None and row["rho"] is None
-                assert config.ihvp_iters == approx["num_iters"] and config.ihvp_lr == approx["lr"]
+                assert row["rank"] is None and row["rho"] == 0.0        # damping: declared default
+                assert config.approximator["num_iters"] == approx["num_iters"]
+                assert config.approximator["lr"] == approx["lr"]
             else:
                 assert set(approx) == {"name", "rank", "num_iters"}
-                assert row["ihvp_lr"] is None and row["rho"] is None
-            if config.outer_optimizer == "adam":
+                assert row["ihvp_lr"] is None and row["rho"] == 0.0
+            if config.outer_optimizer["name"] == "adam":
                 assert "momentum" not in sampled["outer_optimizer"]
             assert config.num_iters == 30 and config.unroll_steps == 5
     assert seen == {"nystrom", "cg", "neumann", "nystrom_pcg"}
@@ -201,8 +206,8 @@ def test_flatten_merges_base_and_extra():
     sampled = {"approximator": {"name": "cg", "num_iters": 7, "lr": 0.5},
                "outer_optimizer": {"name": "adam", "lr": 0.02}, "extra": {"b": 3}, "workers": 2}
     config = to_experiment_config(sampled, base, output="/tmp/x")
-    assert (config.approx, config.ihvp_iters, config.ihvp_lr) == ("cg", 7, 0.5)
-    assert (config.outer_optimizer, config.outer_lr) == ("adam", 0.02)
+    assert config.approximator == {"name": "cg", "num_iters": 7, "lr": 0.5, "rho": 0.0}
+    assert config.outer_optimizer == {"name": "adam", "lr": 0.02, "beta1": 0.9}
     assert config.extra == {"a": 1, "b": 3} and config.num_iters == 99 and config.workers == 2
     assert config.output == "/tmp/x"
 
@@ -257,7 +262,7 @@ def test_search_table_parquet_failure_and_rerun(ray_session, tmp_path):
     assert len(result.table) == 4 and set(rows) == {"nystrom", "cg", "nystrom_pcg", "neumann"}
     # nesting: no trial carries another method's settings
     assert rows["nystrom"]["ihvp_iters"] is None and rows["nystrom"]["ihvp_lr"] is None
-    assert rows["cg"]["rank"] is None and rows["cg"]["rho"] is None
+    assert rows["cg"]["rank"] is None and rows["cg"]["rho"] == 0.0
     assert rows["cg"]["workers"] == 2 and rows["nystrom"]["workers"] == 1
     # the failing trial is recorded with its error; the others ran to the end
     assert rows["neumann"]["status"] == "failed" and "outer_loss" in rows["neumann"]["error"]
@@ -271,8 +276,8 @@ def test_search_table_parquet_failure_and_rerun(ray_session, tmp_path):
     assert "best_outer_loss" in str(result)
     # the best config re-runs as saved
     config, record = load_best(result.output / "best_config.json")
-    assert record["trial"] == result.best["trial"] and config.approx == result.best["approx"]
-    assert json.loads(result.best["config"])["approx"] == config.approx
+    assert record["trial"] == result.best["trial"] and config.approximator["name"] == result.best["approx"]
+    assert json.loads(result.best["config"])["approximator"] == config.approximator
     # build_solver (build_tiny) is found from the saved record; one worker keeps it quick
     metrics = rerun_best(result.output / "best_config.json", workers=1)
     assert math.isfinite(metrics["outer_loss"])

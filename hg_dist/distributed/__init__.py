@@ -10,7 +10,8 @@ Modules, one job each:
 * :mod:`~hg_dist.distributed.counting` — allreduce-mean counting rounds and bytes.
 * :mod:`~hg_dist.distributed.hypergrad` — ``reduce=`` for approx_hypergrad, allreduced inner grads.
 * :mod:`~hg_dist.distributed.hooks` — make a built solver data-parallel.
-* :mod:`~hg_dist.distributed.sharding`, :mod:`~hg_dist.distributed.parquet` — equal data shards.
+* :mod:`~hg_dist.distributed.parquet` — equal shards of Parquet files (data for everything else:
+  :mod:`hg_dist.data`, re-exported here).
 * :mod:`~hg_dist.distributed.checkpointing` — solver state ⇄ ``ray.train.Checkpoint``.
 * :mod:`~hg_dist.distributed.settings` — :class:`TrainSettings` and driver-side checks.
 * :mod:`~hg_dist.distributed.train_loop` — what each Ray Train worker runs.
@@ -19,7 +20,7 @@ Modules, one job each:
 Ray is imported only when a run starts, so the non-Ray parts work without it.
 """
 
-from hg_dist.distributed.checkpointing import load_solver_state, read_checkpoint, solver_state
+from hg_dist.distributed.checkpointing import checkpoint_of, read_checkpoint
 from hg_dist.distributed.collectives import (Collective, SingleProcess, ThreadGroup, TorchDistributed,
                                              run_threads)
 from hg_dist.distributed.counting import CommStats, CountingAllreduce
@@ -28,11 +29,11 @@ from hg_dist.distributed.hypergrad import AllreduceGrads, distributed_approx
 from hg_dist.distributed.parquet import read_parquet_shard
 from hg_dist.distributed.runner import fit, run_experiment, validate
 from hg_dist.distributed.settings import FailAt, TrainSettings, check_scaling
-from hg_dist.distributed.sharding import (ShardedLoader, check_shardable, check_workers, full_batch,
-                                          shard_dataset, shard_indices)
+from hg_dist.data import (ShardedLoader, check_shardable, check_workers, full_batch, shard_dataset,
+                          shard_indices)
 
 __all__ = ["AllreduceGrads", "Collective", "CommStats", "CountingAllreduce", "DistributedHooks", "FailAt",
            "ShardedLoader", "SingleProcess", "ThreadGroup", "TorchDistributed", "TrainSettings",
            "check_scaling", "check_shardable", "check_workers", "distribute_solver", "distributed_approx",
-           "fit", "full_batch", "load_solver_state", "read_checkpoint", "read_parquet_shard",
-           "run_experiment", "run_threads", "shard_dataset", "shard_indices", "solver_state", "validate"]
+           "checkpoint_of", "fit", "full_batch", "read_checkpoint", "read_parquet_shard",
+           "run_experiment", "run_threads", "shard_dataset", "shard_indices", "validate"]

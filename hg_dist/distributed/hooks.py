@@ -16,7 +16,6 @@ inner steps' traffic.
 
 from __future__ import annotations
 
-from typing import Any
 
 from hg_dist.distributed.collectives import Collective
 from hg_dist.distributed.counting import CommStats, CountingAllreduce

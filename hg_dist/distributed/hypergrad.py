@@ -16,13 +16,12 @@ with all ``k`` columns (a ``p×k`` block, one round) and solves the ``k×k`` Woo
 system locally on every rank (identical inputs give identical solutions), hence
 3 rounds per hypergradient for every ``k``; CG and Neumann cost ``iterations + 2``.
 
-Randomised methods (Nyström, Nyström-PCG) must draw the same columns on every
-rank: they need a ``generator=`` in the same state everywhere. A generator already
-bound in the ``functools.partial`` is kept (build it from the run's seed, the same
-on every rank); when none is bound, :func:`distributed_approx` binds
-``torch.Generator().manual_seed(seed)``. Being a keyword of the partial, it is saved
-and restored by the solver's ``state_dict()``, so a resumed run draws the same
-columns as an uninterrupted one.
+Randomised methods (``Method.randomized``: Nyström, Nyström-PCG) must draw the
+same columns on every rank: they need a generator in the same state everywhere. A
+generator already bound (``make_approx(spec, seed=...)`` with the run's seed, the
+same on every rank) is kept; when none is, :func:`distributed_approx` binds
+``torch.Generator().manual_seed(seed)``. The solver's ``state_dict()`` saves it,
+so a resumed run draws the same columns as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hg_dist.approx_hypergrad import Approximator
 from hg_dist.distributed.counting import CountingAllreduce
 from hg_dist.hypergradient import Hypergradient
 
@@ -48,27 +48,32 @@ def _parameters(fn: Callable[..., Any], name: str) -> frozenset[str]:
 
 
 def distributed_approx(approx: Callable[..., Hypergradient], reduce: CountingAllreduce, *,
-                       seed: int) -> functools.partial:
-    """``approx_ihvp`` with ``reduce=`` bound (and ``generator=`` for randomised methods).
+                       seed: int) -> Callable[..., Hypergradient]:
+    """``approx_ihvp`` with ``reduce=`` bound (and a seeded generator for randomised methods).
 
     Args:
-        approx: ``(inner_obj, outer_obj, in_params, out_params) -> Hypergradient``, a
-            ``functools.partial`` of a function of :mod:`hg_dist.approx_hypergrad`
+        approx: an :class:`~hg_dist.approx_hypergrad.Approximator` (from ``make_approx``),
+            or the seed's ``functools.partial`` of a function of :mod:`hg_dist.approx_hypergrad`
             (e.g. ``partial(nystrom, rank=5, rho=0.1)``).
         reduce: the allreduce-mean applied to ``∂g/∂θ``, every Hessian product and the
             hypergradient.
-        seed: seeds the generator bound when ``approx`` takes ``generator=`` but has
-            none bound; must be the same on every rank.
+        seed: seeds the generator bound when a randomised method has none; must be
+            the same on every rank.
 
     Returns:
-        ``functools.partial(approx, reduce=reduce[, generator=...])`` (a partial, so
-        the solver still finds and checkpoints the generator).
+        An ``Approximator`` (sharing ``approx``'s generator) or a ``functools.partial``,
+        so the solver still finds and checkpoints the generator.
     """
+    if isinstance(approx, Approximator):
+        generator = approx.generator
+        if approx.method.randomized and generator is None:
+            generator = torch.Generator().manual_seed(int(seed))
+        return Approximator(approx.spec, generator=generator, reduce=reduce)
     accepted = _parameters(approx, "approx_ihvp")
     if "reduce" not in accepted:
-        raise TypeError("approx_ihvp must accept reduce= to run distributed; use a functools.partial "
-                        "of a function from hg_dist.approx_hypergrad (e.g. partial(nystrom, rank=5, "
-                        "rho=0.1))")
+        raise TypeError("approx_ihvp must accept reduce= to run distributed; use hg_dist.make_approx(spec) or a "
+                        "functools.partial of a function from hg_dist.approx_hypergrad (e.g. partial(nystrom, "
+                        "rank=5, rho=0.1))")
     bound = approx.keywords if isinstance(approx, functools.partial) else {}
     if "generator" in accepted and bound.get("generator") is None:
         return functools.partial(approx, reduce=reduce, generator=torch.Generator().manual_seed(int(seed)))

@@ -4,7 +4,8 @@ The unit of sharding is the *row group* (a file holds one or more): the row grou
 of all files, in file order, are dealt round-robin to the ``W`` ranks, so each
 worker reads only its own row groups. Row-group sizes come from the files'
 metadata (no data is read to plan), and every shard is cut to the smallest shard's
-size so that all shards are equal (see :mod:`hg_dist.distributed.sharding`).
+size so that all shards are equal (see :mod:`hg_dist.data`). Unlike
+:class:`~hg_dist.data.ShardedLoader`, a rank's examples depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import TensorDataset
 
-from hg_dist.distributed.sharding import _check_rank, check_shardable
+from hg_dist.data import check_rank, check_shardable
 
 Column = str | Sequence[str]
 """A column name, or several scalar columns stacked into one ``(n, m)`` tensor."""
@@ -65,7 +66,7 @@ def read_parquet_shard(paths: Sequence[str | PathLike], columns: Sequence[Column
         ``TensorDataset`` of ``n = min_r (rows of rank r)`` examples, one tensor per
         entry of ``columns``.
     """
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     if not paths:
         raise ValueError("paths is empty; pass at least one Parquet file")
     float_dtype = float_dtype or torch.get_default_dtype()

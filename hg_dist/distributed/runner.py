@@ -101,7 +101,7 @@ def run_experiment(build_solver: Callable[..., Any], config: Any,
     Both write ``output/history.parquet``, ``output/result.json`` and TensorBoard logs
     under ``output/tb`` (in the distributed case rank 0 writes them).
     """
-    from hg_dist.distributed.sharding import check_workers
+    from hg_dist.data import check_workers
 
     if check_workers(config.workers) == 1:
         if config.use_gpu:

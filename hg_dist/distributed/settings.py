@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hg_dist.distributed.sharding import check_workers
+from hg_dist.data import check_workers
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hg_dist.distributed.checkpointing import checkpoint_of, load_solver_state, read_checkpoint
+from hg_dist.distributed.checkpointing import checkpoint_of, read_checkpoint
 from hg_dist.distributed.collectives import TorchDistributed
 from hg_dist.distributed.hooks import DistributedHooks, distribute_solver
 from hg_dist.distributed.settings import TrainSettings
-from hg_dist.experiment import seed_everything, write_result
+from hg_dist.checkpoint import seed_everything
+from hg_dist.experiment import write_result
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     hooks = distribute_solver(solver, TorchDistributed(), seed=config.seed)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        load_solver_state(solver, read_checkpoint(checkpoint, map_location=ray.train.torch.get_device()))
+        solver.load_state_dict(read_checkpoint(checkpoint, map_location=ray.train.torch.get_device()))
     reporter = Reporter(rank, hooks, job.settings)
     solver.callbacks = (*solver.callbacks, reporter)
     final = solver.run()

@@ -1,7 +1,8 @@
 """Inverse-Hessian-vector products: approximate ``x ≈ (H + ρI)⁻¹ v``.
 
 One method per module, each a pure function ``method(op, v, **settings) ->
-IHVPResult`` over a :class:`~hg_dist.hessian.HessianOperator` and a flat vector:
+IHVPResult`` over a :class:`~hg_dist.hessian.HessianOperator` and a flat vector,
+declared once (``METHOD``) and listed in :data:`METHODS`:
 
 * :func:`nystrom` — column-sampling Nyström + Woodbury, one batched call of ``k`` products.
 * :func:`cg` — conjugate gradient (optionally preconditioned).
@@ -10,12 +11,14 @@ IHVPResult`` over a :class:`~hg_dist.hessian.HessianOperator` and a flat vector:
 * :func:`exact` — dense solve, for tests and small problems.
 """
 
+from hg_dist.ihvp._method import Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 from hg_dist.ihvp.cg import cg
 from hg_dist.ihvp.exact import dense_hessian, exact
 from hg_dist.ihvp.neumann import neumann
 from hg_dist.ihvp.nystrom import nystrom
 from hg_dist.ihvp.nystrom_pcg import nystrom_pcg, randomized_nystrom
+from hg_dist.ihvp.registry import METHODS, register
 
-__all__ = ["IHVPResult", "IHVPStats", "cg", "dense_hessian", "exact", "neumann", "nystrom",
-           "nystrom_pcg", "randomized_nystrom"]
+__all__ = ["IHVPResult", "IHVPStats", "METHODS", "Method", "cg", "dense_hessian", "exact", "neumann", "nystrom",
+           "nystrom_pcg", "randomized_nystrom", "register"]

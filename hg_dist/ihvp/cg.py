@@ -22,9 +22,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from hg_dist._checks import check_float, check_int
-from hg_dist.hessian import HessianOperator
+from hg_dist._checks import check_float
+from hg_dist.hessian import HessianOperator, shifted
+from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
+from hg_dist.registry import Setting
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -57,8 +59,8 @@ def cg(op: HessianOperator,
     Returns:
         :class:`IHVPResult`; ``stats.residual_norm`` is the recurrence's ``‖r‖``.
     """
-    num_iters = check_int("num_iters", num_iters, minimum=1, hint="CG needs at least one iteration")
-    rho = check_float("rho", rho, nonnegative=True)
+    num_iters = ITERATIONS.check(num_iters, method)
+    a = shifted(op, DAMPING.check(rho, method))
     if rtol is not None:
         rtol = check_float("rtol", rtol, positive=True)
     precondition = preconditioner if preconditioner is not None else (lambda r: r)
@@ -71,9 +73,7 @@ def cg(op: HessianOperator,
     threshold = rtol * torch.linalg.vector_norm(v) if rtol is not None else None
     iterations = 0
     for _ in range(num_iters):
-        ap = op.matvec(p)
-        if rho:
-            ap = ap + rho * p
+        ap = a.matvec(p)
         alpha = _safe_div(rz, torch.dot(p, ap))
         x = x + alpha * p
         r = r - alpha * ap
@@ -89,3 +89,11 @@ def cg(op: HessianOperator,
     stats = IHVPStats(method=method, num_hvps=iterations, num_operator_calls=iterations,
                       iterations=iterations, residual_norm=float(torch.linalg.vector_norm(r)))
     return IHVPResult(x, stats)
+
+
+METHOD = Method(
+    name="cg", function=cg, summary="conjugate gradient on (H + ρI) x = v",
+    settings=(ITERATIONS,
+              Setting("lr", float, 1.0, "kept for the seed's signature; CG's iterates do not depend on it",
+                      minimum=0.0, exclusive_minimum=True, flag="ihvp-lr", argument=None),
+              DAMPING))

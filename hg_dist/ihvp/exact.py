@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hg_dist._checks import check_float
-from hg_dist.hessian import HessianOperator
+from hg_dist.hessian import HessianOperator, shifted
+from hg_dist.ihvp._method import DAMPING, Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 
 
@@ -37,11 +37,14 @@ def exact(op: HessianOperator, v: Tensor, *, rho: float = 0.0) -> IHVPResult:
     Raises:
         ValueError: if ``H + ρI`` is singular; add ``rho > 0``.
     """
-    rho = check_float("rho", rho, nonnegative=True)
-    matrix = dense_hessian(op, v) + rho * torch.eye(op.size, dtype=v.dtype, device=v.device)
+    matrix = dense_hessian(shifted(op, DAMPING.check(rho, "exact")), v)
     x, info = torch.linalg.solve_ex(matrix, v)
     if int(info) != 0:
         raise ValueError("the inner Hessian (+ rho·I) is singular; pass rho > 0 to damp it")
     stats = IHVPStats(method="exact", num_hvps=op.size, num_operator_calls=-(-op.size // BLOCK),
                       residual_norm=float(torch.linalg.vector_norm(matrix @ x - v)))
     return IHVPResult(x, stats)
+
+
+METHOD = Method(name="exact", function=exact, settings=(DAMPING,),
+                summary="dense solve of (H + ρI) x = v (small problems and tests)")

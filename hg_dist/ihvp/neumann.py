@@ -12,9 +12,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from hg_dist._checks import check_float, check_int
-from hg_dist.hessian import HessianOperator
+from hg_dist.hessian import HessianOperator, shifted
+from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
+from hg_dist.registry import Setting
+
+STEP = Setting("lr", float, 0.1, "Neumann step α; the series converges for α < 2/λ_max(H + ρI)",
+               minimum=0.0, exclusive_minimum=True, flag="ihvp-lr", argument="alpha",
+               hint="use a step below 2/λ_max of the inner Hessian")
 
 
 def neumann(op: HessianOperator, v: Tensor, num_iters: int, alpha: float, *, rho: float = 0.0) -> IHVPResult:
@@ -27,18 +32,18 @@ def neumann(op: HessianOperator, v: Tensor, num_iters: int, alpha: float, *, rho
         alpha: step ``α > 0``; must be below ``2/λ_max(H + ρI)`` to converge.
         rho: damping ``ρ >= 0``.
     """
-    num_iters = check_int("num_iters", num_iters, minimum=1)
-    alpha = check_float("alpha", alpha, positive=True,
-                        hint="use a step below 2/λ_max of the inner Hessian")
-    rho = check_float("rho", rho, nonnegative=True)
+    num_iters = ITERATIONS.check(num_iters, "neumann")
+    alpha = STEP.check(alpha, "neumann", name="alpha")
+    a = shifted(op, DAMPING.check(rho, "neumann"))
     term = v
     total = v
     for _ in range(num_iters):
-        a_term = op.matvec(term)
-        if rho:
-            a_term = a_term + rho * term
-        term = term - alpha * a_term
+        term = term - alpha * a.matvec(term)
         total = total + term
     stats = IHVPStats(method="neumann", num_hvps=num_iters, num_operator_calls=num_iters,
                       iterations=num_iters)
     return IHVPResult(alpha * total, stats)
+
+
+METHOD = Method(name="neumann", function=neumann, summary="truncated Neumann series α Σ (I − αA)^j v",
+                settings=(ITERATIONS, STEP, DAMPING))

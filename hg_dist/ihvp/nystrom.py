@@ -17,9 +17,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hg_dist._checks import check_float, check_int
 from hg_dist.hessian import HessianOperator
+from hg_dist.ihvp._method import Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
+from hg_dist.registry import Setting
+
+RANK = Setting("rank", int, 5, "sampled Hessian columns k (one batched call of k products)", minimum=1)
+"""The rank ``k`` of the Nyström methods (``nystrom``, ``nystrom_pcg``); at most ``p``, checked per call."""
+
+SHIFT = Setting("rho", float, 0.1, "shift ρ in (C W⁺ Cᵀ + ρI)⁻¹", minimum=0.0, exclusive_minimum=True,
+                hint="Nyström divides by rho; use e.g. rho=0.1")
+
+
+def check_rank(rank: object, size: int, method: str) -> int:
+    """``rank`` as an int in ``[1, size]``, else a ``ValueError``/``TypeError`` naming the fix."""
+    rank = RANK.check(rank, method)
+    if rank > size:
+        raise ValueError(f"rank must be <= {size}, got {rank} ({method}); the inner problem has {size} "
+                         f"parameters, so the rank cannot exceed that")
+    return rank
 
 
 def sample_columns(size: int, rank: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -44,9 +60,8 @@ def nystrom(op: HessianOperator,
         generator: CPU random generator for the column sample; give every worker
             of a distributed run the same seed so they pick the same columns.
     """
-    rank = check_int("rank", rank, minimum=1, maximum=op.size,
-                     hint=f"the inner problem has {op.size} parameters, so the rank cannot exceed that")
-    rho = check_float("rho", rho, positive=True, hint="Nyström divides by rho; use e.g. rho=0.1")
+    rank = check_rank(rank, op.size, "nystrom")
+    rho = SHIFT.check(rho, "nystrom")
     columns = sample_columns(op.size, rank, generator, v.device)
     unit = torch.zeros(op.size, rank, dtype=v.dtype, device=v.device)
     unit[columns, torch.arange(rank, device=v.device)] = 1
@@ -61,3 +76,7 @@ def nystrom(op: HessianOperator,
     x = (v - c @ y) / rho
     stats = IHVPStats(method="nystrom", num_hvps=rank, num_operator_calls=1)
     return IHVPResult(x, stats)
+
+
+METHOD = Method(name="nystrom", function=nystrom, randomized=True, settings=(RANK, SHIFT),
+                summary="k sampled Hessian columns + Woodbury, (C W⁺ Cᵀ + ρI)⁻¹ v")

@@ -24,10 +24,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hg_dist._checks import check_float, check_int
 from hg_dist.hessian import HessianOperator
+from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 from hg_dist.ihvp.cg import cg
+from hg_dist.ihvp.nystrom import RANK, check_rank
 
 
 class NystromFactor(NamedTuple):
@@ -88,9 +89,8 @@ def nystrom_pcg(op: HessianOperator,
         rtol: optional early stop, as in :func:`hg_dist.ihvp.cg`.
         generator: CPU generator for the Gaussian sketch (same seed on all workers).
     """
-    rank = check_int("rank", rank, minimum=1, maximum=op.size,
-                     hint=f"the inner problem has {op.size} parameters, so the rank cannot exceed that")
-    rho = check_float("rho", rho, nonnegative=True)
+    rank = check_rank(rank, op.size, "nystrom_pcg")
+    rho = DAMPING.check(rho, "nystrom_pcg")
     factor = randomized_nystrom(op, rank, v, generator)
     result = cg(op, v, num_iters, rho=rho, rtol=rtol,
                 preconditioner=nystrom_preconditioner(factor, rho), method="nystrom_pcg")
@@ -99,3 +99,7 @@ def nystrom_pcg(op: HessianOperator,
                       num_operator_calls=s.num_operator_calls + 1,
                       iterations=s.iterations, residual_norm=s.residual_norm)
     return IHVPResult(result.solution, stats)
+
+
+METHOD = Method(name="nystrom_pcg", function=nystrom_pcg, randomized=True, settings=(RANK, ITERATIONS, DAMPING),
+                summary="CG preconditioned by a rank-k randomized Nyström approximation")

@@ -20,7 +20,7 @@ Example::
     space = {
         "approximator": tune.choice([
             {"name": "nystrom", "rank": tune.choice([5, 10]), "rho": tune.loguniform(1e-2, 1.0)},
-            {"name": "cg", "num_iters": tune.choice([5, 10]), "lr": 1.0},
+            {"name": "cg", "num_iters": tune.choice([5, 10])},
         ]),
         "outer_optimizer": {"name": "adam", "lr": tune.loguniform(1e-3, 1e-1)},
         "workers": tune.grid_search([1, 2]),
@@ -30,10 +30,9 @@ Example::
 
 from hg_dist.tune.results import format_table, load_best, rerun_best
 from hg_dist.tune.search import SearchResult, run_search
-from hg_dist.tune.space import (APPROXIMATOR_SETTINGS, OUTER_OPTIMIZER_SETTINGS, check_space,
-                                to_experiment_config, trial_settings)
+from hg_dist.tune.space import check_space, search_columns, to_experiment_config, trial_settings
 from hg_dist.tune.trainable import SolveReporter, TrialDivergedError, make_trainable, trial_resources
 
-__all__ = ["APPROXIMATOR_SETTINGS", "OUTER_OPTIMIZER_SETTINGS", "SearchResult", "SolveReporter",
+__all__ = ["SearchResult", "SolveReporter",
            "TrialDivergedError", "check_space", "format_table", "load_best", "make_trainable", "rerun_best",
-           "run_search", "to_experiment_config", "trial_resources", "trial_settings"]
+           "run_search", "search_columns", "to_experiment_config", "trial_resources", "trial_settings"]

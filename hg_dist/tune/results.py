@@ -1,9 +1,9 @@
 """The results table of a search (one row per trial), its Parquet file, and re-running the best.
 
-Columns of the table (:data:`TABLE_SCHEMA`): ``trial``, ``status`` (``completed``,
+Columns of the table (:func:`table_schema`): ``trial``, ``status`` (``completed``,
 ``stopped`` — ended early by the scheduler —, or ``failed``), the settings the
-trial used (:data:`~hg_dist.tune.space.SEARCH_COLUMNS`, null where its methods do
-not use one), ``best_metric`` (best value of the searched metric over its outer
+trial used (:func:`~hg_dist.tune.space.search_columns`, from the method registries;
+null where its methods do not take one), ``best_metric`` (best value of the searched metric over its outer
 steps), ``last_metric``, ``outer_steps``, ``wall_time_s``, ``hvps`` (Hessian-vector
 products used), ``error`` (for failed trials) and ``config`` (the trial's whole
 :class:`~hg_dist.experiment.ExperimentConfig` as JSON, so any row can be re-run).
@@ -29,40 +29,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hg_dist.experiment import ExperimentConfig
+from hg_dist.tune.space import NESTED, search_columns, setting_column
 
-__all__ = ["TABLE_SCHEMA", "best_row", "format_table", "load_best", "rerun_best", "save_best",
+__all__ = ["best_row", "format_table", "load_best", "rerun_best", "save_best",
            "write_table"]
 
-TABLE_SCHEMA = pa.schema([
-    ("trial", pa.string()),
-    ("status", pa.string()),
-    ("approx", pa.string()),
-    ("rank", pa.int64()),
-    ("rho", pa.float64()),
-    ("ihvp_iters", pa.int64()),
-    ("ihvp_lr", pa.float64()),
-    ("outer_optimizer", pa.string()),
-    ("outer_lr", pa.float64()),
-    ("outer_momentum", pa.float64()),
-    ("workers", pa.int64()),
-    ("best_metric", pa.float64()),
-    ("last_metric", pa.float64()),
-    ("outer_steps", pa.int64()),
-    ("wall_time_s", pa.float64()),
-    ("hvps", pa.int64()),
-    ("error", pa.string()),
-    ("config", pa.string()),
-])
-"""Schema of the results table; the searched metric's name and mode are in its metadata."""
+def table_schema() -> pa.Schema:
+    """Schema of the results table; its settings columns come from the registries (see ``search_columns``)."""
+    kinds = {"approx": pa.string(), "outer_optimizer": pa.string(), "workers": pa.int64()}
+    for _, registry in NESTED.values():
+        kinds.update({setting_column(s): pa.int64() if s.kind is int else pa.float64() for s in registry.settings().values()})
+    settings = [(column, kinds[column]) for column in search_columns()]
+    return pa.schema([("trial", pa.string()), ("status", pa.string()), *settings,
+                      ("best_metric", pa.float64()), ("last_metric", pa.float64()), ("outer_steps", pa.int64()),
+                      ("wall_time_s", pa.float64()), ("hvps", pa.int64()), ("error", pa.string()),
+                      ("config", pa.string())])
 
-_SHOWN = ("trial", "status", "approx", "rank", "rho", "ihvp_iters", "ihvp_lr", "outer_optimizer", "outer_lr",
-          "outer_momentum", "workers", "best_metric", "outer_steps", "wall_time_s", "hvps")
+
+_HIDDEN = ("last_metric", "error", "config")
 
 
 def make_table(rows: Sequence[dict[str, Any]], metric: str, mode: str) -> pa.Table:
-    """Build the results table from row dicts (keys: the :data:`TABLE_SCHEMA` names)."""
-    table = pa.Table.from_pylist([{name: row.get(name) for name in TABLE_SCHEMA.names} for row in rows],
-                                 schema=TABLE_SCHEMA)
+    """Build the results table from row dicts (keys: the :func:`table_schema` names)."""
+    schema = table_schema()
+    table = pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
     return table.replace_schema_metadata({"metric": metric, "mode": mode})
 
 
@@ -99,8 +89,10 @@ def format_table(table: pa.Table) -> str:
         return (0, -value if mode == "max" else value)
 
     rows.sort(key=order)
-    header = [name if name != "best_metric" else f"best_{metric}" for name in _SHOWN]
-    cells = [[_cell(row[name]) for name in _SHOWN] for row in rows]
+    shown = [name for name in table.column_names if name not in _HIDDEN
+             and any(row[name] is not None for row in rows)]
+    header = [name if name != "best_metric" else f"best_{metric}" for name in shown]
+    cells = [[_cell(row[name]) for name in shown] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))

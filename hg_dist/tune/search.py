@@ -3,7 +3,7 @@
 Layout of ``output`` after a search::
 
     output/
-      results.parquet     one row per trial (hg_dist.tune.results.TABLE_SCHEMA)
+      results.parquet     one row per trial (hg_dist.tune.results.table_schema())
       results.txt         the same table as printed
       best_config.json    the best trial's ExperimentConfig (+ where build_solver lives)
       trials/<trial>/     each trial's own outputs, TensorBoard logs included:
