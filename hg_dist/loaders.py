@@ -14,7 +14,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+
+from hg_dist.utils import map_tensors
 
 __all__ = ["InfiniteLoader", "move_to"]
 
@@ -23,15 +24,7 @@ def move_to(batch: Any, device: torch.device | None) -> Any:
     """``batch`` (tensors in tuples, NamedTuples, lists, dicts) with every tensor moved to ``device``."""
     if device is None:
         return batch
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(move_to(b, device) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(b, device) for b in batch)
-    if isinstance(batch, Mapping):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    return batch
+    return map_tensors(lambda t: t.to(device, non_blocking=True), batch)
 
 
 def _shuffle_generators(source: Iterable) -> list[torch.Generator]:
