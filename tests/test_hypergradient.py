@@ -300,5 +300,7 @@ def test_nan_loss_is_reported_with_the_bad_term():
 def test_diverging_neumann_is_reported_as_ihvp_failure():
     inner, outer, theta, phi, _, a = ridge_problem()
     step = 50.0 / float(torch.linalg.eigvalsh(a).max())
-    with pytest.raises(NonFiniteHypergradientError, match="IHVP solution x \\(neumann\\)"):
-        approx_hypergrad.neumann(inner, outer, theta, phi, num_iters=2000, lr=step)
+    solve = functools.partial(ihvp.neumann, num_iters=2000, alpha=step, on_divergence="warn")  # reach the x check
+    with pytest.raises(NonFiniteHypergradientError, match="IHVP solution x \\(neumann\\)"), \
+            pytest.warns(ihvp.IHVPDivergenceWarning):
+        implicit_hypergradient(inner, outer, theta, phi, solve)
