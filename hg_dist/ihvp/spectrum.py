@@ -89,9 +89,10 @@ def estimate_spectrum(op: HessianOperator, like: Tensor, iters: int = DEFAULT_ST
     if not bool(coefficients.isfinite().all()):
         raise NonFiniteHypergradientError(f"non-finite values in the Hessian-vector products of the Lanczos "
                                           f"eigenvalue estimate; {PRODUCTS_HINT}")
-    scale = float(a.abs().max().clamp_min(torch.finfo(dtype).tiny))
-    tiny = b[:-1] <= torch.finfo(dtype).eps * scale
-    m = int(tiny.nonzero()[0]) + 1 if bool(tiny.any()) else steps
+    # A β that vanished (w = 0 exactly: an invariant subspace) zeroed the next q; cut T there. A merely
+    # tiny β is harmless: the next q is a new direction, and T's eigenvalues stay inside the spectrum.
+    zero = b[:-1] <= torch.finfo(dtype).tiny
+    m = int(zero.nonzero()[0]) + 1 if bool(zero.any()) else steps
     tridiagonal = torch.diag(a[:m]) + torch.diag(b[:m - 1], 1) + torch.diag(b[:m - 1], -1)
     ritz = torch.linalg.eigvalsh(tridiagonal)
     return SpectrumEstimate(float(ritz[0]), float(ritz[-1]), m)
