@@ -244,6 +244,12 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _describe(error: BaseException) -> str:
+    """``"Type: message"`` on one line (``"Type"`` alone when there is no message)."""
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 RUN_ERRORS = (IHVPDivergenceError, NonFiniteHypergradientError, NonFiniteLossError)
 """Errors of a run that a command line reports in one line (exit status 1): the message says what to change."""
 
@@ -262,7 +268,7 @@ def exit_on_error(parser: argparse.ArgumentParser) -> Iterator[None]:
     except ConfigError as error:
         parser.error(_one_line(error))
     except RUN_ERRORS as error:
-        _exit(parser, 1, f"{type(error).__name__}: {_one_line(error)}")
+        _exit(parser, 1, _describe(error))
 
 
 def _exit(parser: argparse.ArgumentParser, status: int, message: str) -> NoReturn:
@@ -411,7 +417,7 @@ def _record_end(config: ExperimentConfig, solver: Any, status: str, error: BaseE
             metrics = solver.recorder.latest()
     except Exception:  # noqa: BLE001 - the recorder may hold what made the run fail
         metrics = {}
-    info = {"status": status, "error": None if error is None else f"{type(error).__name__}: {_one_line(error)}",
+    info = {"status": status, "error": None if error is None else _describe(error),
             "wall_time_s": wall, "workers": 1, "global_step": solver.global_step, "outer_steps": solver.outer_step}
     if error is None:
         write_result(config.output, metrics, config, **info)
