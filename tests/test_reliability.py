@@ -316,7 +316,7 @@ def test_skip_outer_drops_diverged_steps_and_goes_on():
     outer_before = solver.outer.log_decay.detach().clone()
     with pytest.warns(RuntimeWarning, match="skipped the outer step at step .*diverged") as caught:
         solver.run()
-    assert [str(w.message)[:35] for w in caught] == [f"skipped the outer step at step {i} " for i in (10, 20)]
+    assert [re.match(r"skipped the outer step at step (\d+) ", str(w.message)).group(1) for w in caught] == ["10", "20"]
     assert solver.skipped_outer_steps == 2 and solver.outer_step == 0 and solver.global_step == 30
     assert torch.equal(solver.outer.log_decay, outer_before)
 
