@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 from hg_dist._checks import check_int
 from hg_dist.checkpoint import seed_everything
@@ -59,7 +59,7 @@ from hg_dist.registry import Registry, Setting
 
 __all__ = ["ConfigError", "ExperimentConfig", "SolverBuilder", "add_common_args", "add_example_args",
            "check_example_settings", "check_output", "config_from_args", "exit_on_error", "parse_config",
-           "run_local", "select_device", "write_result"]
+           "run_local", "select_device", "write_result", "STATUSES"]
 
 RESULT_FILE = "result.json"
 
@@ -268,11 +268,7 @@ def exit_on_error(parser: argparse.ArgumentParser) -> Iterator[None]:
     except ConfigError as error:
         parser.error(_one_line(error))
     except RUN_ERRORS as error:
-        _exit(parser, 1, _describe(error))
-
-
-def _exit(parser: argparse.ArgumentParser, status: int, message: str) -> NoReturn:
-    parser.exit(status, f"{parser.prog}: error: {message}\n")
+        parser.exit(1, f"{parser.prog}: error: {_describe(error)}\n")
 
 
 def check_output(output: str | os.PathLike) -> Path:
@@ -359,7 +355,7 @@ def write_result(output: str | os.PathLike, metrics: Mapping[str, float], config
     return path
 
 
-def check_fits(solver: Any, config: ExperimentConfig) -> None:
+def _check_rank_fits(solver: Any, config: ExperimentConfig) -> None:
     """Raise :class:`ConfigError` if the approximator's rank exceeds the inner parameter count ``p``."""
     from hg_dist.utils import num_elements
 
@@ -394,7 +390,7 @@ def run_local(build_solver: SolverBuilder, config: ExperimentConfig) -> dict[str
         raise
     except ValueError as error:
         raise ConfigError(f"the solver cannot be built from this config: {error}") from error
-    check_fits(solver, config)
+    _check_rank_fits(solver, config)
     solver.log_dir = str(config.output)
     tic = time.perf_counter()
     try:
@@ -405,24 +401,24 @@ def run_local(build_solver: SolverBuilder, config: ExperimentConfig) -> dict[str
     except KeyboardInterrupt as error:
         _record_end(config, solver, "interrupted", error, time.perf_counter() - tic)
         raise
-    _record_end(config, solver, "completed", None, time.perf_counter() - tic, metrics)
+    _write_end(config, solver, metrics, "completed", None, time.perf_counter() - tic)
     return metrics
 
 
-def _record_end(config: ExperimentConfig, solver: Any, status: str, error: BaseException | None, wall: float,
-                metrics: Mapping[str, float] | None = None) -> None:
-    """Write ``result.json`` for a run that ended with ``status``; a failure to write never hides ``error``."""
+def _record_end(config: ExperimentConfig, solver: Any, status: str, error: BaseException, wall: float) -> None:
+    """``result.json`` of a run that ``error`` ended; failing to write it never hides ``error``."""
     try:
-        if metrics is None:
-            metrics = solver.recorder.latest()
+        metrics = solver.recorder.latest()
     except Exception:  # noqa: BLE001 - the recorder may hold what made the run fail
         metrics = {}
-    info = {"status": status, "error": None if error is None else _describe(error),
-            "wall_time_s": wall, "workers": 1, "global_step": solver.global_step, "outer_steps": solver.outer_step}
-    if error is None:
-        write_result(config.output, metrics, config, **info)
-        return
     try:
-        write_result(config.output, metrics, config, **info)
+        _write_end(config, solver, metrics, status, _describe(error), wall)
     except OSError:
         pass
+
+
+def _write_end(config: ExperimentConfig, solver: Any, metrics: Mapping[str, float], status: str,
+               error: str | None, wall: float) -> None:
+    assert status in STATUSES
+    write_result(config.output, metrics, config, status=status, error=error, wall_time_s=wall, workers=1,
+                 global_step=solver.global_step, outer_steps=solver.outer_step)

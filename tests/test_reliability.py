@@ -257,7 +257,7 @@ class Ridge(BaseImplicitSolver):
         return F.mse_loss(self.inner_func(theta, x), y) / 2
 
 
-def make_solver(*, approx=None, batch_size=20, outer_lr=0.1, num_iters=30, unroll_steps=10, **kwargs):
+def make_solver(*, approx=None, batch_size=20, outer_lr=0.1, inner_lr=0.1, num_iters=30, unroll_steps=10, **kwargs):
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(100, D, generator=gen), torch.randn(D, 1, generator=gen)
     y = x @ w + 0.1 * torch.randn(100, 1, generator=gen)
@@ -268,7 +268,7 @@ def make_solver(*, approx=None, batch_size=20, outer_lr=0.1, num_iters=30, unrol
                  full_batch(TensorDataset(x[60:], y[60:])),
                  approx or make_approx({"name": "nystrom", "rank": 3, "rho": 0.1}, seed=0),
                  num_iters=num_iters, unroll_steps=unroll_steps,
-                 inner_optimizer=functools.partial(diff_sgd, lr=0.1, momentum=0, weight_decay=0),
+                 inner_optimizer=functools.partial(diff_sgd, lr=inner_lr, momentum=0, weight_decay=0),
                  outer_optimizer=torch.optim.SGD(outer.parameters(), lr=outer_lr), **kwargs)
 
 
@@ -310,6 +310,14 @@ def test_solver_whose_outer_step_blows_up_the_inner_loss_names_the_outer_rate():
     assert all(bool(t.isfinite().all()) for t in solver.inner_params)  # rolled back to before the bad step
 
 
+def test_solver_whose_inner_steps_diverge_names_the_inner_rate():
+    solver = make_solver(inner_lr=1e10, unroll_steps=29)
+    with pytest.raises(NonFiniteLossError, match=r"no outer step has been taken yet, so lower the inner learning "
+                                                 r"rate \(--inner-lr in the examples\)"):
+        solver.run()
+    assert solver.outer_step == 0 and all(bool(t.isfinite().all()) for t in solver.inner_params)
+
+
 def test_skip_outer_drops_diverged_steps_and_goes_on():
     solver = make_solver(approx=make_approx({"name": "neumann", "num_iters": 10, "lr": 100.0}),
                          nan_policy="skip_outer")
@@ -319,6 +327,41 @@ def test_skip_outer_drops_diverged_steps_and_goes_on():
     assert [re.match(r"skipped the outer step at step (\d+) ", str(w.message)).group(1) for w in caught] == ["10", "20"]
     assert solver.skipped_outer_steps == 2 and solver.outer_step == 0 and solver.global_step == 30
     assert torch.equal(solver.outer.log_decay, outer_before)
+
+
+# ---- sharding: no example is dropped because of the worker count ---------------------------------------
+
+def dataset(n):
+    return TensorDataset(torch.arange(n))
+
+
+SHARDING_CASES = {
+    "global batch not a multiple of the workers": (lambda: ShardedLoader(dataset(101), 51, world_size=2),
+                                                   r"batch_size=51 is not a multiple of workers=2"),
+    "full batch not a multiple of the workers": (lambda: full_batch(dataset(201), 0, 2),
+                                                 r"full batch of 201 examples cannot be split equally over workers=2"),
+    "more workers than examples": (lambda: ShardedLoader(dataset(1), 1, world_size=2),
+                                   r"workers=2 is more than the 1 examples"),
+    "no examples": (lambda: full_batch(dataset(0)), r"there are no examples to load"),
+}
+
+
+@pytest.mark.parametrize("name", list(SHARDING_CASES))
+def test_sharding_refuses_unequal_shares(name):
+    make, pattern = SHARDING_CASES[name]
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+def test_two_workers_see_exactly_one_process_batches():
+    """Batch j of the two ranks together is batch j of one process, full batches included: nothing left out."""
+    one = ShardedLoader(dataset(101), 50, seed=3)
+    ranks = [ShardedLoader(dataset(101), 50, rank=r, world_size=2, seed=3) for r in range(2)]
+    for _ in range(5):
+        together = torch.cat([next(loader)[0] for loader in ranks])
+        assert torch.equal(together, next(one)[0])
+    halves = [next(full_batch(dataset(200), r, 2))[0] for r in range(2)]
+    assert torch.equal(torch.cat(halves), torch.arange(200))
 
 
 # ---- one-process runs (run_local) -----------------------------------------------------------------

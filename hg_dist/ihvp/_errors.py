@@ -98,6 +98,6 @@ RHS_HINT = ("the outer loss or its gradient w.r.t. the inner parameters is NaN/i
             "check the outer loss and the validation data")
 """What to do about a non-finite right-hand side ``v = ∂g/∂θ``."""
 
-PRODUCTS_HINT = ("the inner loss or its second derivatives are NaN/inf at the current parameters (the right-hand "
-                 "side is finite); check the inner loss (e.g. log or sqrt of 0) and lower the inner learning rate")
+PRODUCTS_HINT = ("the inner loss or its second derivatives are NaN/inf at the current parameters; check the inner "
+                 "loss (e.g. log or sqrt of 0) and lower the inner learning rate (--inner-lr in the examples)")
 """What to do about non-finite Hessian products."""

@@ -11,8 +11,9 @@ Divergence. ``A`` is symmetric, so when ``0 < α ≤ 2/λ_max(A)`` and ``A ⪰ 0
 eigenvalues of ``I − αA`` lie in ``[−1, 1]`` and the terms' norms
 ``‖(I − αA)^j v‖`` never increase. Growth therefore proves ``α > 2/λ_max`` or an
 indefinite ``A``: the method records every term's norm and, if some term grew
-to more than :data:`GROWTH_LIMIT` times the smallest before it (or went NaN/inf
-after finite growth), raises :class:`~hg_dist.ihvp.IHVPDivergenceError` naming
+to more than :data:`GROWTH_LIMIT` times the smallest before it (floored at
+``ε‖v‖``, where a converged series is rounding noise), or went NaN/inf after
+finite growth, raises :class:`~hg_dist.ihvp.IHVPDivergenceError` naming
 ``lr < 2/λ_max`` with a Lanczos estimate of ``λ_max`` (or warns, with
 ``on_divergence="warn"``). The factor 2 leaves room for rounding (the products
 may be half precision) while a genuinely diverging series, whose terms grow
@@ -89,6 +90,8 @@ def _check_terms(a: HessianOperator, v: Tensor, norms: Tensor, alpha: float, rho
     """Raise (or warn) if ``v`` is not finite or the terms' ``norms`` grew; one host sync when all is well."""
     finite = norms.isfinite()
     smallest = torch.cummin(torch.where(finite, norms, torch.full_like(norms, torch.inf)), dim=0).values
+    # Below eps·‖v‖ a converged series is rounding noise (subnormals round coarsely): measure growth from there.
+    smallest = torch.maximum(smallest, torch.finfo(norms.dtype).eps * norms[0])
     growth = torch.where(finite & (smallest > 0), norms / torch.where(smallest > 0, smallest, 1),
                          torch.ones_like(norms))
     v_finite, all_finite, max_growth = torch.stack([v.isfinite().all().to(norms.dtype), finite.all().to(norms.dtype),
