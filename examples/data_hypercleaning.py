@@ -27,15 +27,50 @@ from torch.utils.data import TensorDataset
 
 from hg_dist import cli, make_approx
 from hg_dist.data import ShardedLoader, full_batch
-from hg_dist.experiment import ExperimentConfig, select_device
+from hg_dist.experiment import ExperimentConfig, add_example_args, check_example_settings, select_device
 from hg_dist.optimizers import diff_sgd
 from hg_dist.outer_optimizers import make_outer_optimizer
+from hg_dist.registry import Setting
 from hg_dist.solver import BaseImplicitSolver
 from hg_dist.utils import Params
 
 DEFAULTS = ExperimentConfig(approximator={"name": "nystrom", "rank": 10, "rho": 0.1},
                             outer_optimizer={"name": "adam", "lr": 0.1}, num_iters=400, unroll_steps=10,
                             output="runs/data_hypercleaning")
+
+
+DIGITS = 1797
+"""Examples in scikit-learn's digits set (train + validation + test come out of it)."""
+
+SETTINGS = (
+    Setting("noise", float, 0.4, "fraction of corrupted training labels", minimum=0.0, maximum=1.0),
+    Setting("n_train", int, 1000, "training examples", minimum=1),
+    Setting("n_val", int, 300, "clean validation examples", minimum=1),
+    Setting("inner_lr", float, 0.3, "inner SGD step (momentum 0.9)", minimum=0.0, exclusive_minimum=True),
+)
+"""The example's own flags besides ``--batch-size`` (whose default, all training examples, is not a number)."""
+
+
+def check_config(config: ExperimentConfig) -> dict:
+    """``config.extra`` completed and checked, flags against each other and ``--workers`` included.
+
+    Raises:
+        ValueError / TypeError: naming the flag and the fix (the command line reports it as a usage error).
+    """
+    extra = check_example_settings(config, SETTINGS, "data_hypercleaning")
+    n_train, n_val, workers = extra["n_train"], extra["n_val"], config.workers
+    if n_train + n_val >= DIGITS:
+        raise ValueError(f"n_train + n_val (--n-train + --n-val) must be < {DIGITS} (the digits set, which also "
+                         f"holds the test examples), got {n_train} + {n_val}")
+    if extra.get("batch_size") is None:
+        if n_train % workers:
+            raise ValueError(f"the default batch is all n_train={n_train} training examples (--n-train), which is "
+                             f"not a multiple of --workers {workers}; use --n-train {n_train - n_train % workers} "
+                             f"or pass --batch-size")
+        extra["batch_size"] = n_train
+    ShardedLoader(range(n_train), extra["batch_size"], world_size=workers)  # checks only
+    full_batch(range(n_val), 0, workers)
+    return extra
 
 
 class ExampleWeights(nn.Module):
@@ -126,19 +161,18 @@ def train_plain(func, params: Params, x: Tensor, y: Tensor, steps: int, optimize
 
 def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> HypercleaningSolver:
     """The solver for ``config``; rank ``rank`` of ``world_size`` takes its slice of every global batch."""
-    extra = config.extra
-    n_train = extra.get("n_train", 1000)
-    data = load_noisy_digits(n_train, extra.get("n_val", 300), extra.get("noise", 0.4), config.seed)
+    extra = check_config(config)
+    n_train = extra["n_train"]
+    data = load_noisy_digits(n_train, extra["n_val"], extra["noise"], config.seed)
     train = TensorDataset(data["x_train"], data["y_train"], torch.arange(n_train))
-    inner_loader = ShardedLoader(train, extra.get("batch_size") or n_train, rank=rank, world_size=world_size,
-                                 seed=config.seed)
+    inner_loader = ShardedLoader(train, extra["batch_size"], rank=rank, world_size=world_size, seed=config.seed)
     outer_loader = full_batch(TensorDataset(data["x_val"], data["y_val"]), rank, world_size)
     inner = nn.Linear(64, 10)
     outer = ExampleWeights(n_train)
     solver = HypercleaningSolver(
         inner, outer, inner_loader, outer_loader, make_approx(config.approximator, seed=config.seed),
         num_iters=config.num_iters, unroll_steps=config.unroll_steps,
-        inner_optimizer=functools.partial(diff_sgd, lr=extra.get("inner_lr", 0.3), momentum=0.9, weight_decay=0),
+        inner_optimizer=functools.partial(diff_sgd, lr=extra["inner_lr"], momentum=0.9, weight_decay=0),
         outer_optimizer=make_outer_optimizer(config.outer_optimizer, outer.parameters()),
         log_freq=extra.get("log_freq", 20), device=select_device(config, rank))
     solver.data = data
@@ -147,12 +181,9 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--noise", type=float, default=0.4, help="fraction of corrupted training labels")
-    parser.add_argument("--n-train", type=int, default=1000, help="training examples")
-    parser.add_argument("--n-val", type=int, default=300, help="clean validation examples")
+    add_example_args(parser, SETTINGS, check_config)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="global inner batch (all workers together); default: all training examples")
-    parser.add_argument("--inner-lr", type=float, default=0.3, help="inner SGD step (momentum 0.9)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -27,15 +27,37 @@ from torch.utils.data import TensorDataset
 
 from hg_dist import cli, make_approx
 from hg_dist.data import ShardedLoader
-from hg_dist.experiment import ExperimentConfig, select_device
+from hg_dist.experiment import ExperimentConfig, add_example_args, check_example_settings, select_device
 from hg_dist.optimizers import diff_sgd
 from hg_dist.outer_optimizers import make_outer_optimizer
+from hg_dist.registry import Setting
 from hg_dist.solver import BaseImplicitSolver
 from hg_dist.utils import Params, make_functional
 
 DEFAULTS = ExperimentConfig(approximator={"name": "nystrom", "rank": 10, "rho": 0.1},
                             outer_optimizer={"name": "adam", "lr": 0.01}, num_iters=300, unroll_steps=10,
                             output="runs/dataset_distillation")
+
+
+SETTINGS = (
+    Setting("images_per_class", int, 2, "synthetic images per class", minimum=1, maximum=50),
+    Setting("batch_size", int, 256, "global batch of real images (all workers)", minimum=1),
+    Setting("inner_lr", float, 0.1, "inner SGD step (momentum 0.9)", minimum=0.0, exclusive_minimum=True),
+    Setting("eval_steps", int, 300, "training steps of the final evaluation", minimum=0),
+)
+"""The example's own flags (``--images-per-class``, ``--batch-size``, ``--inner-lr``, ``--eval-steps``)."""
+
+
+def check_config(config: ExperimentConfig) -> dict:
+    """``config.extra`` completed and checked, the batch against the data and ``--workers`` included.
+
+    Raises:
+        ValueError / TypeError: naming the flag and the fix (the command line reports it as a usage error).
+    """
+    extra = check_example_settings(config, SETTINGS, "dataset_distillation")
+    extra.setdefault("n_train", 1200)
+    ShardedLoader(range(extra["n_train"]), extra["batch_size"], world_size=config.workers)  # checks only
+    return extra
 
 
 def convnet() -> nn.Module:
@@ -119,14 +141,19 @@ class DistillationSolver(BaseImplicitSolver):
 
 def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> DistillationSolver:
     """The solver for ``config``; rank ``rank`` of ``world_size`` takes its slice of every batch of real images."""
-    extra = config.extra
-    data = load_digits_images(extra.get("n_train", 1200), config.seed)
-    images, labels = first_images_per_class(data["x_train"], data["y_train"], extra.get("images_per_class", 2))
-    outer_loader = ShardedLoader(TensorDataset(data["x_train"], data["y_train"]), extra.get("batch_size", 256),
+    extra = check_config(config)
+    data = load_digits_images(extra["n_train"], config.seed)
+    per_class = extra["images_per_class"]
+    fewest = int(torch.bincount(data["y_train"], minlength=10).min())
+    if per_class > fewest:
+        raise ValueError(f"images_per_class (--images-per-class) must be <= {fewest}, the fewest training images "
+                         f"of a class, got {per_class}")
+    images, labels = first_images_per_class(data["x_train"], data["y_train"], per_class)
+    outer_loader = ShardedLoader(TensorDataset(data["x_train"], data["y_train"]), extra["batch_size"],
                                  rank=rank, world_size=world_size, seed=config.seed)
     inner = convnet()
     outer = SyntheticImages(images)
-    inner_optimizer = functools.partial(diff_sgd, lr=extra.get("inner_lr", 0.1), momentum=0.9, weight_decay=0)
+    inner_optimizer = functools.partial(diff_sgd, lr=extra["inner_lr"], momentum=0.9, weight_decay=0)
     solver = DistillationSolver(
         inner, outer, [labels], outer_loader, make_approx(config.approximator, seed=config.seed),
         num_iters=config.num_iters, unroll_steps=config.unroll_steps, inner_optimizer=inner_optimizer,
@@ -134,15 +161,12 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
         log_freq=extra.get("log_freq", 20), device=select_device(config, rank))
     solver.data, solver.labels = data, labels
     solver.initial_images = images.clone().to(solver.outer.images.device)
-    solver.eval_steps, solver.eval_seed = extra.get("eval_steps", 300), config.seed + 1
+    solver.eval_steps, solver.eval_seed = extra["eval_steps"], config.seed + 1
     return solver
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images-per-class", type=int, default=2, help="synthetic images per class")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch of real images (all workers)")
-    parser.add_argument("--inner-lr", type=float, default=0.1, help="inner SGD step (momentum 0.9)")
-    parser.add_argument("--eval-steps", type=int, default=300, help="training steps of the final evaluation")
+    add_example_args(parser, SETTINGS, check_config)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

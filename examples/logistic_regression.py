@@ -25,15 +25,41 @@ from torch.utils.data import TensorDataset
 
 from hg_dist import cli, make_approx
 from hg_dist.data import ShardedLoader, full_batch
-from hg_dist.experiment import ExperimentConfig, select_device
+from hg_dist.experiment import ExperimentConfig, add_example_args, check_example_settings, select_device
 from hg_dist.optimizers import diff_sgd
 from hg_dist.outer_optimizers import make_outer_optimizer
+from hg_dist.registry import Setting
 from hg_dist.solver import BaseImplicitSolver
 from hg_dist.utils import Params
 
 DEFAULTS = ExperimentConfig(approximator={"name": "nystrom", "rank": 5, "rho": 0.1},
                             outer_optimizer={"name": "adam", "lr": 0.05}, num_iters=300, unroll_steps=10,
                             output="runs/logistic_regression")
+
+
+SETTINGS = (
+    Setting("dim", int, 30, "features", minimum=1),
+    Setting("informative", int, 5, "features with signal (at most --dim)", minimum=1),
+    Setting("n_train", int, 100, "training examples", minimum=1),
+    Setting("batch_size", int, 50, "global inner batch (all workers together)", minimum=1),
+    Setting("inner_lr", float, 0.2, "inner SGD step", minimum=0.0, exclusive_minimum=True),
+)
+"""The example's own flags (``--dim``, ``--informative``, ``--n-train``, ``--batch-size``, ``--inner-lr``)."""
+
+
+def check_config(config: ExperimentConfig) -> dict:
+    """``config.extra`` completed and checked, flags against each other and ``--workers`` included.
+
+    Raises:
+        ValueError / TypeError: naming the flag and the fix (the command line reports it as a usage error).
+    """
+    extra = check_example_settings(config, SETTINGS, "logistic_regression")
+    if extra["informative"] > extra["dim"]:
+        raise ValueError(f"informative (--informative) must be <= dim (--dim {extra['dim']}), "
+                         f"got {extra['informative']}")
+    ShardedLoader(range(extra["n_train"]), extra["batch_size"], world_size=config.workers)  # checks only
+    full_batch(range(extra.get("n_val", 200)), 0, config.workers)
+    return extra
 
 
 class LogDecay(nn.Module):
@@ -94,11 +120,11 @@ class LogisticRegressionSolver(BaseImplicitSolver):
 
 def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> LogisticRegressionSolver:
     """The solver for ``config``; rank ``rank`` of ``world_size`` takes its slice of every global batch."""
-    extra = config.extra
-    dim, informative = extra.get("dim", 30), extra.get("informative", 5)
-    data = make_data(dim, informative, extra.get("n_train", 100), extra.get("n_val", 200),
+    extra = check_config(config)
+    dim, informative = extra["dim"], extra["informative"]
+    data = make_data(dim, informative, extra["n_train"], extra.get("n_val", 200),
                      extra.get("n_test", 1000), config.seed)
-    inner_loader = ShardedLoader(TensorDataset(*data["train"]), extra.get("batch_size", 50), rank=rank,
+    inner_loader = ShardedLoader(TensorDataset(*data["train"]), extra["batch_size"], rank=rank,
                                  world_size=world_size, seed=config.seed)
     outer_loader = full_batch(TensorDataset(*data["val"]), rank, world_size)
     inner = nn.Linear(dim, 1, bias=False)
@@ -107,7 +133,7 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
     solver = LogisticRegressionSolver(
         inner, outer, inner_loader, outer_loader, make_approx(config.approximator, seed=config.seed),
         num_iters=config.num_iters, unroll_steps=config.unroll_steps,
-        inner_optimizer=functools.partial(diff_sgd, lr=extra.get("inner_lr", 0.2), momentum=0, weight_decay=0),
+        inner_optimizer=functools.partial(diff_sgd, lr=extra["inner_lr"], momentum=0, weight_decay=0),
         outer_optimizer=make_outer_optimizer(config.outer_optimizer, outer.parameters()),
         log_freq=extra.get("log_freq", 20), device=select_device(config, rank))
     solver.data, solver.informative = data, informative
@@ -115,11 +141,7 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dim", type=int, default=30, help="features")
-    parser.add_argument("--informative", type=int, default=5, help="features with signal")
-    parser.add_argument("--n-train", type=int, default=100, help="training examples")
-    parser.add_argument("--batch-size", type=int, default=50, help="global inner batch (all workers together)")
-    parser.add_argument("--inner-lr", type=float, default=0.2, help="inner SGD step")
+    add_example_args(parser, SETTINGS, check_config)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -11,11 +11,13 @@ method per module, and their registry), :mod:`hg_dist.solver` (the bilevel loop)
 from hg_dist.approx_hypergrad import Approximator, make_approx
 from hg_dist.hessian import HessianOperator, linearize, mixed_vjp, shifted
 from hg_dist.hypergradient import Hypergradient, NonFiniteHypergradientError, implicit_hypergradient
-from hg_dist.ihvp import METHODS, IHVPResult, IHVPStats, Method
+from hg_dist.ihvp import (METHODS, IHVPDivergenceError, IHVPDivergenceWarning, IHVPResult, IHVPStats, Method,
+                          estimate_lambda_max, estimate_spectrum)
 from hg_dist.utils import Objective, Params, make_functional
 
 __version__ = "0.2.0"
 
-__all__ = ["Approximator", "HessianOperator", "Hypergradient", "IHVPResult", "IHVPStats", "METHODS", "Method",
-           "NonFiniteHypergradientError", "Objective", "Params", "implicit_hypergradient", "linearize",
-           "make_approx", "make_functional", "mixed_vjp", "shifted", "__version__"]
+__all__ = ["Approximator", "HessianOperator", "Hypergradient", "IHVPDivergenceError", "IHVPDivergenceWarning",
+           "IHVPResult", "IHVPStats", "METHODS", "Method", "NonFiniteHypergradientError", "Objective", "Params",
+           "estimate_lambda_max", "estimate_spectrum", "implicit_hypergradient", "linearize", "make_approx",
+           "make_functional", "mixed_vjp", "shifted", "__version__"]

@@ -276,12 +276,25 @@ def load_solver_state(solver: "BaseSolver", state: Mapping[str, Any]) -> None:
 # ---- files ---------------------------------------------------------------------------------
 
 def save(solver: "BaseSolver", path: str | os.PathLike) -> Path:
-    """Write ``solver.state_dict()`` to ``path`` atomically (a temporary file, then a rename)."""
+    """Write ``solver.state_dict()`` to ``path`` atomically (a temporary file, then a rename).
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder (nothing is written).
+        OSError: the file cannot be written; the temporary file is removed and an
+            existing checkpoint at ``path`` is left as it was.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot save a checkpoint to {str(path)!r}: it is a folder; pass a file path "
+                                f"such as {str(path / 'checkpoint.pt')!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(solver.state_dict(), tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(solver.state_dict(), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -293,6 +306,8 @@ def read(path: str | os.PathLike, map_location: str | torch.device | None = "cpu
         ValueError: the file is not a readable checkpoint (corrupt, truncated, another format), naming it.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot read the checkpoint {str(path)!r}: it is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
     try:

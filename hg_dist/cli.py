@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hg_dist.distributed import run_experiment
-from hg_dist.experiment import ExperimentConfig, SolverBuilder, add_common_args, parse_config
+from hg_dist.experiment import ExperimentConfig, SolverBuilder, add_common_args, exit_on_error, parse_config
 
 __all__ = ["main", "make_parser"]
 
@@ -38,9 +38,11 @@ def main(build_solver: SolverBuilder, description: str | None, defaults: Experim
          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
          argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, run ``build_solver``'s solve (here, or on Ray Train for ``--workers N > 1``), print
-    and return the final metrics. A bad flag value is a usage error (exit 2)."""
+    and return the final metrics. A bad flag value is a usage error (exit 2); a run that diverges or goes
+    NaN/inf ends with one line on stderr and exit status 1 (:func:`hg_dist.experiment.exit_on_error`)."""
     parser = make_parser(description, defaults, add_arguments)
     config = parse_config(parser, argv)
-    metrics = run_experiment(build_solver, config)
+    with exit_on_error(parser):
+        metrics = run_experiment(build_solver, config)
     print(json.dumps(metrics, indent=2))
     return metrics

@@ -182,6 +182,19 @@ class ShardedLoader(Iterator[Any]):
 
 def full_batch(dataset: Dataset, rank: int = 0, world_size: int = 1,
                collate_fn: Callable[[list[Any]], Any] = default_collate) -> ShardedLoader:
-    """This rank's share of the whole ``dataset`` as one batch, every time (``len(dataset)`` a multiple of ``W``)."""
+    """This rank's share of the whole ``dataset`` as one batch, every time (``len(dataset)`` a multiple of ``W``).
+
+    Raises:
+        ValueError: ``len(dataset)`` is not a multiple of ``world_size`` (naming both; no example is dropped).
+    """
+    size = len(dataset)
+    check_rank(rank, world_size)
+    check_shardable(size, world_size)
+    if size % world_size:
+        fit = size - size % world_size
+        raise ValueError(f"the full batch of {size} examples cannot be split equally over workers={world_size} "
+                         f"(unequal shares would make the workers' mean differ from one process's, and dropping "
+                         f"the {size % world_size} left over would lose data); use {fit} examples, or a worker "
+                         f"count that divides {size}")
     return ShardedLoader(dataset, len(dataset), rank=rank, world_size=world_size, shuffle=False,
                          collate_fn=collate_fn)

@@ -16,31 +16,59 @@ and the command-line flags are generated from the same declarations
 Outputs of a run in ``config.output``::
 
     history.parquet   one row per logged step (see hg_dist.recording)
-    result.json       {"metrics": final metrics, "config": settings, "wall_time_s": ...}
+    result.json       {"status": "completed" | "failed" | "interrupted", "error": null | "Type: message",
+                       "metrics": final (or latest) metrics, "config": settings, "wall_time_s": ...}
     tb/               TensorBoard event files
+
+Errors, in the order they can happen (each before anything below it is written):
+
+1. a bad flag value, a bad ``--output`` (an existing file, a folder that cannot be
+   created or written) or an example's flags that do not fit together
+   (:func:`parse_config`: a usage error, exit 2);
+2. the same found by :func:`run_local` itself (:func:`check_output`), a solver that
+   cannot be built from the config, or a rank above the model's parameter count:
+   :class:`ConfigError` (a ``ValueError``), nothing written;
+3. a run that fails or is interrupted: ``result.json`` says so (``"status"``,
+   ``"error"``) next to the history written so far, and the error propagates.
+
+:func:`exit_on_error` turns 2 into a usage error and a diverging or non-finite run
+(``IHVPDivergenceError``, ``NonFiniteHypergradientError``, ``NonFiniteLossError``)
+into one line on stderr and exit status 1, for command-line entry points.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from hg_dist._checks import check_int
 from hg_dist.checkpoint import seed_everything
-from hg_dist.ihvp import METHODS
+from hg_dist.guards import NonFiniteLossError
+from hg_dist.ihvp import METHODS, IHVPDivergenceError, NonFiniteHypergradientError
+from hg_dist.ihvp.nystrom import RANK, check_rank
 from hg_dist.outer_optimizers import OUTER_OPTIMIZERS
-from hg_dist.registry import Registry
+from hg_dist.registry import Registry, Setting
 
-__all__ = ["ExperimentConfig", "SolverBuilder", "add_common_args", "config_from_args", "parse_config",
-           "run_local", "select_device", "write_result"]
+__all__ = ["ConfigError", "ExperimentConfig", "SolverBuilder", "add_common_args", "add_example_args",
+           "check_example_settings", "check_output", "config_from_args", "exit_on_error", "parse_config",
+           "run_local", "select_device", "write_result", "STATUSES"]
 
 RESULT_FILE = "result.json"
+
+STATUSES = ("completed", "failed", "interrupted")
+"""``result.json``'s ``"status"``: the run ended, raised, or was stopped by Ctrl-C."""
+
+
+class ConfigError(ValueError):
+    """The settings of a run cannot work; found before anything was written (a usage error on the command line)."""
 
 
 def _spec(value: Any, registry: Registry, field: str) -> dict[str, Any]:
@@ -182,6 +210,7 @@ def _spec_from_flags(values: dict[str, Any], name_flag: str, registry: Registry,
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """Build the config from parsed flags; flags that are not common go to ``config.extra``."""
     values = dict(vars(args))
+    values.pop(_EXAMPLE_KEY, None)
     defaults = values.pop(_DEFAULTS_KEY, None) or ExperimentConfig()
     specs = {field: _spec_from_flags(values, flag, registry, getattr(defaults, field))
              for field, flag, registry in _SPECS}
@@ -191,12 +220,114 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> ExperimentConfig:
-    """Parse ``argv`` into a config; an invalid setting ends in ``parser.error`` (usage + message, exit 2)."""
+    """Parse ``argv`` into a config; every check runs here, before anything is written.
+
+    An invalid setting, an example's flag out of its range or not fitting the others
+    (:func:`add_example_args`), or an ``--output`` that cannot be written
+    (:func:`check_output`) ends in ``parser.error``: the usage and one error line on
+    stderr, exit status 2, nothing created.
+    """
     args = parser.parse_args(argv)
+    settings, check = getattr(args, _EXAMPLE_KEY, ((), None))
     try:
-        return config_from_args(args)
+        config = config_from_args(args)
+        check_example_settings(config, settings, parser.prog)
+        if check is not None:
+            check(config)
+        check_output(config.output)
     except (TypeError, ValueError) as err:
-        parser.error(str(err))
+        parser.error(_one_line(err))
+    return config
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _describe(error: BaseException) -> str:
+    """``"Type: message"`` on one line (``"Type"`` alone when there is no message)."""
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+RUN_ERRORS = (IHVPDivergenceError, NonFiniteHypergradientError, NonFiniteLossError)
+"""Errors of a run that a command line reports in one line (exit status 1): the message says what to change."""
+
+
+@contextlib.contextmanager
+def exit_on_error(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """For command-line entry points: report expected failures in one line instead of a traceback.
+
+    A :class:`ConfigError` (found before anything was written) becomes a usage error
+    (exit status 2); a run that diverged or went NaN/inf (:data:`RUN_ERRORS`; its
+    ``result.json`` says ``"failed"``) prints ``prog: error: <message>`` and exits
+    with status 1. Anything else propagates with its traceback (a bug to report).
+    """
+    try:
+        yield
+    except ConfigError as error:
+        parser.error(_one_line(error))
+    except RUN_ERRORS as error:
+        parser.exit(1, f"{parser.prog}: error: {_describe(error)}\n")
+
+
+def check_output(output: str | os.PathLike) -> Path:
+    """``output`` as a ``Path`` if a run can write its files there, else :class:`ConfigError` naming it.
+
+    Refused: an existing file (``output`` is a folder), a path under a file, and a
+    folder that cannot be created or written. The last is tested by creating and
+    removing an empty temporary folder in the nearest existing ancestor (permission
+    bits do not tell, e.g. for root or a read-only or virtual file system), so the
+    check leaves nothing behind.
+    """
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output {str(path)!r} is an existing file; it must be a folder (it will hold "
+                          f"history.parquet, result.json and tb/)")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"--output {str(path)!r} cannot be created: {str(ancestor)!r} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hg_dist-write-test-", dir=ancestor))
+    except OSError as error:
+        raise ConfigError(f"--output {str(path)!r} cannot be written: creating a folder in {str(ancestor)!r} "
+                          f"failed ({error.strerror or error}); choose a writable --output") from None
+    return path
+
+
+_EXAMPLE_KEY = "hg_dist_example_checks"
+
+
+def add_example_args(parser: argparse.ArgumentParser, settings: Sequence[Setting],
+                     check: Callable[["ExperimentConfig"], Any] | None = None) -> argparse.ArgumentParser:
+    """An example's own flags, one per :class:`~hg_dist.registry.Setting` (type, default, help, range).
+
+    The values land in ``config.extra`` under the settings' names. :func:`parse_config`
+    then checks each against its declared range and calls ``check(config)`` for
+    constraints between flags (e.g. the batch against the data and ``--workers``),
+    so a bad value is a usage error before anything runs. The example's
+    ``build_solver`` calls the same ``check`` (it serves the Python API too).
+    """
+    for setting in settings:
+        parser.add_argument(setting.cli_flag, dest=setting.name, type=setting.kind, default=setting.default,
+                            help=f"{setting.help} (default: {setting.default}; {setting.bounds()})")
+    parser.set_defaults(**{_EXAMPLE_KEY: (tuple(settings), check)})
+    return parser
+
+
+def check_example_settings(config: "ExperimentConfig", settings: Sequence[Setting], owner: str) -> dict[str, Any]:
+    """``config.extra`` completed with the settings' defaults, each value checked against its range.
+
+    Raises:
+        ValueError / TypeError: naming the setting and its flag, e.g. ``n_train (--n-train) must be >= 1``.
+    """
+    extra = dict(config.extra)
+    for setting in settings:
+        extra[setting.name] = setting.check(extra.get(setting.name, setting.default), owner,
+                                            name=f"{setting.name} ({setting.cli_flag})")
+    return extra
 
 
 # ---- running --------------------------------------------------------------------------------
@@ -224,17 +355,70 @@ def write_result(output: str | os.PathLike, metrics: Mapping[str, float], config
     return path
 
 
+def _check_rank_fits(solver: Any, config: ExperimentConfig) -> None:
+    """Raise :class:`ConfigError` if the approximator's rank exceeds the inner parameter count ``p``."""
+    from hg_dist.utils import num_elements
+
+    spec = config.approximator
+    if any(s is RANK for s in METHODS[spec["name"]].settings):
+        try:
+            check_rank(spec["rank"], num_elements(solver.inner_params), spec["name"])
+        except ValueError as error:
+            raise ConfigError(f"--rank: {error}") from None
+
+
 def run_local(build_solver: SolverBuilder, config: ExperimentConfig) -> dict[str, float]:
     """Build the solver (rank 0 of 1), run it here, write the outputs; return the final metrics.
 
     Writes ``config.output``/``history.parquet``, ``result.json`` and ``tb/``.
+    ``result.json`` has ``"status"``: ``"completed"``, ``"failed"`` (the run raised;
+    ``"error"`` holds ``"Type: message"``) or ``"interrupted"`` (Ctrl-C), and the
+    latest metrics. A ``SystemExit`` (a host such as Ray Tune stopping the run) writes
+    no ``result.json``.
+
+    Raises:
+        ConfigError: ``config.output`` cannot be written, ``build_solver`` raised a
+            ``ValueError``, or the rank exceeds the inner parameters; nothing was
+            written (the output folder is not even created).
+        Exception: whatever ended the run, after ``result.json`` recorded it.
     """
+    check_output(config.output)
     seed_everything(config.seed)
-    solver = build_solver(config, rank=0, world_size=1)
+    try:
+        solver = build_solver(config, rank=0, world_size=1)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"the solver cannot be built from this config: {error}") from error
+    _check_rank_fits(solver, config)
     solver.log_dir = str(config.output)
     tic = time.perf_counter()
-    metrics = solver.run()
-    wall = time.perf_counter() - tic
-    write_result(config.output, metrics, config, wall_time_s=wall, workers=1,
-                 global_step=solver.global_step, outer_steps=solver.outer_step)
+    try:
+        metrics = solver.run()
+    except Exception as error:
+        _record_end(config, solver, "failed", error, time.perf_counter() - tic)
+        raise
+    except KeyboardInterrupt as error:
+        _record_end(config, solver, "interrupted", error, time.perf_counter() - tic)
+        raise
+    _write_end(config, solver, metrics, "completed", None, time.perf_counter() - tic)
     return metrics
+
+
+def _record_end(config: ExperimentConfig, solver: Any, status: str, error: BaseException, wall: float) -> None:
+    """``result.json`` of a run that ``error`` ended; failing to write it never hides ``error``."""
+    try:
+        metrics = solver.recorder.latest()
+    except Exception:  # noqa: BLE001 - the recorder may hold what made the run fail
+        metrics = {}
+    try:
+        _write_end(config, solver, metrics, status, _describe(error), wall)
+    except OSError:
+        pass
+
+
+def _write_end(config: ExperimentConfig, solver: Any, metrics: Mapping[str, float], status: str,
+               error: str | None, wall: float) -> None:
+    assert status in STATUSES
+    write_result(config.output, metrics, config, status=status, error=error, wall_time_s=wall, workers=1,
+                 global_step=solver.global_step, outer_steps=solver.outer_step)

@@ -5,8 +5,10 @@
 that into ``{name: value}``. A non-finite recorded loss is an error
 (:class:`NonFiniteLossError`), and so is a non-finite hypergradient
 (:class:`~hg_dist.hypergradient.NonFiniteHypergradientError`, raised before any
-outer parameter changes); with ``nan_policy="skip_outer"`` the solver drops such
-an outer step instead (:func:`guarded_outer_step`).
+outer parameter changes), and so is a diverged IHVP solve
+(:class:`~hg_dist.ihvp.IHVPDivergenceError`); with ``nan_policy="skip_outer"`` the
+solver drops such an outer step instead (:func:`guarded_outer_step`). Each message
+names the flag to change (``--inner-lr``, ``--outer-lr``, ``--rho``, ``--ihvp-lr``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from hg_dist.hypergradient import Hypergradient, NonFiniteHypergradientError
+from hg_dist.ihvp import IHVPDivergenceError
 from hg_dist.recording import to_floats
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,7 +32,8 @@ __all__ = ["ForwardOutput", "NAN_POLICIES", "NonFiniteLossError", "check_update"
            "hypergradient_norm", "update_metrics"]
 
 NAN_POLICIES = ("raise", "skip_outer")
-"""``"raise"``: stop on NaN/inf. ``"skip_outer"``: drop a non-finite outer step and go on."""
+"""``"raise"``: stop on NaN/inf. ``"skip_outer"``: drop an outer step whose hypergradient is non-finite or
+whose IHVP solve diverged, and go on."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,14 +73,34 @@ def update_metrics(returned: Any, default_name: str) -> dict[str, Any]:
                     f"a ForwardOutput or a dict of scalar metrics")
 
 
-def check_update(metrics: Mapping[str, Any], where: str, step: int) -> dict[str, float]:
-    """``metrics`` as floats (one host sync), or :class:`NonFiniteLossError` naming the bad ones."""
+def check_update(metrics: Mapping[str, Any], where: str, step: int, *, outer_steps: int = 0,
+                 after_outer_step: bool = False) -> dict[str, float]:
+    """``metrics`` as floats (one host sync), or :class:`NonFiniteLossError` naming the bad ones.
+
+    The hint names the learning rate that most likely diverged. For ``inner_update``:
+    the outer one (``--outer-lr``) when the failing step directly follows an outer
+    step (``after_outer_step``: that step moved the outer parameters to where the
+    inner loss is NaN/inf), the inner one (``--inner-lr`` in the examples) when no
+    outer step has been taken (``outer_steps == 0``), else both. For
+    ``outer_update``: the outer one.
+    """
     values = to_floats(metrics) if metrics else {}
     bad = [name for name, value in values.items() if not math.isfinite(value)]
     if bad:
-        hint = ("the inner parameters were rolled back to before that step. Lower the inner learning rate or "
-                "check the data and the outer parameters" if where == "inner_update" else
-                "lower the outer learning rate (--outer-lr), raise rho, or pass nan_policy='skip_outer'")
+        if where != "inner_update":
+            hint = "lower the outer learning rate (--outer-lr), raise rho (--rho), or pass nan_policy='skip_outer'"
+        elif after_outer_step:
+            hint = (f"the inner parameters were rolled back to before that step. It directly follows the outer step "
+                    f"at step {step - 1}, which moved the outer parameters to where the inner loss is NaN/inf: "
+                    f"lower the outer learning rate (--outer-lr)")
+        elif outer_steps == 0:
+            hint = ("the inner parameters were rolled back to before that step; no outer step has been taken yet, "
+                    "so lower the inner learning rate (--inner-lr in the examples) or check the data and the "
+                    "initial outer parameters")
+        else:
+            hint = (f"the inner parameters were rolled back to before that step. Lower the inner learning rate "
+                    f"(--inner-lr in the examples); if the inner problem became unstable only after the {outer_steps} "
+                    f"outer step(s), lower the outer learning rate (--outer-lr) instead")
         raise NonFiniteLossError(f"{where} at step {step} returned non-finite {', '.join(bad)} "
                                  f"({', '.join(f'{n}={values[n]}' for n in bad)}); {hint}")
     return values
@@ -110,8 +134,8 @@ def hypergradient_norm(grads: Any, params: Sequence[Tensor]) -> dict[str, float]
     if not math.isfinite(norm):
         raise NonFiniteHypergradientError(
             f"the hypergradient assigned to outer_grad has non-finite entries (norm={norm}); "
-            f"the outer parameters were not changed. Lower the learning rates, raise rho, or pass "
-            f"nan_policy='skip_outer' to drop such steps")
+            f"the outer parameters were not changed. Raise rho (--rho), lower the inner learning rate "
+            f"(--inner-lr in the examples), or pass nan_policy='skip_outer' to drop such steps")
     metrics = {"hypergrad_norm": norm}
     if isinstance(grads, Hypergradient):
         stats = grads.stats
@@ -126,8 +150,9 @@ def guarded_outer_step(solver: "BaseSolver", i: int) -> bool:
     """Run ``solver.outer_update()`` at step ``i`` under the NaN policy; ``True`` if the step was taken.
 
     Raises:
-        NonFiniteLossError / NonFiniteHypergradientError: with ``nan_policy="raise"``,
-            or when skipping cannot recover (the inner or outer parameters are NaN).
+        NonFiniteLossError / NonFiniteHypergradientError / IHVPDivergenceError: with
+            ``nan_policy="raise"``, or when skipping cannot recover (the inner or outer
+            parameters are NaN).
     """
     try:
         values = check_update(update_metrics(solver.outer_update(), "outer_loss"), "outer_update", i)
@@ -138,14 +163,15 @@ def guarded_outer_step(solver: "BaseSolver", i: int) -> bool:
                 f"the outer learning rate (--outer-lr)")
         solver.recorder.add_many(values)
         return True
-    except (NonFiniteHypergradientError, NonFiniteLossError) as err:
+    except (NonFiniteHypergradientError, NonFiniteLossError, IHVPDivergenceError) as err:
         if solver.nan_policy == "raise":
             raise
         solver.outer.zero_grad(set_to_none=True)
         if not all_finite(solver.inner_params):
             raise NonFiniteLossError(f"the inner parameters are NaN/inf at step {i}; skipping outer "
-                                     f"steps cannot recover from that. Lower the inner learning "
-                                     f"rate") from err
+                                     f"steps cannot recover from that. Lower the inner learning rate "
+                                     f"(--inner-lr in the examples), or the outer learning rate (--outer-lr) "
+                                     f"if earlier outer steps made the inner problem unstable") from err
         if not all_finite(list(solver.outer.parameters())):
             raise
         solver.skipped_outer_steps += 1

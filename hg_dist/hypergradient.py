@@ -13,6 +13,18 @@ Data-parallel use: pass ``reduce`` (e.g. an allreduce-mean). It is applied to
 ``∂g/∂θ``, to every Hessian product and to the final hypergradient, which is all a
 data-parallel solve needs when ``f`` and ``g`` are means over equally sized shards;
 a method that makes ``m`` operator calls then costs ``m + 2`` rounds.
+
+Checks. ``∂g/∂θ`` and ``∂g/∂φ`` are checked for NaN/inf (after ``reduce``, so every
+worker decides alike) *before* the solve, the IHVP methods check the Hessian
+products before their linear algebra, and the solution, the mixed term and the
+result are checked at the end: each a :class:`NonFiniteHypergradientError` naming
+the term (two host syncs per hypergradient besides the method's own).
+
+Dtypes. float32 and float64 parameters are solved in their own dtype. float16 and
+bfloat16 parameters keep the objectives (and so every gradient and Hessian
+product) in their dtype, but the IHVP method works on float32 vectors (its dot
+products, accumulations and ``k×k`` solves, which torch does not offer in half
+precision), and the result is cast back to the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +37,11 @@ from torch.func import grad
 
 from hg_dist.hessian import HessianOperator, linearize, mixed_vjp
 from hg_dist.ihvp import IHVPResult, IHVPStats
+from hg_dist.ihvp._errors import RHS_HINT, NonFiniteHypergradientError, check_finite
 from hg_dist.utils import Objective, Params, params_to_vector, vector_to_params
+
+__all__ = ["Hypergradient", "IHVPSolve", "NonFiniteHypergradientError", "Reduce", "check_params",
+           "implicit_hypergradient"]
 
 IHVPSolve = Callable[[HessianOperator, Tensor], IHVPResult]
 """An IHVP method with its settings bound: ``(op, v) -> IHVPResult``."""
@@ -34,8 +50,10 @@ Reduce = Callable[[Tensor], Tensor]
 """A reduction over data shards, e.g. an allreduce-mean; identity in one process."""
 
 
-class NonFiniteHypergradientError(FloatingPointError):
-    """A term of the hypergradient was NaN or infinite."""
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+"""Parameter dtypes a hypergradient takes; the half-precision ones are solved in float32."""
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class Hypergradient(tuple):
@@ -69,7 +87,8 @@ def _scalar_objective(objective: Objective, name: str) -> Objective:
 
 
 def check_params(in_params: Sequence[Tensor], out_params: Sequence[Tensor]) -> tuple[Params, Params]:
-    """Return both as tuples; raise if they are empty, not tensors, or mix dtypes/devices."""
+    """Return both as tuples; raise if they are empty, not tensors, of an unsupported dtype, on the
+    meta device, or mixing dtypes/devices."""
     checked = []
     for name, params in (("in_params", in_params), ("out_params", out_params)):
         if isinstance(params, Tensor) or not isinstance(params, Sequence):
@@ -81,8 +100,13 @@ def check_params(in_params: Sequence[Tensor], out_params: Sequence[Tensor]) -> t
         for i, t in enumerate(params):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-            if not t.is_floating_point():
-                raise TypeError(f"{name}[{i}] has dtype {t.dtype}; parameters must be floating point")
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"{name}[{i}] has dtype {t.dtype}; parameters must be one of "
+                                f"{', '.join(map(str, SUPPORTED_DTYPES))} (convert with .to(torch.float32))")
+            if t.is_meta:
+                raise TypeError(f"{name}[{i}] is on the meta device (a shape without data, e.g. from "
+                                f"torch.device('meta')); materialize the model first, e.g. "
+                                f"module.to_empty(device='cpu'), then initialize or load its weights")
         checked.append(tuple(params))
     reference = checked[0][0]
     for name, params in zip(("in_params", "out_params"), checked):
@@ -94,14 +118,11 @@ def check_params(in_params: Sequence[Tensor], out_params: Sequence[Tensor]) -> t
     return checked[0], checked[1]
 
 
-def _check_finite(terms: dict[str, Tensor]) -> None:
-    finite = torch.stack([t.isfinite().all() for t in terms.values()]).tolist()  # one host sync
-    bad = [name for name, ok in zip(terms, finite) if not ok]
-    if bad:
-        raise NonFiniteHypergradientError(
-            f"non-finite values in {', '.join(bad)}; the inner or outer loss is NaN/inf at the "
-            f"current parameters or the IHVP diverged (lower the Neumann step, raise rho, or "
-            f"lower the learning rates)")
+def _in_dtype(op: HessianOperator, dtype: torch.dtype, work: torch.dtype) -> HessianOperator:
+    """``op`` taking and returning ``work``-dtype vectors, its products computed in ``dtype``."""
+    return HessianOperator(matvec=lambda v: op.matvec(v.to(dtype)).to(work),
+                           matmat=lambda vs: op.matmat(vs.to(dtype)).to(work),
+                           size=op.size)
 
 
 def _reduced(op: HessianOperator, reduce: Reduce) -> HessianOperator:
@@ -132,26 +153,40 @@ def implicit_hypergradient(inner_obj: Objective,
         A :class:`Hypergradient` shaped like ``out_params``, with the solve's stats.
 
     Raises:
-        NonFiniteHypergradientError: naming the term that went NaN/inf.
+        NonFiniteHypergradientError: naming the term that went NaN/inf (``v`` and ``∂g/∂φ``
+            are checked before the solve).
+        IHVPDivergenceError: from ``solve`` (CG or Neumann diverged), naming the setting.
+        TypeError: parameters of an unsupported dtype (float64, float32, float16 and
+            bfloat16 work), on the meta device, or mixing dtypes/devices.
     """
     in_params, out_params = check_params(in_params, out_params)
     inner_obj = _scalar_objective(inner_obj, "inner_obj")
     outer_obj = _scalar_objective(outer_obj, "outer_obj")
+    dtype = in_params[0].dtype
+    work = torch.float32 if dtype in HALF_DTYPES else dtype
 
     grad_theta, grad_phi = grad(outer_obj, argnums=(0, 1))(in_params, out_params)
-    v = params_to_vector(grad_theta)
+    v = params_to_vector(grad_theta).to(work)
+    grad_phi = params_to_vector(grad_phi).to(work)
     op = linearize(inner_obj, in_params, out_params)
+    if work != dtype:
+        op = _in_dtype(op, dtype, work)
     if reduce is not None:
         v = reduce(v)
         op = _reduced(op, reduce)
+    check_finite({"the outer gradient w.r.t. the inner params (v = ∂g/∂θ)": v,
+                  "the outer gradient w.r.t. the outer params (∂g/∂φ)": grad_phi},
+                 "before the IHVP solve", RHS_HINT)
     x, stats = solve(op, v)
-    mixed = params_to_vector(mixed_vjp(inner_obj, in_params, out_params, x))
-    hypergrad = params_to_vector(grad_phi) - mixed
+    mixed = params_to_vector(mixed_vjp(inner_obj, in_params, out_params, x.to(dtype))).to(work)
+    hypergrad = grad_phi - mixed
     if reduce is not None:
         hypergrad = reduce(hypergrad)
-    _check_finite({"outer gradient w.r.t. inner params (v)": v,
-                   "outer gradient w.r.t. outer params": params_to_vector(grad_phi),
-                   f"IHVP solution x ({stats.method})": x,
-                   "mixed term ∂²f/∂φ∂θ·x": mixed,
-                   "hypergradient": hypergrad})
-    return Hypergradient(vector_to_params(hypergrad, out_params), stats)
+    solution = f"the IHVP solution x ({stats.method})"
+    check_finite({solution: x, "the mixed term ∂²f/∂φ∂θ·x": mixed, "the hypergradient": hypergrad},
+                 "after the IHVP solve",
+                 {solution: "the IHVP diverged: lower the Neumann step (--ihvp-lr) or raise rho (--rho)",
+                  "the mixed term ∂²f/∂φ∂θ·x": "the inner loss's mixed derivative ∂²f/∂φ∂θ is NaN/inf at the "
+                                               "current parameters, or x overflowed; raise rho (--rho)",
+                  "the hypergradient": "it overflowed; raise rho (--rho)"})
+    return Hypergradient(vector_to_params(hypergrad.to(out_params[0].dtype), out_params), stats)

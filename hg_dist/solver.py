@@ -259,7 +259,8 @@ class BaseSolver(abc.ABC):
         self._after_inner_update()
         try:
             self.recorder.add_many(check_update(update_metrics(returned, "inner_loss"), "inner_update",
-                                                self.global_step))
+                                                self.global_step, outer_steps=self.outer_step,
+                                                after_outer_step=self.is_outer_step(self.global_step - 1)))
         except NonFiniteLossError:
             self.inner_params, self.inner_optim_state = previous
             raise

@@ -35,6 +35,8 @@ def test_example_main_writes_history_result_and_tensorboard(name, approx, tmp_pa
     module = load_example(name)
     assert callable(module.build_solver) and callable(module.main)
     settings = ["--ihvp-iters", "3"] if approx == "cg" else ["--rank", "3"]
+    if approx == "cg" and name == "dataset_distillation":
+        settings += ["--rho", "1"]  # the convnet's Hessian is indefinite: undamped CG raises IHVPDivergenceError
     metrics = module.main(TINY[name] + ["--approx", approx, *settings, "--output", str(tmp_path)])
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["metrics"] == metrics

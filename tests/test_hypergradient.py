@@ -300,5 +300,62 @@ def test_nan_loss_is_reported_with_the_bad_term():
 def test_diverging_neumann_is_reported_as_ihvp_failure():
     inner, outer, theta, phi, _, a = ridge_problem()
     step = 50.0 / float(torch.linalg.eigvalsh(a).max())
-    with pytest.raises(NonFiniteHypergradientError, match="IHVP solution x \\(neumann\\)"):
-        approx_hypergrad.neumann(inner, outer, theta, phi, num_iters=2000, lr=step)
+    solve = functools.partial(ihvp.neumann, num_iters=2000, alpha=step, on_divergence="warn")  # reach the x check
+    with pytest.raises(NonFiniteHypergradientError, match="IHVP solution x \\(neumann\\)"), \
+            pytest.warns(ihvp.IHVPDivergenceWarning):
+        implicit_hypergradient(inner, outer, theta, phi, solve)
+
+
+# ---- dtypes and devices ------------------------------------------------------------------------
+
+def ridge_in(dtype, n=60, d=8, seed=0):
+    """``ridge_problem``'s data, objectives and θ* with the data and parameters in ``dtype``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=generator)
+    y = x @ torch.randn(d, generator=generator) + 0.1 * torch.randn(n, generator=generator)
+    x_val = torch.randn(n, d, generator=generator)
+    y_val = x_val @ torch.randn(d, generator=generator)
+    lam = torch.rand(d, generator=generator) + 0.05
+    theta = torch.linalg.solve(x.T @ x / n + torch.diag(lam), x.T @ y / n)
+    x, y, x_val, y_val = (t.to(dtype) for t in (x, y, x_val, y_val))
+
+    def inner(t, p):
+        return ((x @ t[0] - y) ** 2).mean() / 2 + (p[0] * t[0] ** 2).sum() / 2
+
+    def outer(t, p):
+        return ((x_val @ t[0] - y_val) ** 2).mean() / 2 + 0.01 * (p[0] ** 2).sum()
+
+    return inner, outer, (theta.to(dtype),), (lam.to(dtype),)
+
+
+HALF_SOLVES = {
+    "exact": ihvp.exact,
+    "cg": functools.partial(ihvp.cg, num_iters=8),
+    "nystrom": functools.partial(ihvp.nystrom, rank=8, rho=1e-3, generator=torch.Generator().manual_seed(0)),
+    "neumann": functools.partial(ihvp.neumann, num_iters=100, alpha=0.5),
+    "nystrom_pcg": functools.partial(ihvp.nystrom_pcg, rank=4, num_iters=8, generator=torch.Generator().manual_seed(0)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", list(HALF_SOLVES))
+def test_half_precision_params_work_and_match_float64(method, dtype):
+    """Objectives run in half precision, the IHVP in float32; the result comes back in the params' dtype."""
+    reference = implicit_hypergradient(*ridge_in(torch.float64), HALF_SOLVES[method])[0]
+    result = implicit_hypergradient(*ridge_in(dtype), HALF_SOLVES[method])
+    assert result[0].dtype == dtype
+    # a few units of the dtype's rounding: the data, the products and the result are rounded to it
+    assert rel_err(result[0].double(), reference) <= 8 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.float8_e4m3fn])
+def test_unsupported_dtypes_are_type_errors_naming_the_dtype(dtype):
+    inner, outer, theta, phi, _, _ = ridge_problem()
+    with pytest.raises(TypeError, match=f"in_params\\[0\\] has dtype {dtype}; parameters must be one of"):
+        approx_hypergrad.exact(inner, outer, (theta[0].to(dtype),), (phi[0].to(dtype),))
+
+
+def test_meta_tensors_are_type_errors():
+    inner, outer, theta, phi, _, _ = ridge_problem()
+    with pytest.raises(TypeError, match="out_params\\[0\\] is on the meta device.*to_empty"):
+        approx_hypergrad.exact(inner, outer, theta, (phi[0].to("meta"),))

@@ -148,8 +148,9 @@ def test_neumann_diverges_above_two_over_lambda_max():
     v = torch.randn(P)
     exact = torch.linalg.solve(matrix, v)
     alpha = 2.2 / 10.0
-    errors = [rel_err(ihvp.neumann(operator(matrix), v, num_iters=n, alpha=alpha).solution, exact)
-              for n in (10, 40)]
+    with pytest.warns(ihvp.IHVPDivergenceWarning, match="lr < 2/λ_max"):  # the sums themselves, not the error
+        errors = [rel_err(ihvp.neumann(operator(matrix), v, num_iters=n, alpha=alpha, on_divergence="warn").solution,
+                          exact) for n in (10, 40)]
     assert errors[1] > 10 * errors[0] and errors[1] > 1.0
 
 
@@ -264,3 +265,122 @@ def test_non_integer_rank_is_type_error():
     matrix = spd(REGISTRY["well_conditioned"]())
     with pytest.raises(TypeError, match="rank"):
         ihvp.nystrom(operator(matrix), torch.randn(P), rank=2.5, rho=0.1)
+
+
+# ---- divergence detection and eigenvalue estimates -------------------------------------------
+
+@pytest.mark.parametrize("eigenvalues", [torch.linspace(1.0, 10.0, P), torch.logspace(-3, 1, P),
+                                         torch.linspace(-2.0, 5.0, P)], ids=["linear", "geometric", "indefinite"])
+def test_estimate_spectrum_matches_eigvalsh(eigenvalues):
+    matrix = spd(eigenvalues.double())
+    exact = torch.linalg.eigvalsh(matrix)
+    estimate = ihvp.estimate_spectrum(operator(matrix), torch.zeros(P), iters=20)
+    scale = float(exact.abs().max())
+    assert abs(estimate.lambda_max - float(exact[-1])) <= 1e-3 * scale
+    assert abs(estimate.lambda_min - float(exact[0])) <= 2e-2 * scale
+    assert float(exact[0]) - 1e-9 <= estimate.lambda_min and estimate.lambda_max <= float(exact[-1]) + 1e-9
+    assert ihvp.estimate_lambda_max(operator(matrix), torch.zeros(P)) == estimate.lambda_max
+    # with p steps Lanczos recovers the extremes to rounding (exact termination)
+    full = ihvp.estimate_spectrum(operator(matrix), torch.zeros(P), iters=P)
+    assert abs(full.lambda_max - float(exact[-1])) <= 1e-8 * scale
+
+
+def test_estimate_spectrum_stops_at_an_invariant_subspace():
+    few = ihvp.estimate_spectrum(operator(torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0]))), torch.zeros(4), iters=4)
+    assert math.isclose(few.lambda_max, 3.0) and math.isclose(few.lambda_min, 1.0)  # 4 steps, 2 eigenvalues
+    zero = ihvp.estimate_spectrum(operator(torch.zeros(4, 4)), torch.zeros(4), iters=4)
+    assert zero == (0.0, 0.0, 1)  # β = 0 after one step: no spurious Ritz values from the steps after it
+
+
+def test_estimate_spectrum_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    ihvp.estimate_spectrum(operator(spd(torch.linspace(1.0, 2.0, P))), torch.zeros(P))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_neumann_above_two_over_lambda_max_raises_with_an_estimate():
+    matrix = spd(torch.linspace(1.0, 10.0, P))
+    with pytest.raises(ihvp.IHVPDivergenceError, match=r"lr < 2/λ_max ≈ 0\.2 \(--ihvp-lr\)") as info:
+        ihvp.neumann(operator(matrix), torch.randn(P), num_iters=10, alpha=100.0)
+    assert info.value.lambda_max == pytest.approx(10.0, rel=1e-3)
+
+
+def test_neumann_warn_returns_the_plain_sum():
+    matrix = spd(torch.linspace(1.0, 10.0, P))
+    v = torch.randn(P)
+    with pytest.warns(ihvp.IHVPDivergenceWarning, match="diverged"):
+        x = ihvp.neumann(operator(matrix), v, num_iters=6, alpha=0.3, on_divergence="warn").solution
+    term, total = v, v.clone()
+    for _ in range(6):
+        term = term - 0.3 * matrix @ term
+        total = total + term
+    assert torch.allclose(x, 0.3 * total, rtol=1e-12)
+
+
+def test_neumann_just_below_the_bound_does_not_raise():
+    """Eigenvalues of I − αA in (−1, 1): the terms never grow, however many."""
+    matrix = spd(torch.linspace(1.0, 10.0, P))
+    ihvp.neumann(operator(matrix), torch.randn(P), num_iters=500, alpha=1.99 / 10.0)
+
+
+@pytest.mark.parametrize("method", ["cg", "nystrom_pcg"])
+def test_cg_on_an_indefinite_operator_raises_naming_rho(method):
+    matrix = spd(torch.linspace(-1.0, 10.0, P))
+    solve = {"cg": lambda op, v, **kw: ihvp.cg(op, v, num_iters=P, **kw),
+             "nystrom_pcg": lambda op, v, **kw: ihvp.nystrom_pcg(op, v, rank=5, num_iters=P, **kw)}[method]
+    with pytest.raises(ihvp.IHVPDivergenceError, match=r"non-positive curvature.*raise rho \(--rho\) above") as info:
+        solve(operator(matrix), torch.randn(P))
+    assert info.value.lambda_min < 0
+    # damped past −λ_min it is positive definite again, and solves exactly
+    v = torch.randn(P)
+    x = solve(operator(matrix), v, rho=1.5).solution
+    assert rel_err(x, torch.linalg.solve(matrix + 1.5 * torch.eye(P), v)) <= 1e-8
+    with pytest.warns(ihvp.IHVPDivergenceWarning):
+        solve(operator(matrix), v, on_divergence="warn")
+
+
+def _count_host_syncs(monkeypatch):
+    """Counts reads of tensor values into Python (tolist, item, bool, float, int)."""
+    calls = []
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["cg", "neumann"])
+def test_divergence_checks_sync_once_per_solve_not_per_iteration(method, monkeypatch):
+    matrix = spd(torch.linspace(1.0, 10.0, P))
+    v = torch.randn(P)
+    op = operator(matrix)
+    calls = _count_host_syncs(monkeypatch)
+    if method == "cg":
+        ihvp.cg(op, v, num_iters=30)
+    else:
+        ihvp.neumann(op, v, num_iters=30, alpha=0.1)
+    monkeypatch.undo()
+    assert len(calls) == 1, calls
+
+
+@pytest.mark.parametrize("call", [
+    lambda op, v: ihvp.cg(op, v, num_iters=3, on_divergence="ignore"),
+    lambda op, v: ihvp.neumann(op, v, num_iters=3, alpha=0.1, on_divergence=None),
+    lambda op, v: ihvp.estimate_spectrum(op, v, iters=0),
+])
+def test_bad_divergence_options_are_value_errors(call):
+    with pytest.raises(ValueError, match="on_divergence must be one of|iters must be"):
+        call(operator(spd(torch.linspace(1.0, 2.0, P))), torch.randn(P))
+
+
+def test_divergence_error_survives_pickling():
+    import pickle
+
+    error = ihvp.IHVPDivergenceError("diverged", method="neumann", lambda_min=1.0, lambda_max=10.0)
+    again = pickle.loads(pickle.dumps(error))
+    assert str(again) == "diverged" and (again.method, again.lambda_min, again.lambda_max) == ("neumann", 1.0, 10.0)
+    assert isinstance(again, ArithmeticError)

@@ -13,6 +13,19 @@ the exact solution in at most ``p`` iterations (in exact arithmetic). Once the
 residual is exactly zero, the step sizes are set to zero instead of ``0/0``, so a
 fixed iteration budget never turns a converged solve into NaN, and no
 host-device synchronisation happens inside the loop unless ``rtol`` asks for it.
+
+Divergence. CG needs ``A`` positive definite: every direction has curvature
+``pⱼᵀA pⱼ > 0``. On an indefinite (or numerically singular) ``A`` some direction
+has ``pⱼᵀA pⱼ / pⱼᵀpⱼ ≤ ε · max_{i≤j} pᵢᵀA pᵢ / pᵢᵀpᵢ`` (``ε`` the dtype's epsilon),
+the step ``αⱼ`` has the wrong sign or is huge, and the iterates are garbage.
+The Rayleigh quotient of each direction is kept on the device (two dot
+products per iteration) and read, with the residual norm, in the one host sync
+at the end; a non-positive one raises :class:`~hg_dist.ihvp.IHVPDivergenceError`
+naming ``rho`` with a Lanczos estimate of ``λ_min`` (or warns, with
+``on_divergence="warn"``). A NaN/inf solution with finite ``v`` means NaN/inf
+Hessian products: :class:`~hg_dist.ihvp.NonFiniteHypergradientError`. An SPD
+``A`` never trips the check (its Rayleigh quotients lie in ``[λ_min, λ_max]``,
+so only ``κ(A) > 1/ε`` could, where CG gives no accuracy anyway).
 """
 
 from __future__ import annotations
@@ -24,8 +37,11 @@ from torch import Tensor
 
 from hg_dist._checks import check_float
 from hg_dist.hessian import HessianOperator, shifted
+from hg_dist.ihvp._errors import (PRODUCTS_HINT, RHS_HINT, IHVPDivergenceError, NonFiniteHypergradientError,
+                                  check_on_divergence, report_divergence)
 from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
+from hg_dist.ihvp.spectrum import estimate_spectrum
 from hg_dist.registry import Setting
 
 
@@ -43,6 +59,7 @@ def cg(op: HessianOperator,
        rtol: float | None = None,
        preconditioner: Callable[[Tensor], Tensor] | None = None,
        method: str = "cg",
+       on_divergence: str = "raise",
        ) -> IHVPResult:
     """Approximate ``(H + ρI)⁻¹ v`` with ``num_iters`` CG iterations.
 
@@ -55,12 +72,21 @@ def cg(op: HessianOperator,
             iteration, so the default ``None`` runs the whole budget.
         preconditioner: ``r ↦ M⁻¹ r`` for an SPD ``M ≈ H + ρI``.
         method: the name recorded in the stats.
+        on_divergence: ``"raise"`` (default) or ``"warn"`` (an
+            :class:`~hg_dist.ihvp.IHVPDivergenceWarning`, and the iterate is returned).
 
     Returns:
         :class:`IHVPResult`; ``stats.residual_norm`` is the recurrence's ``‖r‖``.
+
+    Raises:
+        IHVPDivergenceError: a direction of non-positive curvature (``H + ρI`` not
+            positive definite); the message names ``rho`` and estimates ``λ_min``.
+        NonFiniteHypergradientError: ``v`` or the Hessian products are NaN/inf.
     """
     num_iters = ITERATIONS.check(num_iters, method)
-    a = shifted(op, DAMPING.check(rho, method))
+    rho = DAMPING.check(rho, method)
+    check_on_divergence(on_divergence)
+    a = shifted(op, rho)
     if rtol is not None:
         rtol = check_float("rtol", rtol, positive=True)
     precondition = preconditioner if preconditioner is not None else (lambda r: r)
@@ -72,9 +98,13 @@ def cg(op: HessianOperator,
     rz = torch.dot(r, z)
     threshold = rtol * torch.linalg.vector_norm(v) if rtol is not None else None
     iterations = 0
+    curvatures = []  # Rayleigh quotients pᵀAp / pᵀp of the directions (NaN for a zero direction)
     for _ in range(num_iters):
         ap = a.matvec(p)
-        alpha = _safe_div(rz, torch.dot(p, ap))
+        pap = torch.dot(p, ap)
+        pp = torch.dot(p, p)
+        curvatures.append(torch.where(pp > 0, pap / torch.where(pp > 0, pp, 1), torch.nan))
+        alpha = _safe_div(rz, pap)
         x = x + alpha * p
         r = r - alpha * ap
         iterations += 1
@@ -86,9 +116,45 @@ def cg(op: HessianOperator,
         p = z + beta * p
         rz = rz_new
 
+    residual_norm = _check_solve(a, v, x, r, torch.stack(curvatures), rho, method, on_divergence)
     stats = IHVPStats(method=method, num_hvps=iterations, num_operator_calls=iterations,
-                      iterations=iterations, residual_norm=float(torch.linalg.vector_norm(r)))
+                      iterations=iterations, residual_norm=residual_norm)
     return IHVPResult(x, stats)
+
+
+def _check_solve(a: HessianOperator, v: Tensor, x: Tensor, r: Tensor, curvatures: Tensor, rho: float, method: str,
+                 on_divergence: str) -> float:
+    """``‖r‖`` after checking ``v``, ``x`` and the directions' ``curvatures``; one host sync when all is well."""
+    seen = torch.where(curvatures.isfinite(), curvatures, -torch.inf)
+    largest = torch.cummax(seen, dim=0).values
+    bad = curvatures.isfinite() & (curvatures <= torch.finfo(curvatures.dtype).eps * largest)
+    first = torch.argmax(bad.to(torch.uint8))  # 0 when none is bad
+    residual, v_finite, x_finite, any_bad, first_bad, curvature = torch.stack([
+        torch.linalg.vector_norm(r), v.isfinite().all().to(r.dtype), x.isfinite().all().to(r.dtype),
+        bad.any().to(r.dtype), first.to(r.dtype), curvatures[first]]).tolist()
+    if not v_finite:
+        raise NonFiniteHypergradientError(f"non-finite values in the right-hand side v ({method}); {RHS_HINT}")
+    if any_bad:
+        report_divergence(_indefinite_error(a, v, int(first_bad), curvature, rho, method), on_divergence)
+    elif not x_finite:
+        raise NonFiniteHypergradientError(f"non-finite values in the Hessian-vector products ({method}); "
+                                          f"{PRODUCTS_HINT}")
+    return residual
+
+
+def _indefinite_error(a: HessianOperator, v: Tensor, iteration: int, curvature: float, rho: float,
+                      method: str) -> IHVPDivergenceError:
+    head = (f"{method} diverged: the search direction of iteration {iteration + 1} has non-positive curvature "
+            f"pᵀ(H + ρI)p / pᵀp = {curvature:.3g} (rho={rho:g}), so H + ρI is not positive definite (the inner "
+            f"problem is not convex here, or H is singular) and CG's iterates are meaningless")
+    try:
+        lam_min, lam_max, steps = estimate_spectrum(a, v)
+    except (ArithmeticError, RuntimeError):
+        return IHVPDivergenceError(f"{head}; raise rho (--rho) or use nystrom", method=method)
+    bound = min(lam_min, curvature)  # both bound λ_min(H + ρI) from above
+    return IHVPDivergenceError(
+        f"{head}; λ_min(H + ρI) ≈ {bound:.3g} (Lanczos, {steps} products), so raise rho (--rho) above "
+        f"{rho - bound:.3g}, or use nystrom", method=method, lambda_min=bound, lambda_max=lam_max)
 
 
 METHOD = Method(

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from hg_dist.hessian import HessianOperator, shifted
+from hg_dist.ihvp._errors import PRODUCTS_HINT, RHS_HINT, check_finite
 from hg_dist.ihvp._method import DAMPING, Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 
@@ -36,8 +37,12 @@ def exact(op: HessianOperator, v: Tensor, *, rho: float = 0.0) -> IHVPResult:
 
     Raises:
         ValueError: if ``H + ρI`` is singular; add ``rho > 0``.
+        NonFiniteHypergradientError: ``v`` or the Hessian has NaN/inf entries
+            (checked before the solve sees them).
     """
     matrix = dense_hessian(shifted(op, DAMPING.check(rho, "exact")), v)
+    check_finite({"the right-hand side v": v, "the dense Hessian": matrix}, "exact",
+                 {"the right-hand side v": RHS_HINT, "the dense Hessian": PRODUCTS_HINT})
     x, info = torch.linalg.solve_ex(matrix, v)
     if int(info) != 0:
         raise ValueError("the inner Hessian (+ rho·I) is singular; pass rho > 0 to damp it")

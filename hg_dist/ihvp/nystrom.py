@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from hg_dist.hessian import HessianOperator
+from hg_dist.ihvp._errors import PRODUCTS_HINT, RHS_HINT, check_finite
 from hg_dist.ihvp._method import Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 from hg_dist.registry import Setting
@@ -59,6 +60,10 @@ def nystrom(op: HessianOperator,
         rho: shift ``ρ > 0``; also regularises a nearly singular ``W``.
         generator: CPU random generator for the column sample; give every worker
             of a distributed run the same seed so they pick the same columns.
+
+    Raises:
+        NonFiniteHypergradientError: ``v`` or the column block ``C`` has NaN/inf
+            entries (checked, in one host sync, before the ``k×k`` solve sees them).
     """
     rank = check_rank(rank, op.size, "nystrom")
     rho = SHIFT.check(rho, "nystrom")
@@ -66,6 +71,8 @@ def nystrom(op: HessianOperator,
     unit = torch.zeros(op.size, rank, dtype=v.dtype, device=v.device)
     unit[columns, torch.arange(rank, device=v.device)] = 1
     c = op.matmat(unit)                                   # (p, k)
+    check_finite({"the right-hand side v": v, "the Hessian columns C = H[:, K]": c}, "nystrom",
+                 {"the right-hand side v": RHS_HINT, "the Hessian columns C = H[:, K]": PRODUCTS_HINT})
     w = c[columns]                                        # (k, k)
     w = (w + w.T) / 2
     core = rho * w + c.T @ c                              # (k, k)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from hg_dist.hessian import HessianOperator
+from hg_dist.ihvp._errors import PRODUCTS_HINT, check_finite, check_on_divergence
 from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 from hg_dist.ihvp.cg import cg
@@ -40,10 +41,16 @@ class NystromFactor(NamedTuple):
 
 def randomized_nystrom(op: HessianOperator, rank: int, like: Tensor,
                        generator: torch.Generator | None = None) -> NystromFactor:
-    """Rank-``rank`` randomized Nyström factor of ``H`` from one ``matmat`` call."""
+    """Rank-``rank`` randomized Nyström factor of ``H`` from one ``matmat`` call.
+
+    Raises:
+        NonFiniteHypergradientError: the sketch ``Y = HΩ`` has NaN/inf entries
+            (checked before any factorisation sees it).
+    """
     omega = torch.randn(op.size, rank, generator=generator, dtype=like.dtype).to(like.device)
     omega, _ = torch.linalg.qr(omega)
     y = op.matmat(omega)                                               # (p, k)
+    check_finite({"the Hessian sketch Y = HΩ": y}, "nystrom_pcg", PRODUCTS_HINT)
     shift = torch.finfo(like.dtype).eps * max(op.size, 1) ** 0.5 * torch.linalg.matrix_norm(y, ord=2)
     y_shifted = y + shift * omega
     core = omega.T @ y_shifted
@@ -77,6 +84,7 @@ def nystrom_pcg(op: HessianOperator,
                 rho: float = 0.0,
                 rtol: float | None = None,
                 generator: torch.Generator | None = None,
+                on_divergence: str = "raise",
                 ) -> IHVPResult:
     """Solve ``(H + ρI) x = v`` by CG with a rank-``rank`` Nyström preconditioner.
 
@@ -88,12 +96,18 @@ def nystrom_pcg(op: HessianOperator,
         rho: damping ``ρ >= 0``.
         rtol: optional early stop, as in :func:`hg_dist.ihvp.cg`.
         generator: CPU generator for the Gaussian sketch (same seed on all workers).
+        on_divergence: as in :func:`hg_dist.ihvp.cg` (``"raise"`` or ``"warn"``).
+
+    Raises:
+        IHVPDivergenceError: ``H + ρI`` is not positive definite along a CG direction.
+        NonFiniteHypergradientError: ``v``, the sketch or the Hessian products are NaN/inf.
     """
     rank = check_rank(rank, op.size, "nystrom_pcg")
     rho = DAMPING.check(rho, "nystrom_pcg")
+    check_on_divergence(on_divergence)
     factor = randomized_nystrom(op, rank, v, generator)
     result = cg(op, v, num_iters, rho=rho, rtol=rtol,
-                preconditioner=nystrom_preconditioner(factor, rho), method="nystrom_pcg")
+                preconditioner=nystrom_preconditioner(factor, rho), method="nystrom_pcg", on_divergence=on_divergence)
     s = result.stats
     stats = IHVPStats(method="nystrom_pcg", num_hvps=s.num_hvps + rank,
                       num_operator_calls=s.num_operator_calls + 1,
