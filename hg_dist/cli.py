@@ -36,11 +36,22 @@ def make_parser(description: str | None, defaults: ExperimentConfig,
 
 def main(build_solver: SolverBuilder, description: str | None, defaults: ExperimentConfig,
          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-         argv: Sequence[str] | None = None) -> dict[str, Any]:
+         argv: Sequence[str] | None = None, *,
+         check: Callable[[ExperimentConfig], None] | None = None) -> dict[str, Any]:
     """Parse ``argv``, run ``build_solver``'s solve (here, or on Ray Train for ``--workers N > 1``), print
-    and return the final metrics. A bad flag value is a usage error (exit 2)."""
+    and return the final metrics. A bad flag value is a usage error (exit 2).
+
+    ``check(config)``, if given, runs before anything else: a ``ValueError`` or ``TypeError``
+    it raises (flags that do not go together, a data folder that cannot be read) is a
+    usage error too.
+    """
     parser = make_parser(description, defaults, add_arguments)
     config = parse_config(parser, argv)
+    if check is not None:
+        try:
+            check(config)
+        except (TypeError, ValueError) as error:
+            parser.error(str(error))
     metrics = run_experiment(build_solver, config)
     print(json.dumps(metrics, indent=2))
     return metrics
