@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import io
 import json
 import pickle
 import re
+import struct
 import sys
 from pathlib import Path
 
@@ -52,11 +54,40 @@ def random_images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
 
 
+class Python2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote for the CIFAR batches: every str as a byte string
+    (``SHORT_BINSTRING`` / ``BINSTRING``, read back as bytes with ``encoding="bytes"``) and numpy's
+    globals under ``numpy.core``."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_byte_string(self, obj):
+        data = obj.encode("latin-1") if isinstance(obj, str) else obj
+        header = (pickle.SHORT_BINSTRING + bytes([len(data)]) if len(data) < 256
+                  else pickle.BINSTRING + struct.pack("<i", len(data)))
+        self.write(header + data)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_byte_string
+
+    def save_global(self, obj, name=None):
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
+def python2_pickle(obj) -> bytes:
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
 def write_cifar(folder: Path, batches: int = 3, per_batch: int = 20) -> dict[str, np.ndarray]:
     """``folder/cifar-10-batches-py`` as the CIFAR authors ship it, with ``per_batch`` images a batch.
 
-    Batches alternate bytes keys written with protocol 2 (what Python 2's cPickle wrote) and
-    str keys with protocol 4; labels are a list in one, an array in another.
+    The batches take turns: written as Python 2 did (byte-string keys and values, protocol 2),
+    with str keys by Python 3 (protocol 4, labels an array), and with bytes keys by Python 3
+    (protocol 2).
     """
     root = folder / "cifar-10-batches-py"
     root.mkdir(parents=True)
@@ -67,15 +98,18 @@ def write_cifar(folder: Path, batches: int = 3, per_batch: int = 20) -> dict[str
         y = rng.integers(0, 10, size=per_batch)
         name = "test_batch" if b == batches else f"data_batch_{b + 1}"
         rows = x.reshape(per_batch, 3072)
-        if b % 2 == 0:
-            payload, protocol = {b"batch_label": name.encode(), b"labels": y.tolist(), b"data": rows}, 2
+        if b % 3 == 0:
+            payload = python2_pickle({"batch_label": name, "labels": y.tolist(), "data": rows,
+                                      "filenames": [f"{i}.png" for i in range(per_batch)]})
+        elif b % 3 == 1:
+            payload = pickle.dumps({"batch_label": name, "labels": y, "data": rows}, protocol=4)
         else:
-            payload, protocol = {"batch_label": name, "labels": y, "data": rows}, 4
-        (root / name).write_bytes(pickle.dumps(payload, protocol=protocol))
+            payload = pickle.dumps({b"batch_label": name.encode(), b"labels": y.tolist(), b"data": rows}, protocol=2)
+        (root / name).write_bytes(payload)
         images.append(x)
         labels.append(y)
-    meta = {b"label_names": [f"c{k}".encode() for k in range(10)], b"num_cases_per_batch": per_batch}
-    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    meta = {"label_names": [f"c{k}" for k in range(10)], "num_cases_per_batch": per_batch, "num_vis": 3072}
+    (root / "batches.meta").write_bytes(python2_pickle(meta))
     return {"train_x": np.concatenate(images[:-1]), "train_y": np.concatenate(labels[:-1]),
             "test_x": images[-1], "test_y": labels[-1]}
 

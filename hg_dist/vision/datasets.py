@@ -297,20 +297,26 @@ def split_validation(train: LabeledImages, fraction: float, seed: int) -> tuple[
     return train.subset(order[n_val:].sort().values), train.subset(order[:n_val].sort().values)
 
 
-def synthetic_images(n_train: int, n_test: int, *, num_classes: int = 10, noise: float = 1.0,
-                     seed: int = 0) -> ImageData:
-    """A learnable stand-in for CIFAR-10: one smooth colour pattern per class, shifted, scaled, plus noise.
+def synthetic_images(n_train: int, n_test: int, *, num_classes: int = 10, signal: float = 0.15,
+                     noise: float = 1.0, seed: int = 0) -> ImageData:
+    """A learnable stand-in for CIFAR-10: a weak class pattern on a shared one, shifted, scaled, plus noise.
 
-    Image ``i`` of class ``c``: ``128 + 40·(a_i · roll(P_c, s_i) + noise · ε_i)``, clipped to
-    ``[0, 255]``, where ``P_c`` is a fixed random 8×8×3 pattern upsampled to 32×32 (unit
-    variance), ``a_i ~ U(0.5, 1.5)`` a contrast, ``s_i`` a shift of up to ±4 pixels each
-    way and ``ε_i`` white noise. The noise makes a small training set easy to overfit,
-    which is where weight decay matters. Labels are balanced (``i mod num_classes``).
+    Image ``i`` of class ``c``: ``128 + 40·(a_i · roll(S + signal·D_c, s_i) + noise · ε_i)``,
+    clipped to ``[0, 255]``, where ``S`` (shared by all classes) and ``D_c`` are fixed random
+    8×8×3 patterns upsampled to 32×32 (unit variance), ``a_i ~ U(0.5, 1.5)`` a contrast,
+    ``s_i`` a shift of up to ±4 pixels each way and ``ε_i`` white noise. With the
+    defaults a small CNN fits 900 training images perfectly within a few hundred steps
+    while reaching about 0.8 test accuracy: a small training set overfits, which is
+    where weight decay matters. Labels are balanced (``i mod num_classes``, shuffled).
     """
     gen = torch.Generator().manual_seed(seed)
-    patterns = torch.randn(num_classes, 3, 8, 8, generator=gen, dtype=torch.float32)
-    patterns = torch.nn.functional.interpolate(patterns, size=IMAGE_SIZE, mode="bicubic", align_corners=False)
-    patterns = (patterns - patterns.mean(dim=(1, 2, 3), keepdim=True)) / patterns.std(dim=(1, 2, 3), keepdim=True)
+
+    def smooth(n: int) -> Tensor:
+        pattern = torch.randn(n, 3, 8, 8, generator=gen, dtype=torch.float32)
+        pattern = torch.nn.functional.interpolate(pattern, size=IMAGE_SIZE, mode="bicubic", align_corners=False)
+        return (pattern - pattern.mean(dim=(1, 2, 3), keepdim=True)) / pattern.std(dim=(1, 2, 3), keepdim=True)
+
+    patterns = smooth(1) + signal * smooth(num_classes)
 
     def split(n: int) -> LabeledImages:
         labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
