@@ -96,8 +96,8 @@ class Settings(NamedTuple):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.data == "cifar" and self.data_dir is None:
-            raise ValueError(f"--data-dir is required with --data cifar: a folder holding {describe_expected()}; "
-                             f"or use --data synthetic")
+            raise ValueError(f"--data-dir is required with --data cifar; expected {describe_expected()}; or use "
+                             f"--data synthetic")
         if self.data == "synthetic" and self.data_dir is not None:
             raise ValueError("--data-dir is not read with --data synthetic; drop one of them")
         if self.width is not None and self.width < 2:
@@ -252,7 +252,8 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
 
 def check(config: ExperimentConfig) -> None:
     """What the command line refuses before anything runs: flags that do not go together, and data that
-    cannot be read or batched (the folder is read here, once, on the submitting machine)."""
+    cannot be read or batched (so the folder is read here, on the submitting machine, before the solvers
+    read it again)."""
     settings = Settings.of(config)
     if settings.amp and not config.use_gpu:
         raise ValueError("--amp (bf16 autocast for the inner steps) is for CUDA: add --use-gpu, or drop --amp on CPU")
