@@ -350,6 +350,8 @@ def test_augmented_batches_do_not_depend_on_workers_or_restarts():
     assert torch.equal(transform((data.images[part], data.labels[part]), part, 0)[0], epoch0[part])
     epoch1 = transform((data.images, data.labels), index, 1)[0]
     assert (epoch0 != epoch1).flatten(1).any(dim=1).double().mean() > 0.8
+    on_device = ImageTransform(transform.mean, transform.std, augment=True, seed=5, device="cpu")
+    assert torch.equal(on_device((data.images, data.labels), index, 0)[0], epoch0)
 
 
 # ---- the example: decay granularity, amp, resume, W=1 and W=2 ----------------------------------
