@@ -27,6 +27,7 @@ def ray_session(tmp_path_factory):
     """
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1 (checked on Ray 2.60)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield ray
