@@ -47,12 +47,9 @@ from hg_dist.tune.results import best_record, best_row, format_table, make_table
 from hg_dist.tune.searchers import SEARCHERS, check_searchable, grid_points, make_searcher
 from hg_dist.tune.space import check_space
 from hg_dist.tune.storage import MARKER_FILE, SearchStorage
-from hg_dist.tune.trainable import TRIAL_CPU, make_trainable, release_workers, trial_demand
+from hg_dist.tune.trainable import RUN_DIR, TRIAL_CPU, make_trainable, release_workers, trial_demand
 
 __all__ = ["SearchExistsError", "SearchInterrupted", "SearchResult", "run_search"]
-
-RUN_DIR = "run"
-"""Sub-folder of a trial's Tune directory holding its files when the output is a URI."""
 
 
 class SearchExistsError(ValueError):
@@ -327,7 +324,7 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     rows = table_rows(result_grid, metric=metric, base=base, statuses=statuses, output_of=output_of)
     table = make_table(rows, metric, mode)
     result = _write_outputs(storage, table, result_grid, build_solver=build_solver, metric=metric, mode=mode,
-                            plot=plot, interrupted=interrupted)
+                            plot=plot and not interrupted, interrupted=interrupted)  # Ctrl-C: no time to draw
     text = format_table(table)
     if print_table:
         print(text)

@@ -30,7 +30,7 @@ from typing import Any
 
 from ray.tune.search.sample import Categorical, Domain, Function
 
-__all__ = ["SEARCHERS", "check_searchable", "define_by_run", "grid_points", "make_searcher"]
+__all__ = ["DefineByRun", "SEARCHERS", "check_searchable", "define_by_run", "grid_points", "make_searcher"]
 
 SEARCHERS = ("random", "optuna")
 """Names accepted by ``run_search(search=...)`` and ``search.py --search``."""
@@ -117,7 +117,27 @@ def _suggest(trial: Any, path: str, value: Any) -> Any:
     return value
 
 
-def define_by_run(space: Mapping[str, Any]) -> Callable[[Any], dict[str, Any]]:
+class DefineByRun:
+    """The Optuna define-by-run function of a nested space (see the module docs); build it with
+    :func:`define_by_run`.
+
+    A class, not a closure: ``OptunaSearch`` saves itself (and this) with plain ``pickle``
+    for ``Tuner.restore``.
+    """
+
+    def __init__(self, space: Mapping[str, Any]) -> None:
+        check_searchable(space, "optuna")
+        self.space = dict(space)
+        self.points = grid_points(space)
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        real = getattr(trial, "ot_trial", trial)
+        point = self.points[real.number % len(self.points)]
+        return {key: _suggest(real, key, point[key] if key in point else value)
+                for key, value in self.space.items()}
+
+
+def define_by_run(space: Mapping[str, Any]) -> DefineByRun:
     """The Optuna define-by-run function of a nested space (see the module docs).
 
     Ray's wrapper around the Optuna trial copies every suggestion into the config
@@ -128,16 +148,7 @@ def define_by_run(space: Mapping[str, Any]) -> Callable[[Any], dict[str, Any]]:
     Raises:
         ValueError: the space holds a domain Optuna cannot suggest (naming the key).
     """
-    check_searchable(space, "optuna")
-    points = grid_points(space)
-    space = dict(space)
-
-    def suggest(trial: Any) -> dict[str, Any]:
-        real = getattr(trial, "ot_trial", trial)
-        point = points[real.number % len(points)]
-        return {key: _suggest(real, key, point[key] if key in point else value) for key, value in space.items()}
-
-    return suggest
+    return DefineByRun(space)
 
 
 def make_searcher(search: str, space: Mapping[str, Any], *, metric: str, mode: str, seed: int | None,

@@ -67,6 +67,10 @@ TRIAL_CPU = 0.01
 ERROR_KEY = "hg_dist_error"
 """Result key of an error found while forwarding a Train run's reports (the trial is then failed)."""
 
+RUN_DIR = "run"
+"""Sub-folder of a trial's Tune directory that holds its files when the search's output is a URI
+(Tune keeps its own ``result.json`` in the trial directory)."""
+
 SOLVER_FILE = "solver.pt"
 TRACKER_FILE = "trial_state.json"
 
@@ -389,6 +393,7 @@ def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str
         if checkpoint is not None:
             restore_trial(checkpoint, solver, reporter.tracker)
             resumed["resumed_from_outer_step"] = solver.outer_step
+            update_result(config.output, resumed_from_outer_step=solver.outer_step)
         return solver
 
     final = run_local(build_trial_solver, config)
@@ -407,6 +412,8 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
     state_file = output / TRACKER_FILE
     forward = TrainToTune(metric, mode, state_file=state_file)
     resumed = forward.last_step if forward.last_step >= 0 else None
+    if resumed is not None:
+        update_result(output, resumed_from_outer_step=resumed)
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     result = fit(TrialSolver(build_solver), config,
                  TrainSettings(resources_per_worker=resources, precheck=False, num_to_keep=1, callbacks=(forward,),
@@ -439,12 +446,13 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
     """The function trainable's body: flatten ``config``, run one solve, report every outer step.
 
     The trial's outputs go to ``trials_dir/<trial name>`` (``None``: the trial's Tune
-    directory, which Tune syncs to a URI storage). Its ``result.json`` gets
+    directory's ``run/``, which Tune syncs to a URI storage). Its ``result.json`` gets
     ``status`` ``completed`` or, with the error, ``failed``.
     """
     context = tune.get_context()
     trial_name = context.get_trial_name()
-    output = str(Path(trials_dir) / trial_name) if trials_dir is not None else context.get_trial_dir()
+    output = str(Path(trials_dir) / trial_name) if trials_dir is not None else \
+        str(Path(context.get_trial_dir()) / RUN_DIR)
     try:
         experiment = to_experiment_config(config, base, output=output)
     except (TypeError, ValueError) as error:
