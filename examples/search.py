@@ -27,7 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-from ray import tune
+if not os.environ.get("RAY_ADDRESS"):
+    # The local Ray instance binds to 127.0.0.1; Ray reads this when it is imported.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from ray import tune  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # data_hypercleaning, also when imported
 
@@ -76,8 +80,8 @@ def make_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
     add("--unroll-steps", type=int, default=10, help="inner steps between outer steps")
     add("--n-train", type=int, default=1000, help="noisy training examples")
     add("--search", choices=SEARCHERS, default="random", help="searcher: random (and grid) or optuna (TPE)")
-    add("--cpus-per-worker", type=float, default=0.5,
-        help="CPUs per solving process (0.5 lets a 2-worker trial fit on 2 cores)")
+    add("--cpus-per-worker", type=float, default=0.45,
+        help="CPUs per solving process (0.45: two 2-worker trials, 2 x 0.91 CPUs, run side by side on 2 cores)")
     add("--use-gpu", action="store_true", default=False, help="one GPU per solving process")
     add("--max-failures", type=int, default=0,
         help="retries of a failed trial from its last checkpoint (and worker-group restarts of a 2-worker trial)")
@@ -175,15 +179,26 @@ def main(argv: list[str] | None = None):
             command += f" --output {shlex.quote(args.output)}"
         message = str(interrupt) if isinstance(interrupt, SearchInterrupted) else "search interrupted"
         print(f"\n{message}\ncontinue it with:\n  {command}", file=sys.stderr, flush=True)
-        ray.shutdown()
-        # Everything is written and Ray is down. Skip the interpreter's own shutdown: its final garbage
-        # collection of this process's heap (torch, Ray, pandas) took 8-12 s on a loaded 2-core machine,
-        # and Ctrl-C should end the search within seconds.
-        sys.stdout.flush()
-        os._exit(130)
+        finish(130)
     print(f"{len(result.table)} trials in {time.perf_counter() - tic:.0f} s; results in {result.output}")
     return result
 
 
+def finish(code: int) -> None:
+    """Shut Ray down and end the process now, with exit status ``code``.
+
+    Everything is written by then. The interpreter's own shutdown is skipped: its final
+    garbage collection of this process's heap (torch, Ray, pandas, matplotlib) took
+    8-12 s on a loaded 2-core machine, and Ctrl-C should end a search within seconds.
+    """
+    import ray
+
+    ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     main()
+    finish(0)

@@ -7,6 +7,10 @@ import os
 import pytest
 import torch
 
+# Local Ray instances bind to 127.0.0.1. Ray reads this when it is imported (ray_constants), so it is
+# set here, before any test module imports ray (checked on Ray 2.60: the raylet then listens on loopback).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 @pytest.fixture(autouse=True)
 def _float64_and_seed():
@@ -27,7 +31,6 @@ def ray_session(tmp_path_factory):
     """
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1 (checked on Ray 2.60)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield ray

@@ -3,8 +3,10 @@
 ``ray.init()`` with an address it cannot reach retries for minutes, printing raw GCS
 warnings. :func:`start_ray` first opens a TCP connection to the address (a few
 seconds at most) and otherwise raises :class:`RayUnreachableError` naming it.
-Without an address it starts a local instance on 127.0.0.1 (no port on the
-machine's network address).
+Without an address it starts a local instance; it binds to 127.0.0.1 (no port on
+the machine's network address) when ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` was set
+before ``ray`` was first imported, as ``examples/search.py`` does (Ray reads it at
+import).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def probe(address: str, timeout: float = 5.0) -> None:
 
 
 def start_ray(address: str | None = None, *, num_cpus: int | None = None, timeout: float = 5.0) -> bool:
-    """Connect to ``address`` (default ``RAY_ADDRESS``) or start a local instance on loopback.
+    """Connect to ``address`` (default ``RAY_ADDRESS``) or start a local instance (see the module docs).
 
     Returns:
         ``True`` if a local instance was started (a fixed cluster: no autoscaler).
@@ -76,8 +78,6 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, timeou
         probe(address, timeout)
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         return False
-    # With this set, a new local instance binds to 127.0.0.1 (checked on Ray 2.60), not the network address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # The dashboard serves the state API that Ray Train uses to release the resources of
     # multi-worker trials stopped early by ASHA; without it, later trials can wait forever.
     ray.init(address="local", num_cpus=num_cpus, log_to_driver=False, configure_logging=False)

@@ -67,6 +67,16 @@ TRIAL_CPU = 0.01
 ERROR_KEY = "hg_dist_error"
 """Result key of an error found while forwarding a Train run's reports (the trial is then failed)."""
 
+TRAIN_POLL_INTERVAL_S = 0.2
+"""Poll interval of a multi-worker trial's Train controller (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``).
+
+A Train worker's ``ray.train.report`` puts its result in a queue of size one that the
+controller empties when it polls (every 2 s by default), so each report (one per
+outer step) waited up to 2 s: a 20-outer-step 2-worker trial took 87 s with the
+default and 33 s with 0.1 s, on 2 loaded cores. An environment variable the trial
+sets for its own Train run only (Ray propagates it to the controller); one already
+set wins."""
+
 RUN_DIR = "run"
 """Sub-folder of a trial's Tune directory that holds its files when the search's output is a URI
 (Tune keeps its own ``result.json`` in the trial directory)."""
@@ -415,6 +425,7 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
     if resumed is not None:
         update_result(output, resumed_from_outer_step=resumed)
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
     result = fit(TrialSolver(build_solver), config,
                  TrainSettings(resources_per_worker=resources, precheck=False, num_to_keep=1, callbacks=(forward,),
                                checkpoint_every=checkpoint_every, max_failures=max_failures,
