@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None):
                             checkpoint_every=args.checkpoint_every, max_failures=args.max_failures,
                             resume=args.resume, fixed_cluster=started_here, seed=args.seed,
                             progress_interval=args.progress_interval, settings=settings)
-    except SearchExistsError as error:
+    except (SearchExistsError, TypeError, ValueError) as error:  # refused before any trial started
+        ray.shutdown()
         parser.error(str(error))
     except KeyboardInterrupt as interrupt:  # SearchInterrupted, or a second Ctrl-C
         command = shlex.join(["python", "examples/search.py", *[a for a in argv if a != "--resume"], "--resume"])

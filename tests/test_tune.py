@@ -46,7 +46,9 @@ class RidgeSolver(BaseImplicitSolver):
 
     ``extra["diverge_at"] = k`` makes the outer loss NaN from outer step ``k`` on (a
     deliberately failing trial); ``extra["quality"] = q`` adds a reported ``score``
-    ``= q · outer_step`` (a constructed metric for the ASHA test).
+    ``= q · outer_step`` (a constructed metric for the ASHA test); ``extra["fail_once_at"]
+    = k`` with ``extra["marker"] = path`` raises once, at outer step ``k``, in the first
+    solve to get there (it creates the marker file).
     """
 
     def setup(self, config: ExperimentConfig, data: tuple[torch.Tensor, ...]) -> None:
@@ -79,6 +81,9 @@ class RidgeSolver(BaseImplicitSolver):
         loss = float(self.outer_forward(self.inner_params, self.outer_params()))
         step = self.outer_step + 1
         extra = self.config.extra
+        if extra.get("fail_once_at") == step and not Path(extra["marker"]).exists():
+            Path(extra["marker"]).touch()
+            raise RuntimeError(f"injected failure at outer step {step}")
         if "diverge_at" in extra and step >= extra["diverge_at"]:
             loss = math.nan
         metrics = {"outer_loss": loss}
@@ -556,25 +561,32 @@ def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tm
 
 def test_optuna_search_to_a_file_uri(ray_session, tmp_path):
     """--search optuna with --output file://...: Tune's storage is the URI; the tables, best config, plot
-    and each trial's files (synced by Tune) are there."""
+    and each trial's files (synced by Tune) are there. One trial fails once at outer step 3 and, with
+    max_failures=1, Tune retries it from its trial checkpoint (outer step 2), not from the start."""
     pytest.importorskip("optuna")
     space = {**SPACE, "approximator": tune.choice([
         {"name": "nystrom", "rank": tune.choice([2, 3]), "rho": tune.loguniform(0.05, 0.5)},
-        {"name": "cg", "num_iters": tune.choice([3, 5]), "lr": 1.0}])}
+        {"name": "cg", "num_iters": tune.choice([3, 5]), "lr": 1.0}]),
+        "extra": {"fail_once_at": 3, "marker": str(tmp_path / "failed_once")}}
     uri = f"file://{tmp_path / 'uri'}"
     result = run_search(build_tiny, space, output=uri, search="optuna", num_samples=3, metric="outer_loss",
                         mode="min", scheduler=FIFOScheduler(), cpus_per_worker=0.5, checkpoint_every=2,
-                        print_table=False)
+                        max_failures=1, print_table=False)
     assert result.output == uri
     root = tmp_path / "uri"
     table = pq.read_table(root / "results.parquet").to_pylist()
     assert len(table) == 3 and {row["status"] for row in table} == {"completed"}
     for sampled in (trial.config for trial in result.result_grid):
         _check_nested(sampled)
+    resumed = []
     for row in table:
         files = root / "tune" / row["trial"] / "run"
-        assert _result_json(files)["status"] == "completed"
-        assert len(_rows(files / "history.parquet")) >= 5
+        record = _result_json(files)
+        assert record["status"] == "completed"
+        resumed.append(record.get("resumed_from_outer_step"))
+        outer = sorted({r["outer_step"] for r in _rows(files / "history.parquet") if r["outer_step"] is not None})
+        assert outer == [1, 2, 3, 4, 5]
+    assert (tmp_path / "failed_once").exists() and sorted(resumed, key=str) == [2, None, None]
     assert json.loads((root / "search.json").read_text())["search"] == "optuna"
     assert load_best(f"{uri}/best_config.json")[1]["trial"] == result.best["trial"]
     assert (root / "search.png").exists()
@@ -665,13 +677,13 @@ def _fingerprint(folder: Path) -> dict[str, bytes]:
 
 
 def test_main_job_interrupt_then_resume(tmp_path):
-    """Ctrl-C on examples/search.py: exit 130 within 10 s with the command that continues, no process left;
-    `--resume` then keeps every finished trial as it was (never rerun), continues the others, and
-    rebuilds a complete table."""
+    """Ctrl-C on examples/search.py (Optuna searcher): exit 130 within 10 s with the command that continues,
+    no process left; `--resume` then keeps every finished trial as it was (never rerun), continues the
+    others from their trial checkpoints (the searcher's state restored), and rebuilds a complete table."""
     output = tmp_path / "search"
-    args = ["--workers", "1", "--num-samples", "3", "--num-iters", "200", "--unroll-steps", "5", "--n-train",
-            "150", "--num-cpus", "1", "--checkpoint-every", "2", "--progress-interval", "5", "--output",
-            str(output)]
+    args = ["--search", "optuna", "--workers", "1", "--num-samples", "3", "--num-iters", "120", "--unroll-steps",
+            "5", "--n-train", "150", "--num-cpus", "1", "--checkpoint-every", "2", "--progress-interval", "5",
+            "--output", str(output)]
     code, text, elapsed, processes = _run_main_job(args, interrupt_after="done)")
     assert code == 130, text[-3000:]
     assert elapsed < 10, f"took {elapsed:.1f} s to stop"
@@ -683,7 +695,10 @@ def test_main_job_interrupt_then_resume(tmp_path):
     assert finished and {row["status"] for row in table if row["trial"] in unfinished} <= {"interrupted",
                                                                                              "pending"}
     kept = {name: _fingerprint(output / "trials" / name) for name in finished}
-    checkpointed = {name for name in unfinished if list((output / "tune" / name).glob("checkpoint_*"))}
+    # (a trial may have ended its solve just before Tune, stopping, could note it: it says so itself)
+    checkpointed = {name for name in unfinished if list((output / "tune" / name).glob("checkpoint_*"))
+                    and (output / "trials" / name / "result.json").exists()
+                    and _result_json(output / "trials" / name)["status"] == "interrupted"}
 
     code, text, _, processes = _run_main_job([*args, "--resume"], interrupt_after=None)
     assert code == 0, text[-3000:]

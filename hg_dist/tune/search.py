@@ -385,7 +385,7 @@ def _record_status(storage: SearchStorage, trial: Trial, output: str, status: st
             if not path.parent.exists():
                 return  # never started: nothing to mark
             current = json.loads(path.read_text()) if path.exists() else {}
-            if current.get("status") in ("completed", "failed") and status != "interrupted":
+            if current.get("status") in ("completed", "failed"):  # the trial's own word on how it ended
                 return
             update_result(output, **fields, **({} if "metrics" in current else {"metrics": last}))
         else:
