@@ -377,6 +377,38 @@ def test_trial_history_has_every_outer_step_when_the_process_is_killed(tmp_path)
     assert events and events[0].stat().st_size > 100
 
 
+def test_progress_lines_and_status():
+    """One line per ended trial (with why it ended), a status line with counts and the best so far."""
+    import io
+
+    from ray.tune.experiment import Trial
+
+    from hg_dist.tune.progress import SearchProgress
+
+    trials = [Trial("hg_dist_trial", config={}, trial_id=name, stub=True) for name in ("a1", "b2", "c3")]
+    for trial, name in zip(trials, ("cg_a1", "nystrom_b2", "cg_c3")):
+        trial.custom_trial_name = name
+    stream, ended = io.StringIO(), []
+    progress = SearchProgress("val_acc", "max", 4, interval=0.0, stream=stream,
+                              on_end=lambda trial, status, error: ended.append((str(trial), status, error)))
+    a, b, c = trials
+    a.update_last_result({"best_metric": 0.8, "outer_step": 4})
+    progress.on_trial_result(0, trials, a, {"best_metric": 0.8})
+    b.update_last_result({"best_metric": 0.9, "outer_step": 39, "solve_completed": 1.0})
+    progress.on_trial_result(0, trials, b, {"best_metric": 0.9})
+    c.set_status(Trial.RUNNING)
+    progress.on_trial_complete(0, trials, a)
+    a.set_status(Trial.TERMINATED)
+    progress.on_trial_complete(0, trials, b)
+    b.set_status(Trial.TERMINATED)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith("cg_a1 stopped by the scheduler after 4 outer steps: best val_acc 0.8 (1/4 done)")
+    assert lines[1].endswith("nystrom_b2 completed after 39 outer steps: best val_acc 0.9 (2/4 done)")
+    assert progress.status_line() == ("1 running, 2 done (1 completed, 1 stopped), 0 failed, 1 pending; "
+                                      "best val_acc 0.9 (nystrom_b2)")
+    assert ended == [("cg_a1", "stopped", None), ("nystrom_b2", "completed", None)]
+
+
 def test_best_skips_a_trial_that_failed_after_a_good_start():
     """Why best_row stays ours (see its docstring): Tune's ranking would pick the failed trial."""
     from hg_dist.tune.results import best_row, make_table

@@ -88,7 +88,7 @@ class SearchProgress(Callback):
         result = trial.last_result or {}
         steps = result.get("outer_step")
         value = result.get("best_metric")
-        done = sum(1 for t in self.trials if t.status in FINAL) or len(self.ended)
+        done = len({t.trial_id for t in self.trials if t.status in FINAL} | {trial.trial_id})
         what = {"completed": "completed", "stopped": "stopped by the scheduler"}.get(status, status)
         line = f"{trial} {what}"
         if steps is not None:

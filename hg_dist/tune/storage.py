@@ -17,7 +17,11 @@ A plain path is used in place: every trial writes its files straight into
 trial). A URI becomes Tune's ``storage_path``; the trials then write into their
 Tune working directories, which Tune uploads (``SyncConfig(sync_artifacts=True)``)
 with every trial checkpoint and at the end, and the search's own files are
-uploaded through the URI's pyarrow filesystem.
+uploaded through the URI's pyarrow filesystem. Rank 0 of a multi-worker trial writes
+its files on its own node: they reach the URI when that is the trial's node (Ray
+places the Train controller there; the workers may go elsewhere on a multi-node
+cluster, where such trials need a shared folder as ``output``). Their Train
+checkpoints go to ``<output>/train/<trial>`` on the URI itself.
 """
 
 from __future__ import annotations
