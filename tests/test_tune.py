@@ -568,16 +568,16 @@ def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tm
         "outer_optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.0},
         "extra": {"quality": tune.grid_search([1.0, 0.5, 0.1])},
         "workers": tune.sample_from(lambda spec: 2 if spec.config.extra["quality"] == 0.1 else 1),
-        "num_iters": 61,
+        "num_iters": 46,
         "unroll_steps": 5,
     }
     result = run_search(build_tiny, space, output=tmp_path / "asha", metric="score", mode="max",
                         grace_period=3, reduction_factor=2, max_concurrent_trials=1, cpus_per_worker=0.5,
                         print_table=False)
     rows = {json.loads(row["config"])["extra"]["quality"]: row for row in result.table.to_pylist()}
-    assert rows[1.0]["status"] == "completed" and rows[1.0]["outer_steps"] == 12
+    assert rows[1.0]["status"] == "completed" and rows[1.0]["outer_steps"] == 9
     stopped = rows[0.1]
-    assert stopped["status"] == "stopped" and stopped["workers"] == 2 and 3 <= stopped["outer_steps"] < 12
+    assert stopped["status"] == "stopped" and stopped["workers"] == 2 and 3 <= stopped["outer_steps"] < 9
     folder = result.output / "trials" / stopped["trial"]
     assert _result_json(folder)["status"] == "stopped"
     outer = sorted({r["outer_step"] for r in _rows(folder / "history.parquet") if r["outer_step"] is not None})

@@ -45,7 +45,7 @@ from hg_dist.experiment import RESULT_FILE, ExperimentConfig
 from hg_dist.tune.plots import plot_search
 from hg_dist.tune.progress import FINAL, SearchProgress, trial_status
 from hg_dist.tune.results import best_record, best_row, format_table, make_table, solver_reference, table_rows
-from hg_dist.tune.searchers import SEARCHERS, check_searchable, grid_points, make_searcher
+from hg_dist.tune.searchers import check_searchable, grid_points, make_searcher
 from hg_dist.tune.space import check_space
 from hg_dist.tune.storage import MARKER_FILE, SearchStorage
 from hg_dist.tune.trainable import RUN_DIR, TRIAL_CPU, make_trainable, release_workers, trial_demand
@@ -254,7 +254,7 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     workers = _workers_candidates(space, base)
     if fixed_cluster or (fixed_cluster is None and started_here):
         _check_capacity(workers, cpus_per_worker, base.use_gpu)
-    if marker is None or not marker:
+    if not marker:  # a new search (or one whose marker was lost): say what is searched here
         storage.write_json(_marker(storage, metric=metric, mode=mode, search=search, num_samples=num_samples,
                                    total=total, build_solver=build_solver, settings=settings), MARKER_FILE)
 
@@ -434,9 +434,9 @@ def _write_outputs(storage: SearchStorage, table: pa.Table, result_grid: ResultG
 
 
 def _plot(storage: SearchStorage, table: pa.Table, result_grid: ResultGrid, *, metric: str, mode: str) -> str | None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # the plot is optional (the examples extra has it)
         return None
     methods = {row["trial"]: row["approx"] or "?" for row in table.to_pylist()}
     trials = []

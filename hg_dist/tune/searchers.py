@@ -25,7 +25,7 @@ refused before Ray starts, naming the key.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ray.tune.search.sample import Categorical, Domain, Function
