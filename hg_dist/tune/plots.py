@@ -3,7 +3,7 @@
 Three panels, from each trial's reported results (Tune's ``Result.metrics_dataframe``):
 
 1. per method, the best ``metric`` reached by any of its trials within ``t`` seconds of
-   their own solving time (``wall_time_s``), against ``t``;
+   their own start (``wall_time_s``, worker start-up included), against ``t``;
 2. the same against Hessian-vector products spent (``hvps_total``);
 3. every trial's ``metric`` against its outer step, coloured by method.
 
@@ -71,7 +71,7 @@ def plot_search(trials: Sequence[Mapping[str, Any]], path: str | Path, *, metric
             xs, ys = zip(*curve)
             axes[2].plot(xs, ys, color=colours[trial["method"]], alpha=0.7, linewidth=1)
     best = "highest" if mode == "max" else "lowest"
-    axes[0].set(xlabel="solving time of the method's trials (s)", ylabel=f"{best} {metric} so far",
+    axes[0].set(xlabel="seconds since each trial started", ylabel=f"{best} {metric} so far",
                 title="best so far against wall time")
     axes[1].set(xlabel="Hessian-vector products", ylabel=f"{best} {metric} so far",
                 title="best so far against HVPs")
