@@ -6,7 +6,8 @@ after every outer step (:func:`as_callback`). The solver builds the standard one
 from its constructor arguments:
 
 * ``log_dir``  → :class:`HistoryWriter` (TensorBoard + Parquet history, flushed
-  while the run goes, closed whatever ends it);
+  while the run goes, closed whatever ends it); a ``HistoryWriter`` among the
+  user's callbacks (say one flushing every row) takes its place;
 * ``progress`` → :class:`ProgressBar` (tqdm, with the live losses);
 * ``logger``   → :class:`LogRows` (each history row to a standard-library logger).
 """
@@ -163,7 +164,8 @@ class LogRows(Callback):
 def run_callbacks(solver: "BaseSolver") -> list[Callback]:
     """The callbacks of one ``run()``: the standard ones for ``progress``/``log_dir``/``logger``, then the user's."""
     standard: list[Callback] = [ProgressBar(enabled=solver.progress)]
-    if solver.log_dir is not None:
+    own_history = any(isinstance(cb, HistoryWriter) for cb in solver.callbacks)
+    if solver.log_dir is not None and not own_history:  # a HistoryWriter among the user's replaces the standard one
         standard.append(HistoryWriter(solver.log_dir))
     if solver.logger is not None:
         standard.append(LogRows(solver.logger))

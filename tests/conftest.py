@@ -7,6 +7,10 @@ import os
 import pytest
 import torch
 
+# Local Ray instances bind to 127.0.0.1. Ray reads this when it is imported (ray_constants), so it is
+# set here, before any test module imports ray (checked on Ray 2.60: the raylet then listens on loopback).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 @pytest.fixture(autouse=True)
 def _float64_and_seed():

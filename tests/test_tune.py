@@ -1,8 +1,9 @@
-"""hg_dist.tune: nested spaces, the per-outer-step trainable, results table, failures, ASHA.
+"""hg_dist.tune: nested spaces, searchers, the trainable, durable histories, results, resume, ASHA.
 
-The searches use a tiny ridge-regression problem defined here (a few hundred
-parameters-free milliseconds per solve) so the Ray part of this file stays well under
-a minute and a half on two cores.
+The searches use a tiny ridge-regression problem defined here (milliseconds per
+solve), so the Ray part of this file is mostly Ray's own start-up: three in-process
+searches on the shared session and one interrupted-then-resumed run of the main job
+(examples/search.py) as a subprocess.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from hg_dist import make_approx  # noqa: E402
 from hg_dist.experiment import ExperimentConfig  # noqa: E402
 from hg_dist.outer_optimizers import make_outer_optimizer  # noqa: E402
 from hg_dist.solver import BaseImplicitSolver  # noqa: E402
-from hg_dist.tune import (SolveReporter, TrialDivergedError, check_space, load_best, rerun_best,  # noqa: E402
-                          run_search, to_experiment_config, trial_settings)
+from hg_dist.tune import (SearchExistsError, SolveReporter, TrialDivergedError, check_space,  # noqa: E402
+                          load_best, rerun_best, run_search, to_experiment_config, trial_settings)
 from hg_dist.tune.trainable import trial_resources  # noqa: E402
 
 # Ray workers cannot import this test module by name: ship its functions by value.
@@ -45,7 +46,9 @@ class RidgeSolver(BaseImplicitSolver):
 
     ``extra["diverge_at"] = k`` makes the outer loss NaN from outer step ``k`` on (a
     deliberately failing trial); ``extra["quality"] = q`` adds a reported ``score``
-    ``= q · outer_step`` (a constructed metric for the ASHA test).
+    ``= q · outer_step`` (a constructed metric for the ASHA test); ``extra["fail_once_at"]
+    = k`` with ``extra["marker"] = path`` raises once, at outer step ``k``, in the first
+    solve to get there (it creates the marker file).
     """
 
     def setup(self, config: ExperimentConfig, data: tuple[torch.Tensor, ...]) -> None:
@@ -78,6 +81,9 @@ class RidgeSolver(BaseImplicitSolver):
         loss = float(self.outer_forward(self.inner_params, self.outer_params()))
         step = self.outer_step + 1
         extra = self.config.extra
+        if extra.get("fail_once_at") == step and not Path(extra["marker"]).exists():
+            Path(extra["marker"]).touch()
+            raise RuntimeError(f"injected failure at outer step {step}")
         if "diverge_at" in extra and step >= extra["diverge_at"]:
             loss = math.nan
         metrics = {"outer_loss": loss}
@@ -119,7 +125,7 @@ def build_tiny(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> 
 
 
 # ---------------------------------------------------------------------------------------
-# Without Ray: the space, its checks and flattening.
+# Without Ray: the space, its checks and flattening; searchers; histories; results.
 # ---------------------------------------------------------------------------------------
 
 SPACE = {
@@ -137,32 +143,88 @@ SPACE = {
     "unroll_steps": 5,
 }
 
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH_PY = ROOT / "examples" / "search.py"
+
+
+def _check_nested(sampled: dict) -> str:
+    """Assert that a sampled config holds only its methods' settings, in SPACE's ranges; return the method."""
+    config = to_experiment_config(sampled)
+    row = trial_settings(config)
+    name = config.approximator["name"]
+    approx = sampled["approximator"]
+    if name == "nystrom":
+        assert set(approx) == {"name", "rank", "rho"}
+        assert row["ihvp_iters"] is None and row["ihvp_lr"] is None
+        assert config.approximator["rank"] in (2, 3) and 0.05 <= config.approximator["rho"] <= 0.5
+    elif name in ("cg", "neumann"):
+        assert set(approx) == {"name", "num_iters", "lr"}
+        assert row["rank"] is None and row["rho"] == 0.0        # damping: declared default
+        assert config.approximator["num_iters"] == approx["num_iters"]
+        assert config.approximator["lr"] == approx["lr"]
+        if name == "neumann":
+            assert approx["num_iters"] == 4 and 0.05 <= approx["lr"] <= 0.2
+        else:
+            assert approx["num_iters"] in (3, 5) and approx["lr"] == 1.0
+    else:
+        assert set(approx) == {"name", "rank", "num_iters"}
+        assert row["ihvp_lr"] is None and row["rho"] == 0.0 and approx["num_iters"] in (2, 3)
+    if config.outer_optimizer["name"] == "adam":
+        assert set(sampled["outer_optimizer"]) == {"name", "lr"}
+    else:
+        assert set(sampled["outer_optimizer"]) == {"name", "lr", "momentum"}
+        assert 0.0 <= sampled["outer_optimizer"]["momentum"] <= 0.9
+    assert 0.01 <= config.outer_optimizer["lr"] <= 0.1
+    assert config.num_iters == 30 and config.unroll_steps == 5
+    return name
+
 
 def test_sampling_respects_nesting():
     seen = set()
     for _ in range(60):
         for _, sampled in generate_variants(SPACE):
-            config = to_experiment_config(sampled)
-            row = trial_settings(config)
-            name = config.approximator["name"]
-            seen.add(name)
-            approx = sampled["approximator"]
-            if name == "nystrom":
-                assert set(approx) == {"name", "rank", "rho"}
-                assert row["ihvp_iters"] is None and row["ihvp_lr"] is None
-                assert config.approximator["rank"] in (2, 3) and 0.05 <= config.approximator["rho"] <= 0.5
-            elif name in ("cg", "neumann"):
-                assert set(approx) == {"name", "num_iters", "lr"}
-                assert row["rank"] is None and row["rho"] == 0.0        # damping: declared default
-                assert config.approximator["num_iters"] == approx["num_iters"]
-                assert config.approximator["lr"] == approx["lr"]
-            else:
-                assert set(approx) == {"name", "rank", "num_iters"}
-                assert row["ihvp_lr"] is None and row["rho"] == 0.0
-            if config.outer_optimizer["name"] == "adam":
-                assert "momentum" not in sampled["outer_optimizer"]
-            assert config.num_iters == 30 and config.unroll_steps == 5
+            seen.add(_check_nested(sampled))
     assert seen == {"nystrom", "cg", "neumann", "nystrom_pcg"}
+
+
+def test_optuna_define_by_run_yields_only_valid_nested_configs():
+    """Optuna (TPE, through Ray's OptunaSearch) on the function generated from SPACE: the method first,
+    then only its settings; the top-level grid is dealt round-robin, as random search expands it."""
+    pytest.importorskip("optuna")
+    import optuna
+
+    from hg_dist.tune.searchers import make_searcher
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {**SPACE, "workers": tune.grid_search([1, 2])}
+    searcher, param_space, samples = make_searcher("optuna", space, metric="best_metric", mode="min", seed=0,
+                                                   num_samples=20)
+    assert param_space == {} and samples == 40
+    seen, workers = set(), []
+    for i in range(samples):
+        sampled = searcher.suggest(f"t{i}")
+        assert set(sampled) == set(space)                          # no Optuna parameter names leak in
+        workers.append(sampled.pop("workers"))
+        seen.add(_check_nested(sampled))
+        searcher.on_trial_complete(f"t{i}", {"best_metric": (i * 7919 % 13) / 13.0, "training_iteration": 1})
+    assert seen == {"nystrom", "cg", "neumann", "nystrom_pcg"}
+    assert workers.count(1) == workers.count(2) == 20
+    # the sampler saw one parameter per method's setting, only in trials of that method
+    study = searcher._ot_study
+    for trial in study.trials:
+        method = trial.params["approximator"]
+        assert all(name in ("approximator", "outer_optimizer") or name.split("/")[1] in (method, trial.params[
+            "outer_optimizer"]) for name in trial.params)
+
+
+def test_optuna_refuses_what_it_cannot_suggest():
+    from hg_dist.tune.searchers import check_searchable
+
+    with pytest.raises(ValueError, match=r"space\['extra'\] is a tune.sample_from"):
+        check_searchable({**SPACE, "extra": tune.sample_from(lambda spec: {})}, "optuna")
+    with pytest.raises(ValueError, match="search must be one of"):
+        check_searchable(SPACE, "grid")
+    check_searchable({**SPACE, "extra": tune.sample_from(lambda spec: {})}, "random")
 
 
 def test_main_job_space_is_valid_and_builds_solvers():
@@ -170,8 +232,7 @@ def test_main_job_space_is_valid_and_builds_solvers():
     every sampled trial becomes a config the hyper-cleaning example can build."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "search.py"
-    spec = importlib.util.spec_from_file_location("example_search", path)
+    spec = importlib.util.spec_from_file_location("example_search", SEARCH_PY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     space = module.search_space([1, 2])
@@ -201,6 +262,14 @@ def test_check_space_errors_name_the_fix(space, match):
         check_space(space)
 
 
+def test_bad_grid_value_is_refused_before_ray_starts(tmp_path):
+    """rank: tune.grid_search([-1, 5]) fails in run_search before Ray is touched and before any file."""
+    space = {**SPACE, "approximator": {"name": "nystrom", "rank": tune.grid_search([-1, 5]), "rho": 0.1}}
+    with pytest.raises(ValueError, match=r"rank must be >= 1, got -1 \(nystrom\)"):
+        run_search(build_tiny, space, output=tmp_path / "search")
+    assert not (tmp_path / "search").exists()
+
+
 def test_flatten_merges_base_and_extra():
     base = ExperimentConfig(num_iters=99, extra={"a": 1, "b": 2})
     sampled = {"approximator": {"name": "cg", "num_iters": 7, "lr": 0.5},
@@ -212,25 +281,201 @@ def test_flatten_merges_base_and_extra():
     assert config.output == "/tmp/x"
 
 
-def test_reporter_counts_hvps_and_flags_divergence():
+def test_reporter_counts_hvps_checkpoints_and_flags_divergence():
     results = []
-    reporter = SolveReporter("outer_loss", "min", results.append)
-
-    class Stub:
-        outer_step = 1
-
-    reporter(Stub(), {"outer_loss": 2.0, "ihvp_num_hvps": 3.0})
-    reporter(Stub(), {"outer_loss": 1.0, "ihvp_num_hvps": 3.0})
-    assert results[-1]["hvps_total"] == 6 and results[-1]["best_metric"] == 1.0
+    reporter = SolveReporter("outer_loss", "min", lambda result, **kw: results.append((result, kw)),
+                             checkpoint_every=2)
+    solver = build_tiny(ExperimentConfig(approximator={"name": "cg", "num_iters": 3}, num_iters=20,
+                                         unroll_steps=5, output="unused"))
+    solver.log_dir = None
+    solver.outer_step = 1
+    reporter(solver, {"outer_loss": 2.0, "ihvp_num_hvps": 3.0})
+    solver.outer_step = 2
+    reporter(solver, {"outer_loss": 1.0, "ihvp_num_hvps": 3.0})
+    (first, kw1), (second, kw2) = results
+    assert second["hvps_total"] == 6 and second["best_metric"] == 1.0 and second["outer_step"] == 2
+    assert kw1 == {} and set(kw2) == {"checkpoint"}                # a trial checkpoint every 2 outer steps
+    assert reporter.tracker.final({"outer_loss": 1.5, "test_acc": 0.5}, 2)["solve_completed"] == 1.0
     with pytest.raises(TrialDivergedError, match="diverged"):
-        reporter(Stub(), {"outer_loss": math.nan})
+        reporter(solver, {"outer_loss": math.nan})
     with pytest.raises(KeyError, match="val_acc"):
-        SolveReporter("val_acc", "max", results.append)(Stub(), {"outer_loss": 1.0})
+        SolveReporter("val_acc", "max", results.append)(solver, {"outer_loss": 1.0})
+
+
+def test_trial_checkpoint_restores_solver_and_counters(tmp_path):
+    """The one-worker trial checkpoint: solver state (transactional load) and the reporter's counters."""
+    from hg_dist.tune.trainable import ResultTracker, restore_trial, trial_checkpoint
+
+    config = ExperimentConfig(approximator={"name": "cg", "num_iters": 3}, num_iters=20, unroll_steps=5,
+                              output=str(tmp_path / "a"))
+    solver = build_tiny(config)
+    solver.log_dir = None
+    solver.num_iters = 11
+    solver.run()
+    tracker = ResultTracker("outer_loss", "min")
+    tracker.update({"outer_loss": 0.5, "ihvp_num_hvps": 3}, 1)
+    with trial_checkpoint(solver, tracker) as checkpoint:
+        other = build_tiny(config)
+        other.log_dir = None
+        fresh = ResultTracker("outer_loss", "min")
+        restore_trial(checkpoint, other, fresh)
+    assert other.global_step == 11 and other.outer_step == solver.outer_step == 2
+    assert fresh.hvps_total == 3 and fresh.best == 0.5
+    for a, b in zip(other.inner_params, solver.inner_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_trial_resources_follow_workers():
     assert trial_resources({"workers": 1}, 1.0).required_resources == {"CPU": 1.0}
     assert trial_resources({"workers": 2}, 0.5).required_resources["CPU"] < 0.1
+    assert trial_resources({}, 0.5, use_gpu=True).required_resources == {"CPU": 0.5, "GPU": 1.0}
+    assert trial_resources({}, 0.5, workers=2).required_resources["CPU"] < 0.1
+
+
+def _rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def test_trial_history_has_every_outer_step_when_the_process_is_killed(tmp_path):
+    """TrialHistory writes a row at every outer step before anything reports it: SIGKILL after the
+    fourth outer step leaves a readable history.parquet and TensorBoard events with outer steps 1..4."""
+    import signal
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        import test_tune
+        from hg_dist.experiment import ExperimentConfig
+        from hg_dist.tune import TrialHistory
+        config = ExperimentConfig(approximator={{"name": "cg", "num_iters": 3}}, num_iters=400, unroll_steps=5,
+                                  output={str(tmp_path / 'run')!r})
+        solver = test_tune.build_tiny(config)
+        solver.log_dir = config.output
+        def announce(solver, metrics):
+            print("outer", solver.outer_step, flush=True)
+            if solver.outer_step >= 4:
+                time.sleep(60)
+        solver.callbacks = (TrialHistory(config.output), announce)
+        solver.run()
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if line.strip() == "outer 4":
+                break
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    rows = _rows(tmp_path / "run" / "history.parquet")
+    outer = [row["outer_step"] for row in rows]
+    assert outer == [1, 2, 3, 4] and [row["step"] for row in rows] == [6, 11, 16, 21]
+    assert all(math.isfinite(row["outer_loss"]) for row in rows)
+    events = list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
+def test_progress_lines_and_status():
+    """One line per ended trial (with why it ended), a status line with counts and the best so far."""
+    import io
+
+    from ray.tune.experiment import Trial
+
+    from hg_dist.tune.progress import SearchProgress
+
+    trials = [Trial("hg_dist_trial", config={}, trial_id=name, stub=True) for name in ("a1", "b2", "c3")]
+    for trial, name in zip(trials, ("cg_a1", "nystrom_b2", "cg_c3")):
+        trial.custom_trial_name = name
+    stream, ended = io.StringIO(), []
+    progress = SearchProgress("val_acc", "max", 4, interval=0.0, stream=stream,
+                              on_end=lambda trial, status, error: ended.append((str(trial), status, error)))
+    a, b, c = trials
+    a.update_last_result({"best_metric": 0.8, "outer_step": 4})
+    progress.on_trial_result(0, trials, a, {"best_metric": 0.8})
+    b.update_last_result({"best_metric": 0.9, "outer_step": 39, "solve_completed": 1.0})
+    progress.on_trial_result(0, trials, b, {"best_metric": 0.9})
+    c.set_status(Trial.RUNNING)
+    progress.on_trial_complete(0, trials, a)
+    a.set_status(Trial.TERMINATED)
+    progress.on_trial_complete(0, trials, b)
+    b.set_status(Trial.TERMINATED)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith("cg_a1 stopped by the scheduler after 4 outer steps: best val_acc 0.8 (1/4 done)")
+    assert lines[1].endswith("nystrom_b2 completed after 39 outer steps: best val_acc 0.9 (2/4 done)")
+    assert progress.status_line() == ("1 running, 2 done (1 completed, 1 stopped), 0 failed, 1 pending; "
+                                      "best val_acc 0.9 (nystrom_b2)")
+    assert ended == [("cg_a1", "stopped", None), ("nystrom_b2", "completed", None)]
+
+
+def test_best_skips_a_trial_that_failed_after_a_good_start():
+    """Why best_row stays ours (see its docstring): Tune's ranking would pick the failed trial."""
+    from hg_dist.tune.results import best_row, make_table
+
+    rows = [{"trial": "a", "status": "failed", "best_metric": 9.0, "error": "TrialDivergedError: ..."},
+            {"trial": "b", "status": "stopped", "best_metric": 2.0},
+            {"trial": "c", "status": "completed", "best_metric": 3.0},
+            {"trial": "d", "status": "interrupted", "best_metric": None}]
+    table = make_table(rows, "score", "max")
+    assert best_row(table)["trial"] == "c"
+    assert best_row(make_table(rows, "score", "min"))["trial"] == "b"
+
+
+def test_plot_envelope_and_png(tmp_path):
+    import pandas as pd
+
+    from hg_dist.tune.plots import best_envelope, plot_search
+
+    assert best_envelope([[(1, 0.5), (3, 0.7)], [(2, 0.6), (4, 0.65)]], "max") == [(1, 0.5), (2, 0.6), (3, 0.7)]
+    assert best_envelope([[(1, 0.5), (3, 0.7)]], "min") == [(1, 0.5)]
+    frame = pd.DataFrame({"outer_step": [1, 2], "wall_time_s": [0.1, 0.2], "hvps_total": [3, 6],
+                          "val_acc": [0.8, 0.9]})
+    path = plot_search([{"name": "t", "method": "cg", "frame": frame}], tmp_path / "s.png", metric="val_acc",
+                       mode="max")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_search([{"name": "t", "method": "cg", "frame": None}], tmp_path / "n.png", metric="val_acc",
+                       mode="max") is None
+
+
+def test_solver_reference_is_relative_to_the_project_and_reruns_elsewhere(tmp_path):
+    """best_config.json names build_solver as module:function under the project (the main job imports
+    data_hypercleaning from examples/ on its path); `python -m hg_dist.tune.rerun` finds it from a checkout,
+    and --build-solver overrides it."""
+    import importlib
+    import subprocess
+
+    from hg_dist.tune import resolve_solver, solver_reference
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        hypercleaning = importlib.import_module("data_hypercleaning")
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    record = solver_reference(hypercleaning.build_solver)
+    assert record == {"build_solver": "examples.data_hypercleaning:build_solver",
+                      "imported_as": "data_hypercleaning:build_solver"}
+    assert solver_reference(build_tiny)["build_solver"] == "tests.test_tune:build_tiny"
+    with pytest.raises(ValueError, match="inside a function"):
+        solver_reference(lambda config: None)
+    assert resolve_solver("examples/data_hypercleaning.py:build_solver").__name__ == "build_solver"
+    with pytest.raises(ImportError, match="--build-solver"):
+        resolve_solver("nowhere.at_all:build_solver")
+
+    # a best_config.json as a search on a cluster writes it (output paths of that machine), outside the checkout
+    config = ExperimentConfig(approximator={"name": "cg", "num_iters": 3}, num_iters=20, unroll_steps=10,
+                              output="/cluster/unpacked/runs/search/trials/x",
+                              extra={"n_train": 60, "n_val": 30, "log_freq": 10})
+    best = tmp_path / "elsewhere" / "best_config.json"
+    best.parent.mkdir()
+    best.write_text(json.dumps({"metric": "val_acc", "mode": "max", "value": 0.9, "trial": "x", **record,
+                                "config": config.to_dict()}))
+    assert str(ROOT) not in best.read_text()
+    run = subprocess.run([sys.executable, "-m", "hg_dist.tune.rerun", str(best), "--output", str(tmp_path / "r")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "test_acc" in json.loads(run.stdout)
+    assert (tmp_path / "r" / "result.json").exists()
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,66 +483,270 @@ def test_trial_resources_follow_workers():
 # ---------------------------------------------------------------------------------------
 
 
-def test_search_table_parquet_failure_and_rerun(ray_session, tmp_path):
-    """4 trials, one per approximator (CG on 2 workers); the Neumann one diverges on purpose, alone."""
+def _result_json(folder: Path) -> dict:
+    return json.loads((folder / "result.json").read_text())
+
+
+def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
+    """5 trials, one per grid point (CG on 2 workers). The Neumann one diverges on purpose; the last one
+    gets a bad value (workers=0) through tune.sample_from, which no check before Ray can see. Both fail
+    alone, with their errors, and every other trial's results are kept."""
     space = {
         "approximator": tune.grid_search([
             {"name": "nystrom", "rank": tune.choice([2, 3]), "rho": tune.loguniform(0.05, 0.5)},
             {"name": "cg", "num_iters": tune.choice([3, 5]), "lr": 1.0},
             {"name": "nystrom_pcg", "rank": 2, "num_iters": 2},
             {"name": "neumann", "num_iters": 3, "lr": 0.1},
+            {"name": "nystrom_pcg", "rank": 3, "num_iters": 2},
         ]),
         "outer_optimizer": tune.choice([{"name": "sgd", "lr": 0.05, "momentum": 0.5},
                                         {"name": "adam", "lr": 0.05}]),
         "extra": tune.sample_from(lambda spec: {"diverge_at": 2} if spec.config.approximator["name"] == "neumann"
                                   else {}),
-        # the CG trial is a 2-worker Ray Train run
-        "workers": tune.sample_from(lambda spec: 2 if spec.config.approximator["name"] == "cg" else 1),
+        # the CG trial is a 2-worker Ray Train run; the rank-3 Nyström-PCG one gets workers=0
+        "workers": tune.sample_from(lambda spec: {"cg": 2}.get(spec.config.approximator["name"],
+                                                              0 if spec.config.approximator == {
+                                                                  "name": "nystrom_pcg", "rank": 3,
+                                                                  "num_iters": 2} else 1)),
         "num_iters": 30,
         "unroll_steps": 5,
     }
     result = run_search(build_tiny, space, output=tmp_path / "search", metric="outer_loss", mode="min",
-                        scheduler=FIFOScheduler(), cpus_per_worker=0.5)
-    rows = {row["approx"]: row for row in result.table.to_pylist()}
-    assert len(result.table) == 4 and set(rows) == {"nystrom", "cg", "nystrom_pcg", "neumann"}
+                        scheduler=FIFOScheduler(), cpus_per_worker=0.5, checkpoint_every=2)
+    rows = result.table.to_pylist()
+    assert len(rows) == 5 and not result.interrupted
+    bad = next(row for row in rows if row["workers"] == 0)
+    rows = {row["approx"]: row for row in rows if row is not bad}
+    assert set(rows) == {"nystrom", "cg", "nystrom_pcg", "neumann"}
     # nesting: no trial carries another method's settings
     assert rows["nystrom"]["ihvp_iters"] is None and rows["nystrom"]["ihvp_lr"] is None
     assert rows["cg"]["rank"] is None and rows["cg"]["rho"] == 0.0
     assert rows["cg"]["workers"] == 2 and rows["nystrom"]["workers"] == 1
-    # the failing trial is recorded with its error; the others ran to the end
+    # the failing trials are recorded with their errors; the others ran to the end
     assert rows["neumann"]["status"] == "failed" and "outer_loss" in rows["neumann"]["error"]
+    assert bad["status"] == "failed" and "workers must be" in bad["error"] and bad["best_metric"] is None
+    assert json.loads(bad["config"])["workers"] == 0
+    trials = result.output / "trials"
+    assert _result_json(trials / bad["trial"])["status"] == "failed"
     for name in ("nystrom", "cg", "nystrom_pcg"):
         row = rows[name]
         assert row["status"] == "completed" and row["error"] is None, row
         assert row["outer_steps"] == 5 and row["hvps"] > 0 and math.isfinite(row["best_metric"])
-        assert (result.output / "trials" / row["trial"] / "tb").is_dir()
+        folder = trials / row["trial"]
+        assert _result_json(folder)["status"] == "completed"
+        assert (folder / "tb").is_dir()
+        # a history row at every outer step (rank 0 writes it inside the Train run for CG)
+        outer = [r["outer_step"] for r in _rows(folder / "history.parquet") if r["outer_step"] is not None]
+        assert sorted(set(outer)) == [1, 2, 3, 4, 5]
+        assert json.loads(row["config"])["output"] == str(folder)
+    assert rows["cg"]["hvps"] == 5 * json.loads(rows["cg"]["config"])["approximator"]["num_iters"]
     on_disk = pq.read_table(result.output / "results.parquet")
-    assert on_disk.num_rows == 4 and on_disk.column_names == result.table.column_names
-    assert "best_outer_loss" in str(result)
+    assert on_disk.num_rows == 5 and on_disk.column_names == result.table.column_names
+    assert "best_outer_loss" in str(result) and (result.output / "results.txt").exists()
+    assert (result.output / "search.png").read_bytes()[:4] == b"\x89PNG"
     # the best config re-runs as saved
     config, record = load_best(result.output / "best_config.json")
     assert record["trial"] == result.best["trial"] and config.approximator["name"] == result.best["approx"]
+    assert record["build_solver"] == "tests.test_tune:build_tiny"
     assert json.loads(result.best["config"])["approximator"] == config.approximator
     # build_solver (build_tiny) is found from the saved record; one worker keeps it quick
     metrics = rerun_best(result.output / "best_config.json", workers=1)
     assert math.isfinite(metrics["outer_loss"])
     assert (result.output / "best_rerun" / "result.json").exists()
+    # the folder now holds a search: a new one there is refused, naming both ways on
+    with pytest.raises(SearchExistsError, match=r"--resume.*--output"):
+        run_search(build_tiny, space, output=tmp_path / "search")
 
 
-def test_asha_stops_bad_trials_early(ray_session, tmp_path):
-    """A constructed case: ``score = quality · outer_step``; trials run one at a time, best first."""
+def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tmp_path):
+    """A constructed case: score = quality · outer_step, trials one at a time, best first. ASHA stops the
+    2-worker trial at its first rung (outer step 3); its history (written by rank 0 inside the Train run)
+    and TensorBoard events hold every outer step it made, its result.json says `stopped`, and its workers'
+    placement group is released (the next search still gets every CPU)."""
     space = {
         "approximator": {"name": "cg", "num_iters": 2, "lr": 1.0},
         "outer_optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.0},
-        "extra": {"quality": tune.grid_search([1.0, 0.5, 0.2, 0.1])},
-        "num_iters": 41,
+        "extra": {"quality": tune.grid_search([1.0, 0.5, 0.1])},
+        "workers": tune.sample_from(lambda spec: 2 if spec.config.extra["quality"] == 0.1 else 1),
+        "num_iters": 46,
         "unroll_steps": 5,
     }
     result = run_search(build_tiny, space, output=tmp_path / "asha", metric="score", mode="max",
-                        grace_period=1, reduction_factor=2, max_concurrent_trials=1, print_table=False)
-    rows = result.table.to_pylist()
-    assert len(rows) == 4
-    statuses = {json.loads(row["config"])["extra"]["quality"]: row["status"] for row in rows}
-    assert statuses[1.0] == "completed"
-    stopped = [row for row in rows if row["status"] == "stopped"]
-    assert stopped and all(row["outer_steps"] < 8 for row in stopped)
+                        grace_period=3, reduction_factor=2, max_concurrent_trials=1, cpus_per_worker=0.5,
+                        print_table=False)
+    rows = {json.loads(row["config"])["extra"]["quality"]: row for row in result.table.to_pylist()}
+    assert rows[1.0]["status"] == "completed" and rows[1.0]["outer_steps"] == 9
+    stopped = rows[0.1]
+    assert stopped["status"] == "stopped" and stopped["workers"] == 2 and 3 <= stopped["outer_steps"] < 9
+    folder = result.output / "trials" / stopped["trial"]
+    assert _result_json(folder)["status"] == "stopped"
+    outer = sorted({r["outer_step"] for r in _rows(folder / "history.parquet") if r["outer_step"] is not None})
+    assert outer[:3] == [1, 2, 3] and outer == list(range(1, len(outer) + 1))
+    assert len(outer) >= stopped["outer_steps"]
+    assert sum(f.stat().st_size for f in (folder / "tb").glob("events.out.tfevents.*")) > 100
+    assert not (folder / ".train_placement_group").exists()
+    import ray.util
+
+    held = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    assert held == [], held
+
+
+def test_optuna_search_to_a_file_uri(ray_session, tmp_path):
+    """--search optuna with --output file://...: Tune's storage is the URI; the tables, best config, plot
+    and each trial's files (synced by Tune) are there. One trial fails once at outer step 3 and, with
+    max_failures=1, Tune retries it from its trial checkpoint (outer step 2), not from the start."""
+    pytest.importorskip("optuna")
+    space = {**SPACE, "approximator": tune.choice([
+        {"name": "nystrom", "rank": tune.choice([2, 3]), "rho": tune.loguniform(0.05, 0.5)},
+        {"name": "cg", "num_iters": tune.choice([3, 5]), "lr": 1.0}]),
+        "extra": {"fail_once_at": 3, "marker": str(tmp_path / "failed_once")}}
+    uri = f"file://{tmp_path / 'uri'}"
+    result = run_search(build_tiny, space, output=uri, search="optuna", num_samples=3, metric="outer_loss",
+                        mode="min", scheduler=FIFOScheduler(), cpus_per_worker=0.5, checkpoint_every=2,
+                        max_failures=1, print_table=False)
+    assert result.output == uri
+    root = tmp_path / "uri"
+    table = pq.read_table(root / "results.parquet").to_pylist()
+    assert len(table) == 3 and {row["status"] for row in table} == {"completed"}
+    for sampled in (trial.config for trial in result.result_grid):
+        _check_nested(sampled)
+    resumed = []
+    for row in table:
+        files = root / "tune" / row["trial"] / "run"
+        record = _result_json(files)
+        assert record["status"] == "completed"
+        resumed.append(record.get("resumed_from_outer_step"))
+        outer = sorted({r["outer_step"] for r in _rows(files / "history.parquet") if r["outer_step"] is not None})
+        assert outer == [1, 2, 3, 4, 5]
+    assert (tmp_path / "failed_once").exists() and sorted(resumed, key=str) == [2, None, None]
+    assert json.loads((root / "search.json").read_text())["search"] == "optuna"
+    assert load_best(f"{uri}/best_config.json")[1]["trial"] == result.best["trial"]
+    assert (root / "search.png").exists()
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _left_behind(pids: set[int], wait: float) -> list[str]:
+    """The command lines of ``pids`` still alive after up to ``wait`` seconds."""
+    import time
+
+    deadline = time.monotonic() + max(wait, 0.0)
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = []
+    for pid in pids:
+        if _alive(pid):
+            try:
+                left.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()[:100]!r}")
+            except OSError:
+                pass
+    return left
+
+
+def _run_main_job(args: list[str], *, interrupt_after: str | None, timeout: float = 400) -> tuple[int, str, float,
+                                                                                                     set[int]]:
+    """Run examples/search.py; with ``interrupt_after``, send SIGINT once a line contains it.
+
+    Returns ``(exit code, output, seconds from SIGINT to exit, every process it started)``.
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen([sys.executable, str(SEARCH_PY), *args], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen: set[int] = set()
+    lines: list[str] = []
+    stopped_at = None
+    deadline = time.monotonic() + timeout
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            seen |= _descendants(process.pid)
+            if interrupt_after is not None and stopped_at is None and interrupt_after in line:
+                seen |= _descendants(process.pid)
+                stopped_at = time.monotonic()
+                process.send_signal(signal.SIGINT)
+            if time.monotonic() > deadline:
+                break
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    elapsed = time.monotonic() - stopped_at if stopped_at is not None else 0.0
+    return code, "".join(lines), elapsed, seen
+
+
+def _fingerprint(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_main_job_interrupt_then_resume(tmp_path):
+    """Ctrl-C on examples/search.py (Optuna searcher): exit 130 within 10 s with the command that continues,
+    no process left; `--resume` then keeps every finished trial as it was (never rerun), continues the
+    others from their trial checkpoints (the searcher's state restored), and rebuilds a complete table."""
+    output = tmp_path / "search"
+    args = ["--search", "optuna", "--workers", "1", "--num-samples", "3", "--num-iters", "120", "--unroll-steps",
+            "5", "--n-train", "150", "--num-cpus", "1", "--checkpoint-every", "2", "--progress-interval", "5",
+            "--output", str(output)]
+    code, text, elapsed, processes = _run_main_job(args, interrupt_after="done)")
+    assert code == 130, text[-3000:]
+    assert elapsed < 10, f"took {elapsed:.1f} s to stop"
+    assert "continue it with" in text and "--resume" in text
+    assert processes and not _left_behind(processes, 10 - elapsed)
+    table = pq.read_table(output / "results.parquet").to_pylist()
+    finished = {row["trial"] for row in table if row["status"] in ("completed", "stopped", "failed")}
+    unfinished = {row["trial"] for row in table} - finished
+    assert finished and {row["status"] for row in table if row["trial"] in unfinished} <= {"interrupted",
+                                                                                             "pending"}
+    kept = {name: _fingerprint(output / "trials" / name) for name in finished}
+    # (a trial may have ended its solve just before Tune, stopping, could note it: it says so itself)
+    checkpointed = {name for name in unfinished if list((output / "tune" / name).glob("checkpoint_*"))
+                    and (output / "trials" / name / "result.json").exists()
+                    and _result_json(output / "trials" / name)["status"] == "interrupted"}
+
+    code, text, _, processes = _run_main_job([*args, "--resume"], interrupt_after=None)
+    assert code == 0, text[-3000:]
+    assert not _left_behind(processes, 10)
+    table = pq.read_table(output / "results.parquet").to_pylist()
+    assert len(table) == 3 and {row["status"] for row in table} <= {"completed", "stopped"}
+    for name, files in kept.items():                 # finished trials: not one byte rewritten
+        assert _fingerprint(output / "trials" / name) == files
+    for name in unfinished:
+        record = _result_json(output / "trials" / name)
+        assert record["status"] in ("completed", "stopped")
+        outer = sorted({r["outer_step"] for r in _rows(output / "trials" / name / "history.parquet")
+                        if r["outer_step"] is not None})
+        assert outer == list(range(1, len(outer) + 1))     # continued without a gap
+        if name in checkpointed:                           # from its last trial checkpoint, not from zero
+            assert record["resumed_from_outer_step"] >= 2
+    best = json.loads((output / "best_config.json").read_text())
+    assert best["trial"] in {row["trial"] for row in table}
+    assert best["build_solver"] == "examples.data_hypercleaning:build_solver"

@@ -1,15 +1,21 @@
 """Ray Tune searches whose trials are whole bilevel solves.
 
 * :mod:`hg_dist.tune.space` — nested search spaces (the approximator is a choice,
-  each choice carries its own settings; likewise the outer optimizer) and their
-  flattening into an :class:`~hg_dist.experiment.ExperimentConfig`.
+  each choice carries its own settings; likewise the outer optimizer), checked against
+  the registries before Ray starts, and their flattening into an
+  :class:`~hg_dist.experiment.ExperimentConfig`.
+* :mod:`hg_dist.tune.searchers` — ``random`` (Tune's generator) or ``optuna``
+  (define-by-run, generated from the same nested space).
 * :mod:`hg_dist.tune.trainable` — the trainable: one solve per trial, a report to
-  Tune after every outer step (so ASHA can stop bad trials early), multi-worker
-  trials as Ray Train runs.
-* :mod:`hg_dist.tune.search` — :func:`run_search`: the search, the results table
-  (printed, and written as Parquet) and the best config (JSON).
-* :mod:`hg_dist.tune.results` — the table, and :func:`rerun_best` (also
-  ``python -m hg_dist.tune.rerun <search dir>/best_config.json``).
+  Tune after every outer step (ASHA stops bad trials early), a history row written at
+  every outer step, trial checkpoints; multi-worker trials as Ray Train runs.
+* :mod:`hg_dist.tune.search` — :func:`run_search`: the search (resumable), its
+  progress, the results table (printed, and written as Parquet), the best config
+  (JSON) and a plot.
+* :mod:`hg_dist.tune.results` — the table (from Tune's ``ResultGrid.get_dataframe()``),
+  and :func:`rerun_best` (also ``python -m hg_dist.tune.rerun <search dir>/best_config.json``).
+* :mod:`hg_dist.tune.storage`, :mod:`~hg_dist.tune.progress`, :mod:`~hg_dist.tune.plots` —
+  the output folder or URI, the live status, the PNG.
 
 Example::
 
@@ -28,11 +34,14 @@ Example::
     result = run_search(build_solver, space, num_samples=3, metric="val_acc", mode="max")
 """
 
-from hg_dist.tune.results import format_table, load_best, rerun_best
-from hg_dist.tune.search import SearchResult, run_search
+from hg_dist.tune.results import format_table, load_best, rerun_best, resolve_solver, solver_reference
+from hg_dist.tune.search import SearchExistsError, SearchInterrupted, SearchResult, run_search
+from hg_dist.tune.searchers import SEARCHERS, define_by_run
 from hg_dist.tune.space import check_space, search_columns, to_experiment_config, trial_settings
-from hg_dist.tune.trainable import SolveReporter, TrialDivergedError, make_trainable, trial_resources
+from hg_dist.tune.trainable import (SolveReporter, TrialDivergedError, TrialHistory, make_trainable,
+                                    trial_resources)
 
-__all__ = ["SearchResult", "SolveReporter",
-           "TrialDivergedError", "check_space", "format_table", "load_best", "make_trainable", "rerun_best",
-           "run_search", "search_columns", "to_experiment_config", "trial_resources", "trial_settings"]
+__all__ = ["SEARCHERS", "SearchExistsError", "SearchInterrupted", "SearchResult", "SolveReporter",
+           "TrialDivergedError", "TrialHistory", "check_space", "define_by_run", "format_table", "load_best",
+           "make_trainable", "rerun_best", "resolve_solver", "run_search", "search_columns", "solver_reference",
+           "to_experiment_config", "trial_resources", "trial_settings"]

@@ -2,33 +2,46 @@
 
 A trial flattens its sampled config (:func:`~hg_dist.tune.space.to_experiment_config`),
 builds the solver with the example's ``build_solver(config, rank, world_size)`` and
-runs it. Tune gets one result per outer step, so one Tune *iteration*
-(``training_iteration``) is one outer step and schedulers such as ASHA compare
-trials step by step and stop bad ones early.
+runs it. Every result carries ``outer_step``, so schedulers such as ASHA compare
+trials outer step by outer step (``time_attr="outer_step"``) and stop bad ones early.
 
 * ``config.workers == 1``: the solve runs in the trial's own process, as
-  :func:`hg_dist.experiment.run_local` would (same seeding and outputs:
-  ``history.parquet``, ``result.json``, ``tb/``), with a :class:`SolveReporter`
-  solver callback reporting to Tune. The trial holds ``cpus_per_worker`` CPUs.
-* ``config.workers == W > 1``: the trial starts a ``W``-worker Ray Train run with
-  the distributed layer's worker loop (:func:`hg_dist.distributed.train_loop.train_loop`,
-  which reports every outer step to Train) and forwards rank 0's reports to Tune
-  (:class:`TrainToTune`, a ``TuneReportCallback``). The trial itself holds only
-  :data:`TRIAL_CPU` (Tune rejects 0) and each worker ``cpus_per_worker``;
-  :func:`trial_demand` is what such a trial occupies in all, which the search uses
-  to decide how many trials run at once.
+  :func:`hg_dist.experiment.run_local` would (same seeding and outputs), with a
+  :class:`SolveReporter` reporting every outer step to Tune and, every
+  ``checkpoint_every`` outer steps, a trial checkpoint (``solver.state_dict()`` and
+  the reporter's counters). A resumed or retried trial continues from it.
+* ``config.workers == W > 1``: the trial starts a ``W``-worker Ray Train run with the
+  distributed layer's worker loop and forwards rank 0's reports to Tune
+  (:class:`TrainToTune`). Checkpoints are Train's (rank 0's solver state, every
+  ``checkpoint_every`` outer steps, in the trial's Train storage); a resumed trial
+  starts the same Train run again, which continues from its latest checkpoint. The
+  trial itself holds :data:`TRIAL_CPU` and each worker ``cpus_per_worker``.
+
+**Histories survive whatever ends a trial.** The solver (rank 0 of a Train run)
+gets a :class:`TrialHistory`: a history row after every outer step, and every row
+written at once (the Parquet file rewritten atomically, TensorBoard flushed) before
+the step is reported. An ASHA stop, an error, Ctrl-C or a killed process thus leaves
+``history.parquet`` and ``tb/`` holding every outer step up to the last one.
+``result.json`` records how the trial ended (``status``): the trial writes
+``completed`` or ``failed`` itself; the search writes ``stopped`` (by the
+scheduler), ``failed`` (a process that died) or ``interrupted`` for the others.
 
 Every result carries, besides the solver's metrics, ``outer_step``, ``hvps_total``
-(Hessian-vector products so far), ``best_metric`` and ``wall_time_s``. A
-non-finite outer metric raises :class:`TrialDivergedError`; Tune records the trial
-as failed, with that error, and the search goes on.
+(Hessian-vector products so far), ``best_metric`` and ``wall_time_s`` (all carried
+over a resume). A non-finite outer metric raises :class:`TrialDivergedError`; Tune
+records the trial as failed, with that error, and the search goes on.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +49,40 @@ from ray import tune
 from ray.tune import PlacementGroupFactory
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from hg_dist.experiment import ExperimentConfig, run_local
+from hg_dist import checkpoint as solver_checkpoint
+from hg_dist.callbacks import HistoryWriter
+from hg_dist.experiment import RESULT_FILE, ExperimentConfig, run_local
 from hg_dist.solver import BaseSolver
 from hg_dist.tune.space import to_experiment_config
 
-__all__ = ["ResultTracker", "SolveReporter", "TRIAL_CPU", "TrainToTune", "TrialDivergedError",
-           "attach_callback", "make_trainable", "trial_demand", "trial_resources"]
+__all__ = ["ERROR_KEY", "ResultTracker", "SolveReporter", "TRIAL_CPU", "TrainToTune", "TrialDivergedError",
+           "TrialHistory", "TrialSolver", "attach_callback", "make_trainable", "release_workers", "trial_demand", "trial_resources",
+           "update_result"]
 
 BuildSolver = Callable[..., Any]
 
 TRIAL_CPU = 0.01
 """CPU a multi-worker trial holds itself (its Train workers hold the rest)."""
 
-
 ERROR_KEY = "hg_dist_error"
 """Result key of an error found while forwarding a Train run's reports (the trial is then failed)."""
+
+TRAIN_POLL_INTERVAL_S = 0.2
+"""Poll interval of a multi-worker trial's Train controller (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``).
+
+A Train worker's ``ray.train.report`` puts its result in a queue of size one that the
+controller empties when it polls (every 2 s by default), so each report (one per
+outer step) waited up to 2 s: a 20-outer-step 2-worker trial took 87 s with the
+default and 33 s with 0.1 s, on 2 loaded cores. An environment variable the trial
+sets for its own Train run only (Ray propagates it to the controller); one already
+set wins."""
+
+RUN_DIR = "run"
+"""Sub-folder of a trial's Tune directory that holds its files when the search's output is a URI
+(Tune keeps its own ``result.json`` in the trial directory)."""
+
+SOLVER_FILE = "solver.pt"
+TRACKER_FILE = "trial_state.json"
 
 
 class TrialDivergedError(RuntimeError):
@@ -61,8 +93,9 @@ class ResultTracker:
     """Turns the solver's metrics after each outer step into a Tune result.
 
     Adds ``outer_step``, ``hvps_total`` (sum of the per-step ``ihvp_num_hvps``),
-    ``best_metric`` (best ``metric`` so far) and ``wall_time_s`` (since the tracker
-    was made), and keeps only numbers.
+    ``best_metric`` (best ``metric`` so far) and ``wall_time_s`` (solving time of the
+    trial, over resumes), and keeps only numbers. :meth:`state_dict` /
+    :meth:`load_state_dict` carry the counters through a trial checkpoint.
 
     Args:
         metric: the key of the outer metric in the solver's metrics, e.g. ``"outer_loss"``.
@@ -75,6 +108,7 @@ class ResultTracker:
         self.metric = metric
         self.mode = mode
         self.start = time.perf_counter()
+        self.elapsed_before = 0.0
         self.hvps_total = 0
         self.best = math.nan
 
@@ -98,8 +132,82 @@ class ResultTracker:
         result = {key: float(val) for key, val in metrics.items()
                   if isinstance(val, (int, float)) and not isinstance(val, bool)}
         result.update(outer_step=int(outer_step), hvps_total=self.hvps_total, best_metric=self.best,
-                      wall_time_s=time.perf_counter() - self.start)
+                      wall_time_s=self.wall_time())
         return result
+
+    def final(self, metrics: Mapping[str, Any], outer_step: int) -> dict[str, float]:
+        """The result after the solve ran to its end: its final metrics (``evaluate()``'s included),
+        the counters as they are, and ``solve_completed = 1`` (what tells a completed trial from one
+        the scheduler stopped: Tune marks both ``done``)."""
+        result = {key: float(val) for key, val in metrics.items()
+                  if isinstance(val, (int, float)) and not isinstance(val, bool)}
+        result.update(outer_step=int(outer_step), hvps_total=self.hvps_total, best_metric=self.best,
+                      wall_time_s=self.wall_time(), solve_completed=1.0)
+        return result
+
+    def wall_time(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def state_dict(self) -> dict[str, float]:
+        return {"hvps_total": self.hvps_total, "best": self.best, "wall_time_s": self.wall_time()}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.hvps_total = int(state["hvps_total"])
+        self.best = float(state["best"])
+        self.elapsed_before = float(state["wall_time_s"])
+        self.start = time.perf_counter()
+
+
+class TrialHistory(HistoryWriter):
+    """A trial's history: a row after every outer step, each row written at once.
+
+    A :class:`~hg_dist.callbacks.HistoryWriter` with ``flush_interval=0`` (Parquet
+    rewritten atomically, TensorBoard flushed, after every row) that also logs a
+    row at every outer step (the solver's own rows come every ``log_freq`` inner
+    steps). Among a solver's callbacks it replaces the standard writer. Attach it
+    before the reporter, so a reported step is on disk first.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        super().__init__(log_dir, flush_interval=0.0)
+
+    def on_outer_step(self, solver: BaseSolver, metrics: dict[str, float]) -> None:
+        history = solver.recorder.history
+        if history and history[-1]["step"] == solver.global_step:
+            return
+        solver.recorder.add_many({"inner_step": solver.inner_step, "outer_step": solver.outer_step})
+        self.on_row(solver, solver.global_step, solver.recorder.log_row(solver.global_step))
+
+    def on_row(self, solver: BaseSolver, step: int, row: Mapping[str, float]) -> None:
+        rows = self._parquet.rows
+        if rows and rows[-1]["step"] == step:  # the run's final row repeats its last outer step: keep the later
+            rows.pop()
+        super().on_row(solver, step, row)
+
+
+def attach_callback(solver: Any, callback: Any) -> Any:
+    """Append ``callback`` to ``solver.callbacks`` (the solver calls each after every outer step)."""
+    if not isinstance(solver, BaseSolver):
+        raise TypeError(f"build_solver must return an hg_dist.solver.BaseSolver (its callbacks report each outer "
+                        f"step to Tune), got {type(solver).__name__}")
+    solver.callbacks = (*solver.callbacks, callback)
+    return solver
+
+
+@contextmanager
+def trial_checkpoint(solver: BaseSolver, tracker: ResultTracker) -> Iterator[tune.Checkpoint]:
+    """A temporary Tune checkpoint of a one-worker trial: ``solver.pt`` and the tracker's counters."""
+    with tempfile.TemporaryDirectory(prefix="hg_dist-trial-") as folder:
+        solver_checkpoint.save(solver, Path(folder) / SOLVER_FILE)
+        (Path(folder) / TRACKER_FILE).write_text(json.dumps(tracker.state_dict()))
+        yield tune.Checkpoint.from_directory(folder)
+
+
+def restore_trial(checkpoint: tune.Checkpoint, solver: BaseSolver, tracker: ResultTracker) -> None:
+    """Load a :func:`trial_checkpoint` into ``solver`` (all or nothing) and ``tracker``."""
+    with checkpoint.as_directory() as folder:
+        solver_checkpoint.load(solver, Path(folder) / SOLVER_FILE)
+        tracker.load_state_dict(json.loads((Path(folder) / TRACKER_FILE).read_text()))
 
 
 class SolveReporter:
@@ -107,32 +215,107 @@ class SolveReporter:
 
     Args:
         metric, mode: see :class:`ResultTracker`.
-        report: where results go, e.g. ``ray.tune.report``.
+        report: where results go, e.g. ``ray.tune.report``; called as
+            ``report(result)`` or, every ``checkpoint_every`` outer steps,
+            ``report(result, checkpoint=<trial checkpoint>)``.
+        checkpoint_every: outer steps between trial checkpoints (``None``: none).
     """
 
-    def __init__(self, metric: str, mode: str, report: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, metric: str, mode: str, report: Callable[..., None], checkpoint_every: int | None = None) -> None:
         self.tracker = ResultTracker(metric, mode)
         self.report = report
+        self.checkpoint_every = checkpoint_every
 
     def __call__(self, solver: Any, metrics: dict[str, float]) -> None:
-        self.report(self.tracker.update(metrics, solver.outer_step))
+        result = self.tracker.update(metrics, solver.outer_step)
+        if self.checkpoint_every and solver.outer_step % self.checkpoint_every == 0:
+            with trial_checkpoint(solver, self.tracker) as checkpoint:
+                self.report(result, checkpoint=checkpoint)
+        else:
+            self.report(result)
+
+
+PLACEMENT_GROUP_FILE = ".train_placement_group"
+"""Where rank 0 of a multi-worker trial records its worker group's placement group (hex id)."""
+
+
+@dataclass(frozen=True)
+class TrialSolver:
+    """``build_solver`` for a trial's Train workers: rank 0's solver also gets a :class:`TrialHistory`.
+
+    Rank 0 also records the worker group's placement group in the trial's folder
+    (:data:`PLACEMENT_GROUP_FILE`), so that the search can free it when the trial is
+    stopped (:func:`release_workers`).
+    """
+
+    build_solver: BuildSolver
+
+    def __call__(self, config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> Any:
+        solver = self.build_solver(config, rank=rank, world_size=world_size)
+        if rank == 0:
+            attach_callback(solver, TrialHistory(config.output))
+            import ray.util
+
+            group = ray.util.get_current_placement_group()
+            if group is not None:
+                Path(config.output).mkdir(parents=True, exist_ok=True)
+                (Path(config.output) / PLACEMENT_GROUP_FILE).write_text(group.id.hex())
+        return solver
+
+
+def release_workers(output: str | os.PathLike) -> bool:
+    """Remove the placement group a multi-worker trial's Train workers held (recorded by :class:`TrialSolver`).
+
+    When Tune stops a multi-worker trial (ASHA, Ctrl-C) it kills the trial's process,
+    and with it the Train controller, which then cannot remove its workers' placement
+    group. Ray Train's ``PlacementGroupCleaner`` removes it only once the state API
+    says the controller is dead, and was seen (2 cores, loaded) to keep the CPUs
+    reserved for good, so that the next multi-worker trial waited forever for its
+    workers. Removing an already removed group does nothing. Returns whether a
+    group was recorded.
+    """
+    path = Path(output) / PLACEMENT_GROUP_FILE
+    if not path.exists():
+        return False
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(path.read_text().strip())))
+    except Exception:  # noqa: BLE001 - already removed, or Ray is shutting down: nothing held any more
+        pass
+    path.unlink(missing_ok=True)
+    return True
 
 
 class TrainToTune(TuneReportCallback):
     """Forwards a Train run's reports (rank 0's metrics) to the enclosing Tune trial.
 
-    The distributed worker loop reports once per outer step and once more at the
-    end with the same ``outer_step``; that last one is dropped, so a Tune iteration
-    stays one outer step for one-worker and multi-worker trials alike. A missing or
-    non-finite metric is reported as ``{metric: nan, "hg_dist_error": message}``
-    (raising here would stop the Train controller rather than fail the trial).
-    Must be created inside a Tune trial.
+    It runs in the Train controller's process (on the trial's node), not the trial's:
+    what the trial needs from it goes through ``state_file``, a JSON file rewritten
+    at every report with the tracker's counters (``latest``), the counters as of the
+    latest Train checkpoint (``checkpointed``: a resumed Train run continues from that
+    checkpoint, and a new ``TrainToTune`` from these counters) and the first error.
+
+    Repeated reports of one outer step (the worker loop's final report) are dropped.
+    A missing or non-finite metric is reported as ``{metric: nan, "hg_dist_error":
+    message}`` (raising here would stop the Train controller rather than fail the
+    trial); the trial raises it once the run returns (:meth:`read_state`). Must be
+    created inside a Tune trial.
     """
 
-    def __init__(self, metric: str, mode: str) -> None:
+    def __init__(self, metric: str, mode: str, state_file: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.tracker = ResultTracker(metric, mode)
         self.last_step = -1
+        self.error: str | None = None
+        self.state_file = None if state_file is None else Path(state_file)
+        self.checkpointed: dict[str, Any] | None = None
+        if self.state_file is not None and self.state_file.exists():
+            self.checkpointed = json.loads(self.state_file.read_text()).get("checkpointed")
+            if self.checkpointed is not None:
+                self.tracker.load_state_dict(self.checkpointed)
+                self.last_step = int(self.checkpointed["outer_step"])
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         step = int(metrics[0].get("outer_step", self.last_step + 1))
@@ -142,30 +325,37 @@ class TrainToTune(TuneReportCallback):
         try:
             result = self.tracker.update(metrics[0], step)
         except (KeyError, TrialDivergedError) as error:
-            # An exception here would stop the Train controller, not fail the trial: report the
-            # error instead (the results table marks the trial failed) with the metric as NaN.
-            result = {self.tracker.metric: math.nan, ERROR_KEY: f"{type(error).__name__}: {error}",
-                      "outer_step": step}
+            self.error = self.error or f"{type(error).__name__}: {error}"
+            result = {self.tracker.metric: math.nan, ERROR_KEY: self.error, "outer_step": step}
+        if self.state_file is not None:
+            latest = {**self.tracker.state_dict(), "outer_step": step}
+            if checkpoint is not None:
+                self.checkpointed = latest
+            _write_json(self.state_file, {"latest": latest, "checkpointed": self.checkpointed, "error": self.error})
         super().after_report(run_context, [result], None)
 
+    @staticmethod
+    def read_state(state_file: str | os.PathLike) -> tuple[dict[str, Any] | None, str | None]:
+        """``(latest counters, error)`` written by the callback (``(None, None)`` before any report)."""
+        path = Path(state_file)
+        if not path.exists():
+            return None, None
+        state = json.loads(path.read_text())
+        return state.get("latest"), state.get("error")
 
-def attach_callback(solver: Any, callback: Callable[[Any, dict[str, float]], None]) -> Any:
-    """Append ``callback`` to ``solver.callbacks`` (the solver calls each after every outer step)."""
-    if not isinstance(solver, BaseSolver):
-        raise TypeError(f"build_solver must return an hg_dist.solver.BaseSolver (its callbacks report each outer "
-                        f"step to Tune), got {type(solver).__name__}")
-    solver.callbacks = (*solver.callbacks, callback)
-    return solver
 
+def trial_resources(config: Mapping[str, Any], cpus_per_worker: float = 1.0, *, use_gpu: bool = False,
+                    workers: int = 1) -> PlacementGroupFactory:
+    """Resources a trial's own process requests, from its sampled config's ``workers`` (default ``workers``).
 
-def trial_resources(config: Mapping[str, Any], cpus_per_worker: float = 1.0) -> PlacementGroupFactory:
-    """Resources a trial's own process requests, from its sampled config's ``workers``.
-
-    ``cpus_per_worker`` for a one-worker trial (it solves in its own process),
-    :data:`TRIAL_CPU` for a multi-worker one (its Train workers request their own).
+    ``cpus_per_worker`` (and a GPU with ``use_gpu``) for a one-worker trial (it
+    solves in its own process), :data:`TRIAL_CPU` for a multi-worker one (its Train
+    workers request their own).
     """
-    workers = config.get("workers", 1)
-    return PlacementGroupFactory([{"CPU": cpus_per_worker if workers == 1 else TRIAL_CPU}])
+    count = config.get("workers", workers)
+    if count != 1:
+        return PlacementGroupFactory([{"CPU": TRIAL_CPU}])
+    return PlacementGroupFactory([{"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}])
 
 
 def trial_demand(workers: int, cpus_per_worker: float = 1.0) -> float:
@@ -173,45 +363,131 @@ def trial_demand(workers: int, cpus_per_worker: float = 1.0) -> float:
     return cpus_per_worker if workers == 1 else TRIAL_CPU + workers * cpus_per_worker
 
 
-def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str, mode: str) -> None:
-    """One-worker trial: :func:`~hg_dist.experiment.run_local` with a reporter attached."""
+# ---- result.json: how a trial ended ------------------------------------------------------------
 
-    def build_reporting_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> BaseSolver:
-        solver = attach_callback(build_solver(config, rank=rank, world_size=world_size),
-                                 SolveReporter(metric, mode, tune.report))
+def _write_json(path: Path, record: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def update_result(output: str | os.PathLike, **fields: Any) -> Path:
+    """Merge ``fields`` (e.g. ``status="stopped"``) into ``output/result.json`` atomically; return its path."""
+    path = Path(output) / RESULT_FILE
+    record: dict[str, Any] = {}
+    if path.exists():
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:  # never half-written (atomic), but a user may have edited it
+            record = {}
+    record.update(fields)
+    _write_json(path, record)
+    return path
+
+
+# ---- the trial -----------------------------------------------------------------------------------
+
+def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str, mode: str,
+                checkpoint_every: int) -> tuple[ResultTracker, dict[str, Any], dict[str, Any]]:
+    """One-worker trial: :func:`~hg_dist.experiment.run_local` with a history, a reporter and checkpoints."""
+    reporter = SolveReporter(metric, mode, tune.report, checkpoint_every)
+    resumed: dict[str, Any] = {}
+
+    def build_trial_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> BaseSolver:
+        solver = build_solver(config, rank=rank, world_size=world_size)
+        attach_callback(solver, TrialHistory(config.output))
+        attach_callback(solver, reporter)
         solver.progress = False
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            restore_trial(checkpoint, solver, reporter.tracker)
+            resumed["resumed_from_outer_step"] = solver.outer_step
+            update_result(config.output, resumed_from_outer_step=solver.outer_step)
         return solver
 
-    run_local(build_reporting_solver, config)
+    final = run_local(build_trial_solver, config)
+    return reporter.tracker, final, {"resumed_from_outer_step": resumed.get("resumed_from_outer_step")}
 
 
-def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metric: str, mode: str,
-                      cpus_per_worker: float) -> None:
+def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metric: str, mode: str, *,
+                      cpus_per_worker: float, checkpoint_every: int, max_failures: int,
+                      train_storage: str | None) -> tuple[ResultTracker, dict[str, Any], dict[str, Any]]:
     """Multi-worker trial: the distributed layer's Train run, its reports forwarded to Tune."""
     from hg_dist.distributed.runner import fit
     from hg_dist.distributed.settings import TrainSettings
 
-    Path(config.output).mkdir(parents=True, exist_ok=True)
-    fit(build_solver, config, TrainSettings(resources_per_worker={"CPU": cpus_per_worker}, precheck=False,
-                                            num_to_keep=1, callbacks=(TrainToTune(metric, mode),)))
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    state_file = output / TRACKER_FILE
+    forward = TrainToTune(metric, mode, state_file=state_file)
+    resumed = forward.last_step if forward.last_step >= 0 else None
+    if resumed is not None:
+        update_result(output, resumed_from_outer_step=resumed)
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
+    result = fit(TrialSolver(build_solver), config,
+                 TrainSettings(resources_per_worker=resources, precheck=False, num_to_keep=1, callbacks=(forward,),
+                               checkpoint_every=checkpoint_every, max_failures=max_failures,
+                               storage_path=train_storage))
+    (output / PLACEMENT_GROUP_FILE).unlink(missing_ok=True)  # the run ended: Train removed its group
+    latest, error = TrainToTune.read_state(state_file)
+    if error is not None:
+        raise TrialDivergedError(error)
+    tracker = ResultTracker(metric, mode)
+    if latest is not None:
+        tracker.load_state_dict(latest)
+    return tracker, dict(result.metrics or {}), {"resumed_from_outer_step": resumed}
+
+
+def _status(output: str) -> str | None:
+    try:
+        return json.loads((Path(output) / RESULT_FILE).read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip()
 
 
 def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: ExperimentConfig | None,
-              trials_dir: str, metric: str, mode: str, cpus_per_worker: float) -> None:
+              trials_dir: str | None, metric: str, mode: str, cpus_per_worker: float,
+              checkpoint_every: int = 5, max_failures: int = 0, train_storage: str | None = None) -> None:
     """The function trainable's body: flatten ``config``, run one solve, report every outer step.
 
-    The trial's outputs go to ``trials_dir/<trial name>``.
+    The trial's outputs go to ``trials_dir/<trial name>`` (``None``: the trial's Tune
+    directory's ``run/``, which Tune syncs to a URI storage). Its ``result.json`` gets
+    ``status`` ``completed`` or, with the error, ``failed``.
     """
-    trial_name = tune.get_context().get_trial_name()
-    experiment = to_experiment_config(config, base, output=str(Path(trials_dir) / trial_name))
-    if experiment.workers == 1:
-        _solve_here(build_solver, experiment, metric, mode)
-    else:
-        _solve_on_workers(build_solver, experiment, metric, mode, cpus_per_worker)
+    context = tune.get_context()
+    trial_name = context.get_trial_name()
+    output = str(Path(trials_dir) / trial_name) if trials_dir is not None else \
+        str(Path(context.get_trial_dir()) / RUN_DIR)
+    try:
+        experiment = to_experiment_config(config, base, output=output)
+    except (TypeError, ValueError) as error:
+        update_result(output, status="failed", error=_error_text(error), config=config)
+        raise
+    try:
+        if experiment.workers == 1:
+            tracker, final, info = _solve_here(build_solver, experiment, metric, mode, checkpoint_every)
+        else:
+            storage = None if train_storage is None else f"{train_storage.rstrip('/')}/{trial_name}"
+            tracker, final, info = _solve_on_workers(
+                build_solver, experiment, metric, mode, cpus_per_worker=cpus_per_worker,
+                checkpoint_every=checkpoint_every, max_failures=max_failures, train_storage=storage)
+    except Exception as error:
+        if _status(output) not in ("stopped", "interrupted"):  # else the search ended it (its workers are gone)
+            update_result(output, status="failed", error=_error_text(error), config=experiment.to_dict())
+        raise
+    update_result(output, status="completed", error=None, **info)
+    tune.report(tracker.final(final, int(final.get("outer_step", 0))))
 
 
-def make_trainable(build_solver: BuildSolver, *, trials_dir: str | Path, metric: str, mode: str = "min",
-                   base: ExperimentConfig | None = None, cpus_per_worker: float = 1.0) -> Any:
+def make_trainable(build_solver: BuildSolver, *, trials_dir: str | Path | None, metric: str, mode: str = "min",
+                   base: ExperimentConfig | None = None, cpus_per_worker: float = 1.0, checkpoint_every: int = 5,
+                   max_failures: int = 0, train_storage: str | None = None) -> Any:
     """A Tune trainable (with per-trial resources) that runs one bilevel solve per trial.
 
     Args:
@@ -220,26 +496,36 @@ def make_trainable(build_solver: BuildSolver, *, trials_dir: str | Path, metric:
         trials_dir: each trial writes its outputs (TensorBoard logs included) to
             ``trials_dir/<trial name>``, so ``tensorboard --logdir trials_dir``
             shows all trials side by side. Must be absolute (Tune runs trials in
-            their own working directories).
+            their own working directories). ``None``: each trial's Tune directory
+            (for a URI storage, which Tune syncs).
         metric, mode: the outer metric the solver records and its direction.
         base: values of the :class:`ExperimentConfig` fields the space leaves out.
         cpus_per_worker: CPUs per solving process (a one-worker trial, or each Train worker).
+        checkpoint_every: outer steps between trial checkpoints.
+        max_failures: worker-group restarts of a multi-worker trial's Train run.
+        train_storage: a URI under which multi-worker trials keep their Train
+            checkpoints (``<train_storage>/<trial>``); default: in the trial's folder.
 
     Returns:
         ``tune.with_resources(...)`` of the function trainable, for ``tune.Tuner``.
     """
-    trials_dir = Path(trials_dir)
-    if not trials_dir.is_absolute():
-        raise ValueError(f"trials_dir must be an absolute path, got {str(trials_dir)!r}; "
-                         f"pass Path(trials_dir).resolve()")
+    if trials_dir is not None:
+        trials_dir = Path(trials_dir)
+        if not trials_dir.is_absolute():
+            raise ValueError(f"trials_dir must be an absolute path, got {str(trials_dir)!r}; "
+                             f"pass Path(trials_dir).resolve()")
     if not callable(build_solver):
         raise TypeError(f"build_solver must be callable as build_solver(config, rank, world_size), "
                         f"got {type(build_solver).__name__}")
     if not cpus_per_worker > 0:
         raise ValueError(f"cpus_per_worker must be > 0, got {cpus_per_worker}")
+    base = ExperimentConfig() if base is None else base
+    folder = None if trials_dir is None else str(trials_dir)
 
     def hg_dist_trial(config: dict[str, Any]) -> None:
-        run_trial(config, build_solver=build_solver, base=base, trials_dir=str(trials_dir), metric=metric,
-                  mode=mode, cpus_per_worker=cpus_per_worker)
+        run_trial(config, build_solver=build_solver, base=base, trials_dir=folder, metric=metric, mode=mode,
+                  cpus_per_worker=cpus_per_worker, checkpoint_every=checkpoint_every, max_failures=max_failures,
+                  train_storage=train_storage)
 
-    return tune.with_resources(hg_dist_trial, lambda config: trial_resources(config, cpus_per_worker))
+    return tune.with_resources(hg_dist_trial, lambda config: trial_resources(
+        config, cpus_per_worker, use_gpu=base.use_gpu, workers=base.workers))
