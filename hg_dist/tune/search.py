@@ -30,6 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Categorical
 
+from hg_dist.distributed.resources import connect, inspect_cluster
 from hg_dist.experiment import RESULT_FILE, ExperimentConfig
 from hg_dist.tune.results import best_row, format_table, make_table, save_best, write_table
 from hg_dist.tune.space import check_space, to_experiment_config, trial_settings
@@ -158,15 +159,17 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
             trials early, never at a step limit). Pass ``tune.schedulers.FIFOScheduler()``
             to run every trial to the end.
         max_concurrent_trials: default: as many as fit the cluster's CPUs when every
-            trial is as large as the largest ``workers`` in the space (at least 1).
+            trial is as large as the largest ``workers`` in the space (at least 1); on an
+            autoscaling cluster, the CPUs it can grow to, or no limit when it does not say
+            (:func:`hg_dist.distributed.resources.inspect_cluster`).
         cpus_per_worker: CPUs per solving process (a one-worker trial, or each Train worker).
         seed: seeds the sampling of the space (``None``: unseeded).
         verbose: Tune's console verbosity (0 silent … 2 every result).
         print_table: print the results table at the end.
 
-    Starts a local Ray instance if none is running. Failing trials (an exception,
-    or a NaN / infinite outer metric) are recorded as ``failed`` with their error;
-    the search goes on.
+    Starts a local Ray instance if none is running (or connects to ``RAY_ADDRESS``).
+    Failing trials (an exception, or a NaN / infinite outer metric) are recorded as
+    ``failed`` with their error; the search goes on.
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -177,18 +180,21 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     output = Path(output).resolve()
     trials_dir = output / "trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init()
-    total_cpus = ray.cluster_resources().get("CPU", 1.0)
+    connect()
+    # Size by what the cluster can hold: what it has when it is fixed, its stated maximum when it
+    # autoscales (unknown: no limit; pending trials are the demand that makes it grow).
+    cluster = inspect_cluster()
+    fixed = cluster.autoscaling is False
+    total_cpus = cluster.total.get("CPU", 0.0) if fixed else (cluster.max_resources or {}).get("CPU")
     workers = _workers_candidates(space, base)
     largest = max(trial_demand(w, cpus_per_worker) for w in (workers or [1]))
-    if largest > total_cpus:
+    if total_cpus is not None and largest > total_cpus:
         raise ValueError(f"a trial of the space needs {largest:g} CPUs (workers × cpus_per_worker plus "
-                         f"{TRIAL_CPU} for the trial) but the Ray cluster has {total_cpus:g}; lower "
-                         f"cpus_per_worker (e.g. cpus_per_worker={total_cpus / (largest / cpus_per_worker):.2g}) "
-                         f"or the workers in the space")
+                         f"{TRIAL_CPU} for the trial) but the Ray cluster has {total_cpus:g}"
+                         f"{'' if fixed else ' at most'} ({cluster.how}); lower cpus_per_worker (e.g. "
+                         f"cpus_per_worker={total_cpus / (largest / cpus_per_worker):.2g}) or the workers in the space")
     if max_concurrent_trials is None:
-        max_concurrent_trials = max(1, int(total_cpus // largest))
+        max_concurrent_trials = max(1, int(total_cpus // largest)) if total_cpus is not None else 0
     if scheduler is None:
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=grace_period,
                                   reduction_factor=reduction_factor, max_t=10**6)
