@@ -31,14 +31,22 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("yaml")
 
-from ray_heads import REPO, Head, kill_tree, ray_cli, start_head, stop_head  # noqa: E402
+from ray_heads import (REPO, SIM_HEAD, SIM_JOB, SIM_SEARCH, Head, doc_block, doc_output_after,  # noqa: E402
+                       kill_tree, ray_cli, run_block, start_head, stop_head)
 
 import psutil  # noqa: E402 - Ray's vendored copy, on sys.path once ray is imported
 
 
+# Faster than Ray's defaults, for the tests only: the autoscaler looks every second, and a
+# node that stops answering is declared dead after 5 s.
+FAST = {"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_failure_threshold": "5"}
+
+
 @pytest.fixture(scope="module")
 def sim():
-    head = start_head(num_cpus=0, simulated=True, token=False)
+    """The head of docs/clusters.md's autoscaling cluster (its own block), on free ports."""
+    head = start_head(doc_block(SIM_HEAD), token=False, extra_env=FAST)
     try:
         yield head
     finally:
@@ -102,18 +110,23 @@ def wait_for_job(head: Head, submission_id: str, timeout: float) -> None:
 # ---------------------------------------------------------------------------------------
 
 def test_two_worker_job_starts_from_zero_worker_nodes(sim, tmp_path):
+    """docs/clusters.md's job on the autoscaling cluster, its commands as written there."""
+    import re
+
     assert not alive(worker_nodes(sim)), "the simulated cluster should start with no worker node"
-    out = tmp_path / "lr2"
     started = time.time()
-    submission_id, proc = submit(sim, "python", "examples/logistic_regression.py", "--workers", "2",
-                                 "--num-iters", "40", "--output", str(out))
-    logs = assert_succeeded(sim, submission_id, proc)
+    proc = run_block(sim, doc_block(SIM_JOB), tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}\n--- head ---\n{sim.log()}"
     print(f"(a) SUCCEEDED in {time.time() - started:.0f} s")
 
     assert len(worker_nodes(sim)) >= 2                                   # the autoscaler added two nodes
-    # It said what it waited for and what was there, then started.
-    assert "hg_dist: waiting for workers=2 × {CPU 1} (CPU 2); the cluster has CPU 0" in logs
-    assert "hg_dist: workers=2 × {CPU 1} (CPU 2) ready after" in logs
+    # It said what it waited for and what was there, then started; as the doc shows it.
+    shown = doc_output_after(SIM_JOB).splitlines()
+    assert shown[0].split(" (CPU 0 free)")[0] + " (CPU 0 free)" in proc.stdout
+    ready = re.escape(shown[-1]).replace("11", r"\d+")
+    assert re.search(ready, proc.stdout), shown[-1]
+    assert "cpu_worker" in proc.stdout                                   # `ray status`: the new nodes' type
+    out = tmp_path / "sim-lr2"
     result = json.loads((out / "result.json").read_text())
     assert result["workers"] == 2 and result["global_step"] == 40 and result["metrics"]
     assert (out / "history.parquet").is_file()
@@ -192,7 +205,7 @@ def test_node_killed_mid_run_restarts_on_a_new_node_with_the_same_result(sim, tm
 # ---------------------------------------------------------------------------------------
 
 def test_search_makes_the_cluster_grow(sim, tmp_path):
-    """examples/search.py run against the cluster's address (``RAY_ADDRESS``), as a driver here.
+    """docs/clusters.md's search on the autoscaling cluster: examples/search.py as a driver here.
 
     Not through ``ray job submit --working-dir .``: on one machine the fake nodes share
     Ray's runtime_resources folder, and each node that joins unpacks the job's files
@@ -206,16 +219,36 @@ def test_search_makes_the_cluster_grow(sim, tmp_path):
     needed = 3
     at_start = alive(worker_nodes(sim))
     assert len(at_start) < needed, f"{len(at_start)} worker nodes already up: the search would not need more"
-    out = tmp_path / "search"
     started = time.time()
-    proc = subprocess.run([sys.executable, "examples/search.py", "--num-samples", "1", "--workers", "2",
-                           "--cpus-per-worker", "1", "--num-iters", "20", "--n-train", "300", "--output", str(out)],
-                          cwd=REPO, env={**sim.env, "RAY_ADDRESS": sim.gcs}, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_block(sim, doc_block(SIM_SEARCH), tmp_path)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     print(f"(b) search done in {time.time() - started:.0f} s")
     joined = set(worker_nodes(sim)) - at_start
     assert joined, "the cluster did not grow for the search"
+    out = tmp_path / "sim-search"
     table = pq.read_table(out / "results.parquet").to_pylist()
     assert [row["status"] for row in table] == ["completed"] and table[0]["workers"] == 2
     assert (out / "best_config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# Reliability: demand that no scale-up can meet ends at once (autoscaler v2's verdict)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, asked", [
+    (["--workers", "5"], "workers=5 × {CPU 1} asks for CPU 5"),                 # > max_workers (4) of 1 CPU
+    (["--workers", "2", "--use-gpu"], "workers=2 × {CPU 1, GPU 1} asks for CPU 2, GPU 2"),  # no GPU node type
+])
+def test_demand_no_scale_up_can_meet_fails_fast(sim, tmp_path, args, asked):
+    out = tmp_path / "never"
+    started = time.time()
+    proc = subprocess.run([sys.executable, "examples/logistic_regression.py", *args, "--output", str(out)], cwd=REPO,
+                          env={**sim.env, "RAY_ADDRESS": sim.gcs}, capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - started
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert asked in line and "its autoscaler reports that no scale-up can place them" in line, line
+    assert "Fix: ask for fewer workers (--workers)" in line and "max_workers" in line
+    assert ("drop --use-gpu" in line) == ("--use-gpu" in args)
+    assert not out.exists()
+    assert elapsed < 60, f"{elapsed:.0f} s"

@@ -157,17 +157,24 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def _reachable(host: str, port: int, deadline: float) -> str | None:
-    """``None`` when a TCP connection to ``host:port`` succeeds before ``deadline``, else the last reason."""
-    reason = "no answer"
+def _reachable(host: str, port: int, timeout_s: float) -> str | None:
+    """``None`` when a TCP connection to ``host:port`` succeeds, else why not.
+
+    Tries for up to ``timeout_s`` while nothing answers, and for 3 s while the host
+    refuses (a head that is just starting); a refusal after that is final.
+    """
+    start = time.monotonic()
     while True:
+        left = timeout_s - (time.monotonic() - start)
         try:
-            with socket.create_connection((host, port), timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
+            with socket.create_connection((host, port), timeout=max(0.5, min(5.0, left))):
                 return None
         except OSError as error:
             reason = error.strerror or type(error).__name__
-        if time.monotonic() + 1.0 >= deadline:
-            return reason
+            refused = isinstance(error, ConnectionRefusedError)
+        waited = time.monotonic() - start
+        if waited + 1.0 >= (min(3.0, timeout_s) if refused else timeout_s):
+            return f"{reason} (tried for {waited:.0f} s)"
         time.sleep(1.0)
 
 
@@ -176,7 +183,8 @@ def connect(address: str | None = None, *, connect_timeout_s: float = 10.0, **in
 
     ``address`` is resolved as ``ray.init`` resolves it (``RAY_ADDRESS`` first, then a
     ``ray start`` cluster of this machine, else a new local instance). A cluster
-    address is first reached over TCP for up to ``connect_timeout_s``.
+    address is first reached over TCP: for up to ``connect_timeout_s`` while nothing
+    answers, 3 s while the host refuses.
 
     Raises:
         ClusterUnreachableError: nothing answers at the address; the message names it,
@@ -193,18 +201,21 @@ def connect(address: str | None = None, *, connect_timeout_s: float = 10.0, **in
     if given and given.startswith(("http://", "https://")):
         ray.init(address=given, **init_kwargs)      # Ray's own error says what to do
         return
-    resolved = given if given and given.startswith("ray://") else canonicalize_bootstrap_address(given)
+    try:
+        resolved = given if given and given.startswith("ray://") else canonicalize_bootstrap_address(given)
+    except ValueError:  # Ray's "Invalid address format"
+        resolved = given
     if resolved is not None:
         target = _host_port(resolved)
         if target is None:
             raise ClusterUnreachableError(f"{source}={given!r} is not a Ray address; use host:port of the head "
                                           f"(e.g. 127.0.0.1:6379), or unset it to run on a local Ray instance")
-        reason = _reachable(*target, deadline=time.monotonic() + connect_timeout_s)
+        reason = _reachable(*target, timeout_s=connect_timeout_s)
         if reason is not None:
+            start = "ray start --head" + ("" if resolved.startswith("ray://") else f" --port={target[1]}")
             raise ClusterUnreachableError(
-                f"no Ray cluster answers at {resolved} ({source}={given!r}): {reason} after {connect_timeout_s:g} s. "
-                f"Start one there (ray start --head --port={target[1]}), correct the address, or unset "
-                f"RAY_ADDRESS to run on a local Ray instance")
+                f"no Ray cluster answers at {resolved} ({source}={given!r}): {reason}. Start one there ({start}), "
+                f"correct the address, or unset RAY_ADDRESS to run on a local Ray instance")
     ray.init(address=resolved, **init_kwargs)
 
 
@@ -318,7 +329,7 @@ def inspect_cluster(status_wait_s: float = 10.0) -> Cluster:
         return Cluster(nodes=nodes, autoscaling=autoscaling, how=how, node_ids=ids, **more)
 
     if _started_here():
-        return cluster(False, "a local Ray instance started by this process, without an autoscaler")
+        return cluster(False, "a local Ray instance that this process started: no autoscaler")
     bounds = _cluster_config_bounds()
     if bounds is not None:
         grows, maximum = bounds
@@ -337,8 +348,8 @@ def inspect_cluster(status_wait_s: float = 10.0) -> Cluster:
     status = _v1_status() or {}
     mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
     if mapping and all(_READONLY_TYPE.fullmatch(str(kind)) for kind in mapping.values()):
-        return cluster(False, "its autoscaler has no node types to add (a head started without "
-                              "--autoscaling-config)", autoscaler="v1")
+        return cluster(False, "its autoscaler has no node types to add: a head started without "
+                              "--autoscaling-config", autoscaler="v1")
     return cluster(True, "its autoscaler (v1) has node types to add", autoscaler="v1")
 
 
@@ -366,7 +377,8 @@ def workers_that_fit(nodes: Sequence[Mapping[str, float]], bundle: Mapping[str, 
 def _fix(bundle: Mapping[str, float], fitting: int) -> str:
     gpu = bundle.get("GPU", 0) > 0
     if fitting >= 1:
-        return f"use --workers {fitting} or fewer" + (", or drop --use-gpu" if gpu else "")
+        return (f"use --workers {fitting} or fewer" + (", or drop --use-gpu" if gpu else "")
+                + ", or run on a larger cluster (docs/clusters.md)")
     if gpu:
         return "drop --use-gpu to train on CPUs, or run on a cluster with GPU nodes (docs/clusters.md)"
     return "lower the resources per worker, or run on a cluster with larger nodes (docs/clusters.md)"
@@ -383,7 +395,7 @@ def _too_small(workers: int, bundle: Mapping[str, float], cluster: Cluster) -> I
     return InsufficientResourcesError(
         f"{_asked(workers, bundle)}, but this Ray cluster has {cluster.describe(list(bundle))} and cannot grow "
         f"({cluster.how}): at most {fitting} such worker{'s' if fitting != 1 else ''} fit. "
-        f"Fix: {_fix(bundle, fitting)}, or run on a larger cluster", asked=_times(bundle, workers), has=cluster.total)
+        f"Fix: {_fix(bundle, fitting)}", asked=_times(bundle, workers), has=cluster.total)
 
 
 def _beyond_scale_up(workers: int, bundle: Mapping[str, float], cluster: Cluster) -> InsufficientResourcesError:
@@ -481,17 +493,21 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
+QUIET_S = 2.0
+"""A wait shorter than this prints nothing."""
+
+
 def wait_for_resources(workers: int, bundle: Mapping[str, float], *, timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
                        cluster: Cluster | None = None, stream: TextIO | None = None,
-                       poll_s: float = 1.0) -> float:
+                       poll_s: float = 0.5) -> float:
     """Wait until ``workers`` × ``bundle`` can all be placed at once; return the seconds waited.
 
     The demand is placed as a placement group (``PACK``, as Ray Train places its
     workers), which is also what an autoscaler sees and grows the cluster for; the
     group is removed when it is ready (the run then starts on those resources), on
-    an error, on a timeout and on Ctrl-C. While waiting, one line on ``stream``
-    (default ``sys.stderr``) says what is asked for, what the cluster has and what
-    the autoscaler is doing.
+    an error, on a timeout and on Ctrl-C. While waiting (after :data:`QUIET_S`), one
+    line on ``stream`` (default ``sys.stderr``) says what is asked for, what the
+    cluster has and what the autoscaler is doing.
 
     Raises:
         ResourceTimeoutError: not placed within ``timeout_s``.
@@ -509,9 +525,9 @@ def wait_for_resources(workers: int, bundle: Mapping[str, float], *, timeout_s: 
     group = placement_group([dict(bundle) for _ in range(workers)], strategy="PACK")
     line: _StatusLine | None = None
     try:
-        while not group.wait(timeout_seconds=poll_s if line else min(poll_s, 0.5)):
+        while not group.wait(timeout_seconds=poll_s):
             waited = time.monotonic() - start
-            now = inspect_cluster(status_wait_s=0) if line else cluster
+            now = inspect_cluster(status_wait_s=0) if waited >= QUIET_S else cluster
             news, infeasible = "", False
             try:
                 if now.autoscaler == "v2":
@@ -528,6 +544,8 @@ def wait_for_resources(workers: int, bundle: Mapping[str, float], *, timeout_s: 
                     f"{now.describe(list(bundle))}, {_free(bundle)} of it free"
                     f"{'; autoscaler: ' + news if news else ''}. Fix: see `ray status` (pending demands, failed "
                     f"launches), free resources or ask for less (--workers), or wait longer (--resource-timeout)")
+            if waited < QUIET_S:
+                continue
             line = line or _StatusLine(stream)
             has = {key: now.total.get(key, 0.0) for key in bundle}
             line.show(f"hg_dist: waiting for {asked}; the cluster has {format_resources(has)} "
