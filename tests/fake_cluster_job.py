@@ -21,7 +21,7 @@ from hg_dist.distributed import TrainSettings, fit, read_checkpoint  # noqa: E40
 from hg_dist.experiment import ExperimentConfig  # noqa: E402
 
 SETTINGS = dict(approximator={"name": "nystrom", "rank": 5, "rho": 0.1}, outer_optimizer={"name": "adam", "lr": 0.05},
-                num_iters=120, unroll_steps=10, seed=0, workers=2, extra={"log_freq": 10})
+                num_iters=80, unroll_steps=10, seed=0, workers=2, extra={"log_freq": 10})
 CHECKPOINT_EVERY = 2
 FINAL_STATE = "final_state.pt"
 

@@ -282,3 +282,14 @@ def test_local_recipe(fixed_head, tmp_path):
     assert error_line == shown.replace(" exit status 1", ""), (error_line, shown)
     assert not (tmp_path / "too-many").exists()                          # nothing written
     assert elapsed < 60, f"the fixed-cluster error took {elapsed:.0f} s"
+
+
+def test_readme_cluster_commands_are_the_docs():
+    """README's "Run on a cluster" commands are docs/clusters.md's (which the tests above run)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Run on a cluster"):]
+    block = section[section.index("```bash") + len("```bash"):section.index("```", section.index("```bash") + 7)]
+    doc = doc_block(FIXED_HEAD) + "\n" + doc_block(FIXED_JOB)
+    commands = [line.split("#")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+    doc_commands = {" ".join(line.split("#")[0].split()) for line in doc.replace("\\\n", " ").splitlines()}
+    assert [c for c in commands if c] and all(" ".join(c.split()) in doc_commands for c in commands if c)

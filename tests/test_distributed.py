@@ -264,7 +264,7 @@ def test_run_experiment_rejects_bad_settings_before_starting_workers(tmp_path, r
         run_experiment(build_solver, too_many)
     # The session's local Ray instance (4 CPUs, no GPU, no autoscaler) can never hold 2 GPU workers.
     with pytest.raises(ValueError, match=r"workers=2 × \{CPU 1, GPU 1\} asks for CPU 2, GPU 2, but this Ray "
-                                         r"cluster has CPU 4 in all \(1 node\) and cannot grow.*drop --use-gpu"):
+                                         r"cluster has CPU 4, GPU 0 in all \(1 node\) and cannot grow.*drop --use-gpu"):
         run_experiment(build_solver, config_for(tmp_path, workers=2, use_gpu=True))
     assert not (tmp_path / "out").exists()                               # nothing written, no Train run started
 

@@ -221,3 +221,44 @@ def test_ctrl_c_while_waiting_ends_within_10_s(busy, tmp_path):
     while _placement_groups_left(busy) and time.time() < deadline:
         time.sleep(1)
     assert not _placement_groups_left(busy)
+
+
+def test_ctrl_c_while_training_ends_within_10_s(fixed, tmp_path):
+    """Ctrl-C in the middle of a 2-worker run: the driver ends within 10 s and its Ray Train
+    workers and controller are gone from the cluster."""
+    log = tmp_path / "driver.log"
+    with open(log, "w") as sink:
+        driver = subprocess.Popen([sys.executable, EXAMPLE, "--workers", "2", "--num-iters", "100000",
+                                   "--output", str(tmp_path / "long")], cwd=REPO,
+                                  env={**fixed.env, "RAY_ADDRESS": fixed.gcs}, stdout=sink, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        deadline = time.time() + 180
+        started = "Started training worker group"
+        while started not in log.read_text() and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert started in log.read_text(), log.read_text()[-4000:]
+        time.sleep(3)                                                      # into the solve
+        interrupted = time.time()
+        os.killpg(driver.pid, signal.SIGINT)                               # Ctrl-C in its terminal
+        try:
+            driver.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(driver.pid, signal.SIGKILL)
+            pytest.fail("still running 10 s after Ctrl-C:\n" + log.read_text()[-4000:])
+    print(f"stopped {time.time() - interrupted:.1f} s after Ctrl-C")
+    deadline = time.time() + 10
+    while time.time() < deadline and _train_processes(fixed):
+        time.sleep(0.5)
+    assert not _train_processes(fixed), "Ray Train processes left on the cluster after Ctrl-C"
+
+
+def _train_processes(head) -> list[str]:
+    names = []
+    for proc in head.processes():
+        try:
+            name = proc.name()
+            if proc.status() != psutil.STATUS_ZOMBIE and ("RayTrainWorker" in name or "TrainController" in name):
+                names.append(name)
+        except psutil.NoSuchProcess:
+            pass
+    return names

@@ -49,7 +49,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 __all__ = ["CLUSTER_MAX_FAILURES", "Cluster", "ClusterError", "ClusterUnreachableError",
@@ -239,7 +239,6 @@ class Cluster:
     how: str
     max_resources: dict[str, float] | None = None
     autoscaler: str | None = None
-    node_ids: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def total(self) -> dict[str, float]:
@@ -323,10 +322,9 @@ def inspect_cluster(status_wait_s: float = 10.0) -> Cluster:
 
     alive = [node for node in ray.nodes() if node.get("Alive")]
     nodes = tuple(_visible(node.get("Resources", {})) for node in alive)
-    ids = tuple(node.get("NodeID", "") for node in alive)
 
     def cluster(autoscaling: bool | None, how: str, **more: Any) -> Cluster:
-        return Cluster(nodes=nodes, autoscaling=autoscaling, how=how, node_ids=ids, **more)
+        return Cluster(nodes=nodes, autoscaling=autoscaling, how=how, **more)
 
     if _started_here():
         return cluster(False, "a local Ray instance that this process started: no autoscaler")
