@@ -205,6 +205,8 @@ def connect(address: str | None = None, *, connect_timeout_s: float = 10.0, **in
         resolved = given if given and given.startswith("ray://") else canonicalize_bootstrap_address(given)
     except ValueError:  # Ray's "Invalid address format"
         resolved = given
+    except ConnectionError as error:  # "auto" with no cluster to find
+        raise ClusterUnreachableError(f"{source}={given!r}: {error}") from None
     if resolved is not None:
         target = _host_port(resolved)
         if target is None:
