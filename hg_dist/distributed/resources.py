@@ -233,7 +233,8 @@ class Cluster:
             per demand (see the module docs).
         how: the evidence for ``autoscaling``, in words (it goes into error messages).
         max_resources: the most the cluster can ever have, when the cluster says so.
-        autoscaler: ``"v1"``, ``"v2"`` or ``None`` (none reports).
+        autoscaler: ``"v1"``, ``"v2"`` or ``None`` (none reports): whose status the wait
+            shows (and, for v2, whose verdict on the demand it takes).
     """
 
     nodes: tuple[dict[str, float], ...]
@@ -335,7 +336,7 @@ def inspect_cluster(status_wait_s: float = 10.0) -> Cluster:
         grows, maximum = bounds
         return cluster(grows, "the cluster config in the GCS " + ("lets node groups grow" if grows
                                                                    else "fixes every node group's size"),
-                       max_resources=_visible(maximum) or None, autoscaler="config")
+                       max_resources=_visible(maximum) or None, autoscaler=_autoscaler_version())
     version = _autoscaler_version()
     deadline = time.monotonic() + status_wait_s
     while version is None and time.monotonic() < deadline:
