@@ -39,7 +39,7 @@ import data_hypercleaning  # noqa: E402
 
 from hg_dist.experiment import ExperimentConfig  # noqa: E402
 from hg_dist.tune import SearchExistsError, SearchInterrupted, check_space, run_search  # noqa: E402
-from hg_dist.tune.launch import RayUnreachableError, start_ray  # noqa: E402
+from hg_dist.tune.launch import ClusterUnreachableError, start_ray  # noqa: E402
 from hg_dist.tune.searchers import SEARCHERS, check_searchable  # noqa: E402
 from hg_dist.tune.storage import MARKER_FILE, SearchStorage  # noqa: E402
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None):
 
     try:
         started_here = start_ray(num_cpus=args.num_cpus)
-    except (RayUnreachableError, ValueError) as error:
+    except (ClusterUnreachableError, ValueError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     import ray
 

@@ -1,22 +1,16 @@
-"""Cluster configs (clusters/*.yaml) and job submission against a real local Ray head.
+"""Cluster configs (clusters/*.yaml, docker/Dockerfile) and docs/clusters.md's local recipe, run for real.
 
 * Every cluster YAML validates against Ray's own cluster-config schema, both as written
   and after Ray fills in its provider defaults (what ``ray up`` does before it talks to
   the cloud). ``validate_config`` is private Ray API: these checks are written against
   Ray 2.60.
-* One real ``ray job submit`` of ``examples/logistic_regression.py`` with
-  ``clusters/runtime_env.yaml`` against a head started here on 127.0.0.1.
-
-Isolation from other Ray users on the same machine (the session's own
-``ray.init(address="local")`` and other people's test runs): the head runs as
-``ray start --head --block`` in a subprocess this test owns (dashboard and job API
-on 127.0.0.1, token auth with a token of its own), with its own short
-``--temp-dir`` (so its ``ray_current_cluster`` file lands there, not in /tmp/ray,
-and a bare ``ray.init()`` elsewhere never finds it), every port chosen free here, and
-no RAY_ADDRESS in this process's environment. Teardown never runs ``ray stop``
-(it stops every Ray instance on the machine): it sends SIGTERM to the ``--block``
-process (which shuts down the processes it started), then kills whatever is left
-whose command line names this head's temp dir.
+* The AWS configs: heads that offer no CPU or GPU, the AMI lookup, one set of pins in
+  the YAMLs, the image tags and docker/Dockerfile, a setup that installs only what
+  the image lacks (run here with a stand-in ``pip``).
+* docs/clusters.md: every command block outside the sections marked "needs an AWS
+  account" is run by a test (``ray_heads.DOC_BLOCKS``); section 1's fixed-head recipe
+  is run here, in order, against a head started with its own command on 127.0.0.1
+  (ports, temp dir and auth token of its own, see tests/ray_heads.py).
 """
 
 from __future__ import annotations
@@ -24,13 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,10 +30,13 @@ pytest.importorskip("jsonschema")  # ray[default] brings it; validate_config nee
 ray = pytest.importorskip("ray")
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from ray_heads import (DOC, DOC_BLOCKS, FIXED_HEAD, FIXED_JOB, FIXED_TOO_MANY, REPO,  # noqa: E402
+                       doc_block, doc_blocks, doc_output_after, run_block, start_head, stop_head)
+
 CLUSTERS = REPO / "clusters"
 CLUSTER_YAMLS = ["gpu.yaml", "cpu.yaml", "local.yaml"]
-EXAMPLE = "examples/logistic_regression.py"
+AWS_YAMLS = ["gpu.yaml", "cpu.yaml"]
+SSM_AMI = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 
 
 def _load(name: str) -> dict:
@@ -57,7 +49,7 @@ def _load(name: str) -> dict:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CLUSTER_YAMLS)
+@pytest.mark.parametrize("name", CLUSTER_YAMLS + ["local-sim.yaml"])
 def test_cluster_yaml_validates(name):
     config = _load(name)
     validate_config(config)  # as written (every top-level field present)
@@ -88,6 +80,7 @@ def test_gpu_yaml_shape():
         assert worker["min_workers"] == 0 < worker["max_workers"] <= config["max_workers"]
         assert worker["node_config"]["InstanceType"].startswith(("g", "p"))
     assert "-gpu" in config["docker"]["image"] or "-cu" in config["docker"]["image"]
+    assert head["resources"] == {"CPU": 0, "GPU": 0}                 # the head does no work
 
 
 def test_cpu_yaml_shape():
@@ -96,6 +89,33 @@ def test_cpu_yaml_shape():
     assert "-cpu" in config["docker"]["image"]
     setup = " ".join(config["setup_commands"])
     assert "download.pytorch.org/whl/cpu" in setup  # the CPU wheel, not CUDA
+    assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0, "GPU": 0}
+
+
+@pytest.mark.parametrize("name", AWS_YAMLS)
+def test_aws_nodes_use_the_documented_ami_lookup(name):
+    """Every node's AMI is the SSM parameter of AWS's current Deep Learning Base GPU AMI, and the
+    YAML's comment and docs/clusters.md give the command that prints the id it resolves to."""
+    config = _load(name)
+    for node_type in config["available_node_types"].values():
+        assert node_type["node_config"]["ImageId"] == f"resolve:ssm:{SSM_AMI}"
+    lookup = f"aws ssm get-parameter --region us-west-2 --query Parameter.Value --output text"
+    text = (CLUSTERS / name).read_text()
+    assert lookup in text and f"--name {SSM_AMI}" in text
+    assert lookup in DOC.read_text() and SSM_AMI in DOC.read_text()
+
+
+def test_local_sim_yaml_shape():
+    """An autoscaling cluster on one machine: a head with 0 CPUs, 1-CPU workers from 0 up."""
+    raw = _load("local-sim.yaml")
+    assert raw["provider"]["type"] == "external"
+    assert raw["provider"]["module"].endswith("fake_multi_node.node_provider.FakeMultiNodeProvider")
+    assert raw["provider"]["gcs_address"] == "127.0.0.1:6379"   # the port of the doc's `ray start`
+    nodes = raw["available_node_types"]
+    assert nodes[raw["head_node_type"]]["resources"] == {"CPU": 0}
+    workers = [node for name, node in nodes.items() if name != raw["head_node_type"]]
+    assert workers and all(node["resources"]["CPU"] == 1 and node["min_workers"] == 0 < node["max_workers"]
+                           for node in workers)
 
 
 def test_local_yaml_shape():
@@ -110,7 +130,8 @@ def test_local_yaml_shape():
 
 
 def _pins(text: str) -> dict[str, str]:
-    return dict(re.findall(r"\b(torch|ray(?:\[[a-z,]+\])?)==([0-9][0-9a-z.]*)", text))
+    return dict(re.findall(r"\b(torch|ray(?:\[[a-z,]+\])?|tensorboardX|pyarrow|scikit-learn)==([0-9][0-9a-z.]*)",
+                           text))
 
 
 def test_versions_pinned_consistently():
@@ -129,10 +150,54 @@ def test_versions_pinned_consistently():
         image = (config.get("docker") or {}).get("image")
         if image:
             ray_versions.add(image.split(":")[1].split("-")[0])
+            torch_in_tag = re.search(r"-torch([0-9.]+)$", image)
+            if torch_in_tag:
+                torch_versions.add(torch_in_tag.group(1))
         # Ray itself is started by the cluster launcher with the pinned Ray.
         assert config["head_start_ray_commands"] and config["worker_start_ray_commands"]
     assert len(ray_versions) == 1, ray_versions
     assert len(torch_versions) == 1, torch_versions
+    # The image the configs point at is built from docker/Dockerfile with the same pins.
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    pins = _pins(dockerfile)
+    assert pins["torch"] in torch_versions and pins["ray[default,tune,train]"] in ray_versions
+    assert re.search(r"FROM \$\{BASE\}", dockerfile) and f"rayproject/ray:{ray_versions.pop()}-py311-gpu" in dockerfile
+    yaml_pins = _pins("\n".join(_load("gpu.yaml")["setup_commands"]))
+    assert {k: v for k, v in pins.items() if k in yaml_pins} == yaml_pins
+
+
+@pytest.mark.parametrize("name", AWS_YAMLS)
+def test_setup_installs_only_what_the_image_lacks(name, tmp_path):
+    """The version check in setup_commands: on an image with the pins (this environment, with the
+    versions it has) it calls pip only if one of them differs, and then with the pins."""
+    from importlib.metadata import version
+
+    (command,) = [c for c in _load(name)["setup_commands"] if "pip install" in c]
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "pip").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'pip-calls'}\n")
+    (stub / "pip").chmod(0o755)
+    (stub / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')   # this environment's python
+    (stub / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pins = _pins(command)
+    here = {"torch": version("torch").split("+")[0], "ray[default,tune,train]": version("ray"),
+            "tensorboardX": version("tensorboardX"), "pyarrow": version("pyarrow"),
+            "scikit-learn": version("scikit-learn")}
+    calls = (tmp_path / "pip-calls").read_text().splitlines() if (tmp_path / "pip-calls").exists() else []
+    if here == pins:
+        assert calls == []                                   # an image with the pins: nothing installed
+    else:
+        assert calls and all(f"{k}=={v}" in " ".join(calls) for k, v in pins.items())
+    # And with a version that differs, it installs: a stand-in python whose torch is too old.
+    (stub / "python").unlink()
+    (stub / "python").write_text("#!/bin/sh\nexit 1\n")
+    (stub / "python").chmod(0o755)
+    subprocess.run(["bash", "-c", command], env=env, check=True, timeout=120)
+    calls = (tmp_path / "pip-calls").read_text()
+    assert "torch==2.13.0" in calls and "ray[default,tune,train]==2.60.0" in calls
 
 
 @pytest.mark.parametrize("name", CLUSTER_YAMLS)
@@ -160,180 +225,71 @@ def test_runtime_env_carries_the_project():
 
 
 # ---------------------------------------------------------------------------
-# Real job submission against a local head
+# docs/clusters.md: every command is run by a test, section 1 here
 # ---------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM the head if pytest dies first (Linux), so that an
-    interrupted run does not leave it behind; its SIGTERM handler cleans up."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _ray_cli() -> list[str]:
-    return [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-def _processes_under(marker: str) -> list:
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(marker in part for part in proc.info["cmdline"] or ()):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
-
-
-def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """Stop only this head: SIGTERM to its --block process (it shuts down what it
-    started), then SIGKILL anything still naming our temp dir."""
-    import psutil
-
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait(timeout=10)
-    deadline = time.time() + 10
-    while (left := _processes_under(temp_dir)) and time.time() < deadline:
-        time.sleep(0.5)
-    for proc in left:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(left, timeout=10)
+def test_every_local_doc_command_is_run_by_a_test():
+    """Each bash block of docs/clusters.md outside the "needs an AWS account" sections is one that
+    ray_heads.DOC_BLOCKS names (and a test runs); the AWS ones are marked as needing an account."""
+    blocks = [block for block in doc_blocks() if block.language == "bash"]
+    local = [block for block in blocks if not block.cloud]
+    for block in local:
+        owners = [phrase for phrase in DOC_BLOCKS if phrase in block.text]
+        assert len(owners) == 1, f"no test runs this block of {DOC.name} (or several claim it):\n{block.text}"
+    assert len(local) == len(DOC_BLOCKS)
+    cloud = [block for block in blocks if block.cloud]
+    assert cloud and all(any(word in block.text for word in ("aws ", "ray up", "ray job", "ray down", "ray rsync",
+                                                             "docker ", "pip install", "ray exec", "tensorboard",
+                                                             "ray dashboard", "python -m hg_dist"))
+                         for block in cloud)
 
 
 @pytest.fixture
-def local_head():
-    """A Ray head on 127.0.0.1 that only this test uses; yields the dashboard URL."""
-    pytest.importorskip("psutil")
-    # Short path: Ray's unix sockets live under it (108-byte limit).
-    temp_dir = tempfile.mkdtemp(prefix="hgray-")
-    (gcs, dashboard, client, agent_listen, agent_grpc, runtime_env_agent, metrics,
-     node_manager, object_manager, *worker_ports) = _free_ports(9 + 24)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS")}
-    # Token auth, as the cluster configs set it up, with a token of its own (never
-    # ~/.ray/auth_token, which other local Ray instances use): the head, the CLI and
-    # the job all get it from the environment.
-    token = secrets.token_hex(32)
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    for key in ("NO_PROXY", "no_proxy"):  # the CLI talks HTTP to 127.0.0.1 directly
-        env[key] = ",".join(filter(None, ["127.0.0.1,localhost", env.get(key)]))
-    # The job's `python` is this interpreter (the cluster configs install one).
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # SIGTERM: stop at once, no 30 s drain
-    cmd = _ray_cli() + [
-        "start", "--head", "--block", "--disable-usage-stats",
-        # Ray maps --node-ip-address=127.0.0.1 to the machine's address and GCS and
-        # raylet listen on all interfaces whatever one passes; the token guards them.
-        # The dashboard (job API) does stay on loopback.
-        f"--temp-dir={temp_dir}",
-        f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_listen}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env_agent}",
-        f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
-        f"--object-manager-port={object_manager}",
-        f"--worker-port-list={','.join(map(str, worker_ports))}",
-        "--num-cpus=2", "--num-gpus=0",
-    ]
-    log = open(Path(temp_dir) / "ray-start.log", "w")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True,
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    url = f"http://127.0.0.1:{dashboard}"
+def fixed_head():
+    """The head of docs/clusters.md section 1 (its own command), on free ports and a temp dir of its own."""
+    head = start_head(doc_block(FIXED_HEAD))
     try:
-        headers = {"Authorization": f"Bearer {token}"}
-        _wait_for_dashboard(url, headers, head, temp_dir, timeout=120)
-        yield {"url": url, "env": env, "headers": headers, "temp_dir": temp_dir}
+        yield head
     finally:
-        _stop_head(head, temp_dir)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(head)
 
 
-def _wait_for_dashboard(url, headers, head, temp_dir, timeout):
-    import urllib.request
-
-    request = urllib.request.Request(f"{url}/api/version", headers=headers)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxies
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if head.poll() is not None:
-            pytest.fail("ray start exited early:\n"
-                        + (Path(temp_dir) / "ray-start.log").read_text()[-4000:])
-        try:
-            with opener.open(request, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    pytest.fail("the local head's dashboard did not come up in time:\n"
-                + (Path(temp_dir) / "ray-start.log").read_text()[-4000:])
-
-
-@pytest.mark.skipif(not (REPO / EXAMPLE).exists(), reason=f"{EXAMPLE} not written yet")
-def test_job_submit_to_local_head(local_head, tmp_path):
-    """The documented flow: `ray job submit --runtime-env clusters/runtime_env.yaml
-    --working-dir . -- python examples/logistic_regression.py ...` from the repo root."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    out = tmp_path / "run"
-    submission_id = f"hg-dist-test-{os.getpid()}-{int(time.time())}"
-    cmd = _ray_cli() + [
-        "job", "submit", "--address", local_head["url"],
-        "--submission-id", submission_id,
-        "--runtime-env", "clusters/runtime_env.yaml", "--working-dir", ".",
-        "--", "python", EXAMPLE, "--num-iters", "20", "--output", str(out),
-    ]
-    started = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=local_head["env"], capture_output=True,
-                          text=True, timeout=600)
-    elapsed = time.time() - started
-    client = JobSubmissionClient(local_head["url"], headers=local_head["headers"])
-    status = client.get_job_status(submission_id)
-    logs = client.get_job_logs(submission_id)
-    assert proc.returncode == 0 and status == JobStatus.SUCCEEDED, (
-        f"status={status} rc={proc.returncode} after {elapsed:.0f}s\n"
-        f"--- submit stdout ---\n{proc.stdout[-4000:]}\n"
-        f"--- submit stderr ---\n{proc.stderr[-4000:]}\n--- job logs ---\n{logs[-4000:]}"
-    )
-    print(f"job {submission_id} SUCCEEDED in {elapsed:.1f}s")
-    assert (out / "history.parquet").is_file()
-    result = json.loads((out / "result.json").read_text())
-    assert result["metrics"] and result["config"]["num_iters"] == 20
+def test_local_recipe(fixed_head, tmp_path):
+    """Section 1 of docs/clusters.md, in order: submit, status, logs, `ray status`, the results, and
+    a driver asking for more workers than the fixed head holds (the error as the doc shows it)."""
     import pyarrow.parquet as pq
 
+    started = time.time()
+    proc = run_block(fixed_head, doc_block(FIXED_JOB), tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}\n--- head ---\n{fixed_head.log()}"
+    print(f"job + checks in {time.time() - started:.0f} s")
+    out = tmp_path / "lr2"
+    result = json.loads((out / "result.json").read_text())
+    assert result["workers"] == 2 and result["config"]["num_iters"] == 40
     assert pq.read_table(out / "history.parquet").num_rows > 0
+    assert (proc.stdout + proc.stderr).count("Job 'lr2' succeeded") == 2   # ray job submit, ray job status
+    assert "Active:" in proc.stdout and "0.0/2.0 CPU" in proc.stdout     # ray status --address ...
+    assert f"'val_acc': {result['metrics']['val_acc']}" in proc.stdout   # result.json's metrics printed
+    assert "pyarrow.Table" in proc.stdout and "step: [[20,40]]" in proc.stdout   # the history
+
+    started = time.time()
+    proc = run_block(fixed_head, doc_block(FIXED_TOO_MANY), tmp_path)
+    elapsed = time.time() - started
+    shown = " ".join(doc_output_after(FIXED_TOO_MANY).split())
+    assert proc.returncode == 0 and "exit status 1" in proc.stdout, proc.stderr[-4000:]
+    error_line = proc.stderr.strip().splitlines()[-1]
+    assert error_line == shown.replace(" exit status 1", ""), (error_line, shown)
+    assert not (tmp_path / "too-many").exists()                          # nothing written
+    assert elapsed < 60, f"the fixed-cluster error took {elapsed:.0f} s"
+
+
+def test_readme_cluster_commands_are_the_docs():
+    """README's "Run on a cluster" commands are docs/clusters.md's (which the tests above run)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Run on a cluster"):]
+    block = section[section.index("```bash") + len("```bash"):section.index("```", section.index("```bash") + 7)]
+    doc = doc_block(FIXED_HEAD) + "\n" + doc_block(FIXED_JOB)
+    commands = [line.split("#")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+    doc_commands = {" ".join(line.split("#")[0].split()) for line in doc.replace("\\\n", " ").splitlines()}
+    assert [c for c in commands if c] and all(" ".join(c.split()) in doc_commands for c in commands if c)

@@ -67,7 +67,8 @@ def test_main_hands_the_config_to_run_experiment(tmp_path, monkeypatch):
     calls = []
     module = load_example("logistic_regression")
     monkeypatch.setattr(hg_dist.cli, "run_experiment",
-                        lambda build_solver, config: calls.append((build_solver, config)) or {"done": 1.0})
+                        lambda build_solver, config, settings=None: calls.append((build_solver, config))
+                        or {"done": 1.0})
     assert module.main(["--workers", "2", "--output", str(tmp_path)]) == {"done": 1.0}
     (build_solver, config), = calls
     assert build_solver is module.build_solver and config.workers == 2

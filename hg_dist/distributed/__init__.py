@@ -14,6 +14,8 @@ Modules, one job each:
   :mod:`hg_dist.data`, re-exported here).
 * :mod:`~hg_dist.distributed.checkpointing` — solver state ⇄ ``ray.train.Checkpoint``.
 * :mod:`~hg_dist.distributed.settings` — :class:`TrainSettings` and driver-side checks.
+* :mod:`~hg_dist.distributed.resources` — before a run: reach the cluster, decide whether it
+  can ever hold the workers (autoscaling or fixed, read from the cluster), wait for them.
 * :mod:`~hg_dist.distributed.train_loop` — what each Ray Train worker runs.
 * :mod:`~hg_dist.distributed.runner` — :func:`fit` and :func:`run_experiment`.
 
@@ -28,12 +30,15 @@ from hg_dist.distributed.hooks import DistributedHooks, distribute_solver
 from hg_dist.distributed.hypergrad import AllreduceGrads, distributed_approx
 from hg_dist.distributed.parquet import read_parquet_shard
 from hg_dist.distributed.runner import fit, run_experiment, validate
+from hg_dist.distributed.resources import (ClusterError, ClusterUnreachableError, InsufficientResourcesError,
+                                           ResourceTimeoutError, connect, inspect_cluster)
 from hg_dist.distributed.settings import FailAt, TrainSettings, check_scaling
 from hg_dist.data import (ShardedLoader, check_shardable, check_workers, full_batch, shard_dataset,
                           shard_indices)
 
-__all__ = ["AllreduceGrads", "Collective", "CommStats", "CountingAllreduce", "DistributedHooks", "FailAt",
+__all__ = ["AllreduceGrads", "ClusterError", "ClusterUnreachableError", "Collective", "CommStats",
+           "CountingAllreduce", "DistributedHooks", "FailAt", "InsufficientResourcesError", "ResourceTimeoutError",
            "ShardedLoader", "SingleProcess", "ThreadGroup", "TorchDistributed", "TrainSettings",
            "check_scaling", "check_shardable", "check_workers", "distribute_solver", "distributed_approx",
-           "checkpoint_of", "fit", "full_batch", "read_checkpoint", "read_parquet_shard",
+           "checkpoint_of", "connect", "fit", "full_batch", "inspect_cluster", "read_checkpoint", "read_parquet_shard",
            "run_experiment", "run_threads", "shard_dataset", "shard_indices", "validate"]

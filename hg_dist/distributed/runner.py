@@ -5,28 +5,26 @@ when ``config.workers == 1`` and otherwise a ``TorchTrainer`` with
 ``config.workers`` workers (see :mod:`hg_dist.distributed.train_loop`); both write
 ``output/history.parquet``, ``output/result.json`` and ``output/tb``. Everything
 that can be checked on the driver is checked before any worker starts (worker
-count, GPUs, picklability, and — with ``TrainSettings.precheck`` — the data shards,
-by building rank 0's solver once on the driver).
+count, picklability, and — with ``TrainSettings.precheck`` — the data shards,
+by building rank 0's solver once on the driver); then the cluster is reached and
+asked for the workers' resources (:func:`hg_dist.distributed.resources.prepare_workers`:
+an immediate error if it can never hold them, else a wait while an autoscaler adds
+nodes, up to ``TrainSettings.resource_timeout_s``). Nothing is written before that.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
+from hg_dist.distributed.resources import default_max_failures, prepare_workers, startup_retries
 from hg_dist.distributed.settings import TrainSettings, check_scaling
 from hg_dist.distributed.train_loop import Job, train_loop
-
-
-def _available_gpus() -> float:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-    return float(ray.cluster_resources().get("GPU", 0))
 
 
 def _precheck(build_solver: Callable[..., Any], config: Any, workers: int) -> None:
@@ -42,8 +40,8 @@ def validate(build_solver: Callable[..., Any], config: Any, settings: TrainSetti
     """All driver-side checks of :func:`fit`; returns the number of workers.
 
     Raises:
-        ValueError: ``workers < 1``, ``use_gpu`` without enough GPUs, or (precheck)
-            more workers than data shards/examples, each naming the fix.
+        ValueError: ``workers < 1``, or (precheck) more workers than data
+            shards/examples, each naming the fix.
         TypeError: ``build_solver`` not callable or not picklable.
     """
     if not callable(build_solver):
@@ -56,8 +54,7 @@ def validate(build_solver: Callable[..., Any], config: Any, settings: TrainSetti
     except Exception as error:  # noqa: BLE001 - any pickling failure means the same fix
         raise TypeError(f"build_solver and config must be picklable to reach the workers ({error}); define "
                         f"build_solver at module level in an importable module") from error
-    workers = check_scaling(config.workers, config.use_gpu, available_gpus=0.0 if not config.use_gpu
-                            else _available_gpus(), resources_per_worker=settings.worker_resources(config.use_gpu))
+    workers = check_scaling(config.workers, config.use_gpu)
     if settings.precheck:
         _precheck(build_solver, config, workers)
     return workers
@@ -75,9 +72,20 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
     Returns:
         ``ray.train.Result``: ``.metrics`` the final metrics, ``.checkpoint`` the final
         solver state (read it with :func:`hg_dist.distributed.read_checkpoint`).
+
+    Raises:
+        hg_dist.distributed.resources.InsufficientResourcesError: (a ``ValueError``) the
+            cluster can never hold the workers.
+        hg_dist.distributed.resources.ResourceTimeoutError: they did not all come within
+            ``settings.resource_timeout_s``.
+        hg_dist.distributed.resources.ClusterUnreachableError: nothing answers at ``RAY_ADDRESS``.
     """
     settings = settings or TrainSettings()
     workers = validate(build_solver, config, settings)
+    cluster = prepare_workers(workers, settings.worker_resources(config.use_gpu),
+                              timeout_s=settings.resource_timeout_s)
+    max_failures = settings.max_failures if settings.max_failures is not None else default_max_failures(cluster)
+    os.makedirs(config.output, exist_ok=True)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -87,11 +95,20 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.use_gpu,
                                      resources_per_worker=settings.worker_resources(config.use_gpu)),
         run_config=RunConfig(name=settings.name, storage_path=settings.storage(config.output),
-                             failure_config=FailureConfig(max_failures=settings.max_failures),
+                             failure_config=FailureConfig(
+                                 max_failures=max_failures,
+                                 controller_failure_limit=startup_retries(settings.resource_timeout_s)),
                              checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep),
                              callbacks=list(settings.callbacks)),
     )
-    return trainer.fit()
+    # Ray Train replaces the SIGINT handler for the run (Ctrl-C aborts it) and never
+    # puts the previous one back: do so, so that Ctrl-C works again afterwards.
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return trainer.fit()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_experiment(build_solver: Callable[..., Any], config: Any,
@@ -110,5 +127,4 @@ def run_experiment(build_solver: Callable[..., Any], config: Any,
                 raise ValueError("use_gpu=True but torch sees no CUDA device; drop --use-gpu")
         from hg_dist.experiment import run_local
         return run_local(build_solver, config)
-    os.makedirs(config.output, exist_ok=True)
     return dict(fit(build_solver, config, settings).metrics)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hg_dist.data import check_workers
+from hg_dist.distributed.resources import DEFAULT_RESOURCE_TIMEOUT_S, check_timeout
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,13 @@ class TrainSettings:
     Attributes:
         checkpoint_every: save a checkpoint every this many outer steps (and after the last).
         max_failures: worker-group restarts allowed (``FailureConfig(max_failures=...)``);
-            each restart resumes from the latest checkpoint.
+            each restart resumes from the latest checkpoint. ``None`` (default): 3 on a
+            cluster (more than one node, or an autoscaler), 0 on one fixed node
+            (:func:`hg_dist.distributed.resources.default_max_failures`).
+        resource_timeout_s: how long to wait for the workers' resources (an autoscaler
+            adding nodes, other jobs finishing) before giving up with
+            ``ResourceTimeoutError``; also bounds Ray Train's retries of a worker group
+            that cannot start after a lost node.
         storage_path: where Ray Train keeps checkpoints and results; default
             ``<config.output>/ray`` (must be shared storage on a multi-node cluster).
         name: the run's folder under ``storage_path``.
@@ -43,7 +50,8 @@ class TrainSettings:
     """
 
     checkpoint_every: int = 10
-    max_failures: int = 0
+    max_failures: int | None = None
+    resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S
     storage_path: str | None = None
     name: str = "hg_dist"
     resources_per_worker: dict[str, float] | None = None
@@ -57,10 +65,11 @@ class TrainSettings:
                 or self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be an int >= 1 (outer steps between checkpoints), "
                              f"got {self.checkpoint_every!r}")
-        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) \
-                or self.max_failures < -1:
-            raise ValueError(f"max_failures must be an int >= 0 (or -1 for unlimited restarts), "
-                             f"got {self.max_failures!r}")
+        if self.max_failures is not None and (isinstance(self.max_failures, bool)
+                                              or not isinstance(self.max_failures, int) or self.max_failures < -1):
+            raise ValueError(f"max_failures must be None (the cluster's default), an int >= 0 or -1 for "
+                             f"unlimited restarts, got {self.max_failures!r}")
+        object.__setattr__(self, "resource_timeout_s", check_timeout(self.resource_timeout_s, "resource_timeout_s"))
         if self.num_to_keep is not None and (not isinstance(self.num_to_keep, int) or self.num_to_keep < 1):
             raise ValueError(f"num_to_keep must be None or an int >= 1, got {self.num_to_keep!r}")
 
@@ -76,28 +85,18 @@ class TrainSettings:
         return {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
 
 
-def check_scaling(workers: object, use_gpu: object, *, available_gpus: float,
-                  resources_per_worker: dict[str, float] | None = None) -> int:
-    """Raise a ``ValueError`` naming the setting and the fix for impossible scaling settings.
+def check_scaling(workers: object, use_gpu: object) -> int:
+    """Check the types and range of the scaling settings; return ``workers`` as an int.
 
-    Args:
-        workers: ``W``, the number of data-parallel workers (``>= 1``).
-        use_gpu: whether every worker needs a GPU.
-        available_gpus: GPUs in the Ray cluster (``ray.cluster_resources()``).
-        resources_per_worker: what each worker asks for.
+    Whether the cluster can hold them is decided with the cluster itself, before
+    the run starts (:mod:`hg_dist.distributed.resources`): an autoscaling cluster with
+    no GPU node yet is not a reason to refuse ``use_gpu``.
 
-    Returns:
-        ``workers`` as an int.
+    Raises:
+        ValueError: ``workers < 1`` (naming the fix).
+        TypeError: ``workers`` not an int, ``use_gpu`` not a bool.
     """
     workers = check_workers(workers)
     if not isinstance(use_gpu, bool):
         raise TypeError(f"use_gpu must be a bool, got {type(use_gpu).__name__}")
-    resources = resources_per_worker or {}
-    gpus_each = resources.get("GPU", 1 if use_gpu else 0)
-    if use_gpu and available_gpus < workers * gpus_each:
-        fitting = int(available_gpus // gpus_each) if gpus_each > 0 else workers
-        fix = (f"drop --use-gpu to train on CPUs, or use --workers {fitting} or fewer" if fitting >= 1
-               else "drop --use-gpu to train on CPUs, or start Ray on machines with GPUs")
-        raise ValueError(f"use_gpu=True needs {workers * gpus_each:g} GPUs for workers={workers}, but the Ray "
-                         f"cluster has {available_gpus:g}; {fix}")
     return workers

@@ -41,6 +41,7 @@ from ray.tune.result_grid import ResultGrid
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.sample import Categorical
 
+from hg_dist.distributed.resources import connect, inspect_cluster
 from hg_dist.experiment import RESULT_FILE, ExperimentConfig
 from hg_dist.tune.plots import plot_search
 from hg_dist.tune.progress import FINAL, SearchProgress, trial_status
@@ -211,7 +212,8 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
             worker-group restarts of a multi-worker trial's Train run.
         resume: continue the search in ``output`` (see the module docs).
         fixed_cluster: the cluster cannot grow (no autoscaler): a trial that can never
-            fit fails at once; default: only when this call starts Ray itself.
+            fit fails at once; default: when this call starts Ray itself, or when the
+            cluster says it has no autoscaler (:func:`hg_dist.distributed.resources.inspect_cluster`).
         seed: seeds the sampling of the space (``None``: unseeded).
         verbose: Tune's own console verbosity (0 silent … 2 every result).
         progress, progress_interval: print a line per ended trial and a status line
@@ -249,10 +251,11 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     marker = _check_resumable(storage, resume, metric=metric, mode=mode, search=search, num_samples=num_samples)
 
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init()
+    connect()  # a local Ray when none runs, else RAY_ADDRESS; an unreachable address fails fast, named
     workers = _workers_candidates(space, base)
-    if fixed_cluster or (fixed_cluster is None and started_here):
+    if fixed_cluster is None:  # decided from the cluster itself (hg_dist.distributed.resources)
+        fixed_cluster = started_here or inspect_cluster().autoscaling is False
+    if fixed_cluster:
         _check_capacity(workers, cpus_per_worker, base.use_gpu)
     if not marker:  # a new search (or one whose marker was lost): say what is searched here
         storage.write_json(_marker(storage, metric=metric, mode=mode, search=search, num_samples=num_samples,
