@@ -7,6 +7,10 @@ import os
 import pytest
 import torch
 
+# Ray binds to 127.0.0.1 only (no traffic leaves loopback). Ray reads this when it is imported, so it is
+# set here, before any test module imports ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 
 @pytest.fixture(autouse=True)
 def _float64_and_seed():

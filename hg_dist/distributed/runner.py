@@ -12,11 +12,16 @@ by building rank 0's solver once on the driver).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from hg_dist.checkpoint import read
+from hg_dist.distributed.checkpointing import RUN_FILE, STATE_FILE
 from hg_dist.distributed.settings import TrainSettings, check_scaling
 from hg_dist.distributed.train_loop import Job, train_loop
 
@@ -70,20 +75,27 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
         build_solver: ``(config, rank=, world_size=) -> BaseImplicitSolver`` on that
             rank's data shard; module-level, so workers can import it.
         config: an ``ExperimentConfig`` (``workers``, ``use_gpu``, ``seed``, ``output`` ...).
-        settings: checkpointing, restarts, storage, resources (:class:`TrainSettings`).
+        settings: reporting, checkpoints, restarts, storage, resources (:class:`TrainSettings`).
 
     Returns:
         ``ray.train.Result``: ``.metrics`` the final metrics, ``.checkpoint`` the final
         solver state (read it with :func:`hg_dist.distributed.read_checkpoint`).
+
+    Raises:
+        ray.train.TrainingFailedError: the run failed (after ``max_failures`` restarts);
+            ``output/result.json`` then says ``"status": "failed"`` with the error, and
+            holds the metrics of the latest checkpoint. On Ctrl-C it says
+            ``"interrupted"``.
     """
     settings = settings or TrainSettings()
     workers = validate(build_solver, config, settings)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    job = Job(build_solver, config, settings)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": Job(build_solver, config, settings)},
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.use_gpu,
                                      resources_per_worker=settings.worker_resources(config.use_gpu)),
         run_config=RunConfig(name=settings.name, storage_path=settings.storage(config.output),
@@ -91,7 +103,48 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
                              checkpoint_config=CheckpointConfig(num_to_keep=settings.num_to_keep),
                              callbacks=list(settings.callbacks)),
     )
-    return trainer.fit()
+    tic = time.perf_counter()
+    try:
+        return trainer.fit()
+    except BaseException as error:
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        write_ending(job, workers, status, error, wall_time_s=time.perf_counter() - tic)
+        raise
+
+
+def latest_checkpoint(job: Job) -> Path | None:
+    """The newest checkpoint folder of ``job``'s run in local storage (``None``: none, or remote storage)."""
+    root = Path(job.settings.storage(job.config.output)) / job.settings.name
+    if "://" in str(job.settings.storage_path or "") or not root.is_dir():
+        return None
+    run_id = job.run_id
+    found = None
+    for folder in sorted(root.glob("checkpoint_*")):          # names are timestamps: sorted = oldest first
+        try:
+            if (folder / STATE_FILE).is_file() and json.loads((folder / RUN_FILE).read_text()).get("run_id") == run_id:
+                found = folder
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def write_ending(job: Job, workers: int, status: str, error: BaseException | None, **info: Any) -> None:
+    """Write ``output/result.json`` for a run that did not complete: ``status``, ``error`` and the
+    metrics of its latest checkpoint (``{}`` if it has none)."""
+    from hg_dist.experiment import write_result
+
+    metrics, counters, folder = {}, {}, latest_checkpoint(job)
+    if folder is not None:
+        try:
+            state = read(folder / STATE_FILE)
+            metrics = {name: values[-1] for name, values in state["recorder"]["archive"].items() if values}
+            counters = dict(state["counters"])
+        except (OSError, ValueError, KeyError):
+            pass
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    write_result(job.config.output, metrics, job.config, status=status, error=message, workers=workers,
+                 global_step=counters.get("global_step"), outer_steps=counters.get("outer_step"),
+                 last_checkpoint=None if folder is None else str(folder), **info)
 
 
 def run_experiment(build_solver: Callable[..., Any], config: Any,
@@ -99,7 +152,8 @@ def run_experiment(build_solver: Callable[..., Any], config: Any,
     """``run_local`` for ``config.workers == 1``, else :func:`fit`; returns the final metrics.
 
     Both write ``output/history.parquet``, ``output/result.json`` and TensorBoard logs
-    under ``output/tb`` (in the distributed case rank 0 writes them).
+    under ``output/tb`` (in the distributed case rank 0 writes them). ``settings``
+    applies to the distributed case only.
     """
     from hg_dist.data import check_workers
 

@@ -12,7 +12,7 @@ trials step by step and stop bad ones early.
   solver callback reporting to Tune. The trial holds ``cpus_per_worker`` CPUs.
 * ``config.workers == W > 1``: the trial starts a ``W``-worker Ray Train run with
   the distributed layer's worker loop (:func:`hg_dist.distributed.train_loop.train_loop`,
-  which reports every outer step to Train) and forwards rank 0's reports to Tune
+  run with ``report_every=1``, so it reports every outer step to Train) and forwards rank 0's reports to Tune
   (:class:`TrainToTune`, a ``TuneReportCallback``). The trial itself holds only
   :data:`TRIAL_CPU` (Tune rejects 0) and each worker ``cpus_per_worker``;
   :func:`trial_demand` is what such a trial occupies in all, which the search uses
@@ -121,8 +121,10 @@ class SolveReporter:
 class TrainToTune(TuneReportCallback):
     """Forwards a Train run's reports (rank 0's metrics) to the enclosing Tune trial.
 
-    The distributed worker loop reports once per outer step and once more at the
-    end with the same ``outer_step``; that last one is dropped, so a Tune iteration
+    The trial runs its workers with ``report_every=1`` (one report per outer step;
+    the distributed layer's default reports far less often, see
+    :class:`~hg_dist.distributed.TrainSettings`), plus a final report at the end
+    with the same ``outer_step``; that last one is dropped, so a Tune iteration
     stays one outer step for one-worker and multi-worker trials alike. A missing or
     non-finite metric is reported as ``{metric: nan, "hg_dist_error": message}``
     (raising here would stop the Train controller rather than fail the trial).
@@ -192,8 +194,11 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
     from hg_dist.distributed.settings import TrainSettings
 
     Path(config.output).mkdir(parents=True, exist_ok=True)
+    # report_every=1: Tune (ASHA) counts one iteration per outer step, so the workers report every outer
+    # step (≈2 s each with 2 CPU workers). A coarser report_every would make a Tune iteration several outer
+    # steps and hvps_total count only the reported ones.
     fit(build_solver, config, TrainSettings(resources_per_worker={"CPU": cpus_per_worker}, precheck=False,
-                                            num_to_keep=1, callbacks=(TrainToTune(metric, mode),)))
+                                            num_to_keep=1, report_every=1, callbacks=(TrainToTune(metric, mode),)))
 
 
 def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: ExperimentConfig | None,
