@@ -100,6 +100,7 @@ class Reporter(Callback):
         self.checkpoints = Schedule(settings.checkpoint_every, clock)
         self.pending: tuple[float, ...] | None = None
         self.num_reports = 0
+        self.seconds = 0.0               # spent in ray.train.report (and writing checkpoints)
         self._solver: Any = None
 
     def on_run_start(self, solver: Any) -> None:
@@ -134,6 +135,7 @@ class Reporter(Callback):
     def report(self, solver: Any, *, checkpoint: bool, metrics: dict[str, float] | None = None) -> None:
         import ray.train
 
+        tic = time.perf_counter()
         metrics = {**self.metrics(solver), **(metrics or {})}
         if checkpoint:
             with checkpoint_of(solver, self.rank, self.run_id) as ckpt:
@@ -143,6 +145,7 @@ class Reporter(Callback):
             ray.train.report(metrics)
         self.reports.done()
         self.num_reports += 1
+        self.seconds += time.perf_counter() - tic
 
     def _maybe_fail(self, step: int) -> None:
         fail = self.settings.fail_at
@@ -166,7 +169,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     config = job.config
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    tic = time.perf_counter()
+    started_at, tic = time.time(), time.perf_counter()
     seed_everything(config.seed)                                 # as run_local: same models on every rank
     solver = job.build_solver(config, rank=rank, world_size=world_size)
     solver.log_dir = str(config.output) if rank == 0 else None   # rank 0 alone writes tb/ and history
@@ -190,9 +193,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     reporter.finish(solver, final)
     if rank == 0:
         write_result(config.output, final, config, status="completed", error=None,
-                     wall_time_s=time.perf_counter() - tic, workers=world_size, global_step=solver.global_step,
-                     outer_steps=solver.outer_step, restored=checkpoint is not None,
-                     restored_from_step=restored_step, reports=reporter.num_reports,
+                     wall_time_s=time.perf_counter() - tic, started_at=started_at, workers=world_size,
+                     global_step=solver.global_step, outer_steps=solver.outer_step, restored=checkpoint is not None,
+                     restored_from_step=restored_step, reports=reporter.num_reports, report_s=reporter.seconds,
                      report_every=str(job.settings.report_every),
                      checkpoint_every=str(job.settings.checkpoint_every), comm=hooks.metrics())
 
