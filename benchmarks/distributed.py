@@ -13,9 +13,10 @@ Cases:
     ``--unroll-steps 100`` (2 outer steps) and ``10`` (29 outer steps), once with the
     settings of before (a report every outer step, a checkpoint every 10) and once with
     the defaults (reports and checkpoints at most every 60 s / 300 s). The wall time per
-    *extra* outer step is ``(T₁₀ − T₁₀₀) / (29 − 2)``, ``T`` measured inside the workers
-    (build to end, the final report included), so worker start-up — reported on its
-    own, from ``fit()`` to the first line the workers run — does not drown it.
+    *extra* outer step is ``(T₁₀ − T₁₀₀) / (29 − 2)``, ``T`` the time of the solve in
+    the workers (``solver.run()`` and the final report with its checkpoint), so worker
+    start-up — reported on its own, from ``fit()`` to the first line the workers run —
+    and building the solver (the same for both) do not drown it.
 ``scaling`` (torch.multiprocessing, the layer Ray Train runs)
     Compute-bound data-parallel work on synthetic 32×32 images, global batch 128,
     every worker pinned to ``--threads-per-worker`` threads: inner steps/s of a small
@@ -119,34 +120,36 @@ def image_objectives(model: torch.nn.Module, x, y, device):
     return params, phi, inner, outer
 
 
-def time_inner_steps(params, phi, inner, reduce, steps: int, device) -> float:
-    """Seconds per inner step (gradient, allreduce-mean, SGD), after one warm-up step."""
+def time_inner_steps(params, phi, inner, reduce, steps: int, device) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, all threads) per inner step (gradient, allreduce-mean, SGD),
+    after one warm-up step."""
     step = AllreduceGrads(functools.partial(diff_sgd, lr=0.01, momentum=0.9, weight_decay=0), reduce)
     grad, state = torch.func.grad(inner), None
     params, state = step(params, grad(params, phi), state)
     sync(device)
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         params, state = step(params, grad(params, phi), state)
     sync(device)
-    return (time.perf_counter() - tic) / steps
+    return (time.perf_counter() - tic) / steps, (time.process_time() - cpu) / steps
 
 
 def time_hypergradient(spec: dict, params, phi, inner, outer, reduce, repeats: int, device, warm_up: bool = True):
-    """Median seconds of one distributed hypergradient, its rounds and bytes per rank."""
+    """Median wall seconds of one distributed hypergradient, its rounds and bytes per rank, and its CPU seconds."""
     approx = distributed_approx(make_approx(spec, seed=0), reduce, seed=0)
     if warm_up:
         approx(inner, outer, params, phi)
-    times = []
+    times, cpus = [], []
     for _ in range(repeats):
         before = reduce.snapshot()
         sync(device)
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), time.process_time()
         approx(inner, outer, params, phi)
         sync(device)
         times.append(time.perf_counter() - tic)
+        cpus.append(time.process_time() - cpu)
         comm = reduce.snapshot() - before
-    return statistics.median(times), comm
+    return statistics.median(times), comm, statistics.median(cpus)
 
 
 def scaling_worker(rank: int, world: int, args, collective, device) -> dict:
@@ -156,12 +159,13 @@ def scaling_worker(rank: int, world: int, args, collective, device) -> dict:
                                ("resnet18", resnet18(width=8 if args.quick else 64), args.resnet_steps)):
         x, y = images(rank, world, args.batch, device)
         params, phi, inner, outer = image_objectives(model, x, y, device)
-        out[f"{name}_inner_step_s"] = time_inner_steps(params, phi, inner, CountingAllreduce(collective), steps, device)
+        out[f"{name}_inner_step_s"], out[f"{name}_inner_step_cpu_s"] = time_inner_steps(
+            params, phi, inner, CountingAllreduce(collective), steps, device)
         out[f"{name}_p"] = sum(p.numel() for p in params)
         if name == "cnn":
-            seconds, comm = time_hypergradient({"name": "nystrom", "rank": 10, "rho": 0.1}, params, phi, inner, outer,
-                                               CountingAllreduce(collective), args.repeats, device)
-            out.update(cnn_hypergradient_s=seconds, cnn_hypergradient_rounds=comm.rounds,
+            seconds, comm, cpu = time_hypergradient({"name": "nystrom", "rank": 10, "rho": 0.1}, params, phi, inner,
+                                                    outer, CountingAllreduce(collective), args.repeats, device)
+            out.update(cnn_hypergradient_s=seconds, cnn_hypergradient_cpu_s=cpu, cnn_hypergradient_rounds=comm.rounds,
                        cnn_hypergradient_bytes=comm.bytes)
     return out
 
@@ -175,8 +179,8 @@ def comm_worker(rank: int, world: int, args, collective, device) -> dict:
         timed = TimedCollective(collective, device)
         approx = distributed_approx(make_approx(spec, seed=0), CountingAllreduce(collective), seed=0)
         approx(inner, outer, params, phi)                                  # warm-up (first vmap calls are slow)
-        seconds, comm = time_hypergradient(spec, params, phi, inner, outer, CountingAllreduce(timed), 1, device,
-                                           warm_up=False)
+        seconds, comm, _ = time_hypergradient(spec, params, phi, inner, outer, CountingAllreduce(timed), 1, device,
+                                              warm_up=False)
         rows.append({"method": spec["name"], **{k: v for k, v in spec.items() if k != "name"}, "workers": world,
                      "p": sum(p.numel() for p in params), "rounds": comm.rounds, "bytes_per_rank": comm.bytes,
                      "seconds": seconds, "allreduce_seconds": timed.seconds,
@@ -210,8 +214,8 @@ def mlp_worker(rank: int, world: int, args, collective, device) -> dict:
         return F.cross_entropy(forward(th, xv), yv)
     rows = []
     for method, settings in MLP_SETTINGS[:1] if args.quick else MLP_SETTINGS:
-        seconds, comm = time_hypergradient({"name": method, **settings}, theta, phi, inner, outer,
-                                           CountingAllreduce(collective), args.repeats, device)
+        seconds, comm, _ = time_hypergradient({"name": method, **settings}, theta, phi, inner, outer,
+                                              CountingAllreduce(collective), args.repeats, device)
         rows.append({"method": method, **settings, "workers": world, "rounds": comm.rounds,
                      "bytes_per_rank": comm.bytes, "seconds": seconds})
     return {"p": sum(t.numel() for t in theta), "rows": rows}
@@ -365,6 +369,7 @@ def overhead_case(args) -> dict:
                     runs.append({"mode": mode, "report_every": str(settings.report_every),
                                  "checkpoint_every": str(settings.checkpoint_every), "unroll_steps": unroll,
                                  "outer_steps": written["outer_steps"], "worker_s": written["wall_time_s"],
+                                 "run_s": written["run_s"],
                                  "fit_s": total, "startup_s": written["started_at"] - tic_wall,
                                  "reports": written["reports"], "report_s": written["report_s"]})
                     print(f"[overhead] {mode} unroll={unroll}: {runs[-1]}", flush=True)
@@ -374,7 +379,7 @@ def overhead_case(args) -> dict:
     summary = {}
     for mode in modes:
         long, short = (next(r for r in runs if r["mode"] == mode and r["unroll_steps"] == u) for u in (10, 100))
-        summary[mode] = {"per_extra_outer_step_s": (long["worker_s"] - short["worker_s"])
+        summary[mode] = {"per_extra_outer_step_s": (long["run_s"] - short["run_s"])
                          / (long["outer_steps"] - short["outer_steps"]),
                          "seconds_per_report": (long["report_s"] + short["report_s"])
                          / (long["reports"] + short["reports"])}
@@ -416,12 +421,15 @@ def scaling_rows(results: dict[int, dict]) -> list[dict]:
                                                                   "cnn_hypergradient_s", "hypergradients/s"),
              ("resnet18 inner steps", "resnet18_inner_step_s", "steps/s"))
     for case, key, unit in cases:
-        base = results[1][key]
+        cpu_key = key.removesuffix("_s") + "_cpu_s"
+        base, base_cpu = results[1][key], results[1][cpu_key]
         for world, res in sorted(results.items()):
             speedup = base / res[key]
             rows.append({"case": case, "workers": world, "seconds": res[key], "rate": 1 / res[key], "unit": unit,
                          "p": res["cnn_p" if case.startswith("cnn") else "resnet18_p"],
-                         "speedup": speedup, "efficiency": speedup / world})
+                         "speedup": speedup, "efficiency": speedup / world, "cpu_seconds": res[cpu_key],
+                         # CPU time of rank 0: insensitive to other processes, blind to time spent waiting
+                         "cpu_efficiency": base_cpu / (world * res[cpu_key])})
     return rows
 
 
@@ -457,17 +465,23 @@ def to_markdown(report: dict) -> str:
              f"Generated by `python benchmarks/distributed.py{' ' + ' '.join(meta['argv']) if meta['argv'] else ''}` "
              f"on {meta['time']} (torch {meta['torch']}). Timings on a shared machine are noisy; every ratio "
              f"compares numbers measured in the same run.", ""]
+    busy = max(meta["load_average"][0], meta.get("load_average_end", [0])[0])
+    if meta["device"].startswith("CPU") and busy > (os.cpu_count() or 1):
+        lines += [f"**The machine was busy** (load average up to {busy:.1f} on {os.cpu_count()} cores): W = 2 "
+                  "workers shared the cores with other processes, so wall-time speed-ups and efficiencies "
+                  "understate what the code does; the CPU efficiencies do not depend on that.", ""]
     if "overhead" in cases:
         o = cases["overhead"]
         lines += ["## Cost of an outer step on Ray Train (W = 2)", "",
-                  "`examples/logistic_regression.py --workers 2 --num-iters 300`; times measured inside the "
-                  "workers (build to end, final report included), start-up apart.", "",
-                  "| settings | `--unroll-steps` | outer steps | reports | worker time | in `report` | start-up |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "`examples/logistic_regression.py --workers 2 --num-iters 300`. *Solve*: `solver.run()` and the "
+                  "final report in the workers; *worker*: from the first line the workers run (building the solver "
+                  "included) to the end; *start-up*: from `fit()` to that first line.", "",
+                  "| settings | `--unroll-steps` | outer steps | reports | solve | in `report` | worker | start-up |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in o["runs"]:
             lines.append(f"| {r['mode']}: report every {r['report_every']}, checkpoint every {r['checkpoint_every']} | "
-                         f"{r['unroll_steps']} | {r['outer_steps']} | {r['reports']} | {r['worker_s']:.1f} s | "
-                         f"{r['report_s']:.1f} s | {r['startup_s']:.1f} s |")
+                         f"{r['unroll_steps']} | {r['outer_steps']} | {r['reports']} | {r['run_s']:.1f} s | "
+                         f"{r['report_s']:.1f} s | {r['worker_s']:.1f} s | {r['startup_s']:.1f} s |")
         lines += ["", "| settings | wall time per extra outer step | seconds per report |", "|---|---:|---:|"]
         for mode, s in o["summary"].items():
             lines.append(f"| {mode} | {s['per_extra_outer_step_s']:.3f} s | {s['seconds_per_report']:.2f} s |")
@@ -485,10 +499,15 @@ def to_markdown(report: dict) -> str:
                       f"reporting and checkpointing.", ""]
     if "scaling" in cases:
         lines += ["## Scaling (compute-bound, global batch fixed)", "",
-                  "| case | p | W | time | rate | speed-up | efficiency |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "Speed-up `t₁ / t_W` and efficiency `speed-up / W` of wall time; *CPU efficiency* compares "
+                  "rank 0's CPU time (`t₁ / (W · t_W)`, unaffected by other processes on the machine, blind to "
+                  "waiting).", "",
+                  "| case | p | W | time | rate | speed-up | efficiency | CPU efficiency |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in cases["scaling"]:
             lines.append(f"| {r['case']} | {r['p']:,} | {r['workers']} | {r['seconds'] * 1e3:.0f} ms | "
-                         f"{r['rate']:.2f} {r['unit']} | {r['speedup']:.2f} | {r['efficiency']:.2f} |")
+                         f"{r['rate']:.2f} {r['unit']} | {r['speedup']:.2f} | {r['efficiency']:.2f} | "
+                         f"{r['cpu_efficiency']:.2f} |")
         lines.append("")
     if "comm_11m" in cases:
         lines += ["## Communication per distributed hypergradient at p ≈ 11M (ResNet-18, W = 2)", "",
@@ -554,6 +573,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = [run_world("mlp", w, args) for w in (1, 2)]
         report["cases"]["mlp"] = {"p": runs[0]["p"], "rows": [row for r in runs for row in r["rows"]]}
     report["meta"]["seconds"] = time.perf_counter() - tic
+    report["meta"]["load_average_end"] = os.getloadavg()
     report["targets"] = targets(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
