@@ -70,11 +70,12 @@ class HistoryWriter(Callback):
 
     Rows already in the recorder when the run starts (a resumed run) are carried
     into the Parquet file, which is rewritten from them (so rows a crashed run logged
-    after its checkpoint disappear), and TensorBoard is told to purge the events of
-    earlier files from the first step the resumed run logs (``purge_step``). Both files are flushed at most every ``flush_interval``
-    seconds while the run goes (``0``: after every row), and at the end of the run
-    whatever ended it (completion, an error, Ctrl-C), so a history is never more
-    than ``flush_interval`` behind the run and never half-written.
+    after its checkpoint disappear), and TensorBoard is told to hide the events of
+    earlier files from the first step the resumed run logs (``purge_step``). Both
+    files are flushed at most every ``flush_interval`` seconds while the run goes
+    (``0``: after every row), and at the end of the run whatever ended it
+    (completion, an error, Ctrl-C), so a history is never more than
+    ``flush_interval`` behind the run and never half-written.
     """
 
     def __init__(self, log_dir: str | os.PathLike, flush_interval: float = 5.0) -> None:

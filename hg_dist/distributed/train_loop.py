@@ -15,7 +15,7 @@ Per worker (rank ``r`` of ``W``)::
 Why reports are rare: ``ray.train.report`` synchronises all workers with the Train
 controller. Each worker's report waits in a queue of one, which the controller
 empties when it polls the workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` = 2 s),
-so back-to-back reports cost ≈2 s each (py-spy: 94% of a worker's time when
+so back-to-back reports cost ≈2 s each (py-spy: about 90% of a worker's time when
 reporting every outer step), while a report made after the previous one was
 collected returns in ≈0.05 s. Every rank still calls ``report`` the same number
 of times, as Train requires.
