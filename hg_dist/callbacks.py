@@ -70,10 +70,13 @@ class HistoryWriter(Callback):
     """Writes every history row to ``log_dir/tb`` (TensorBoard) and ``log_dir/history.parquet``.
 
     Rows already in the recorder when the run starts (a resumed run) are carried
-    into the Parquet file. Both files are flushed at most every ``flush_interval``
-    seconds while the run goes (``0``: after every row), and at the end of the run
-    whatever ended it (completion, an error, Ctrl-C), so a history is never more
-    than ``flush_interval`` behind the run and never half-written.
+    into the Parquet file, which is rewritten from them (so rows a crashed run logged
+    after its checkpoint disappear), and TensorBoard is told to hide the events of
+    earlier files from the first step the resumed run logs (``purge_step``). Both
+    files are flushed at most every ``flush_interval`` seconds while the run goes
+    (``0``: after every row), and at the end of the run whatever ended it
+    (completion, an error, Ctrl-C), so a history is never more than
+    ``flush_interval`` behind the run and never half-written.
     """
 
     def __init__(self, log_dir: str | os.PathLike, flush_interval: float = 5.0) -> None:
@@ -85,7 +88,9 @@ class HistoryWriter(Callback):
 
     def on_run_start(self, solver: "BaseSolver") -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._tensorboard = TensorBoardWriter(self.log_dir / TENSORBOARD_DIR, flush_secs=self.flush_interval or 1)
+        resumed = solver.global_step > 0
+        self._tensorboard = TensorBoardWriter(self.log_dir / TENSORBOARD_DIR, flush_secs=self.flush_interval or 1,
+                                              purge_step=solver.global_step + 1 if resumed else None)
         self._parquet = ParquetHistory(self.log_dir / HISTORY_FILE, solver.recorder.history)
         self._last_flush = time.monotonic()
 

@@ -6,6 +6,11 @@ An example is a ``build_solver(config, rank, world_size)`` plus its own flags; i
     def main(argv=None):
         return cli.main(build_solver, __doc__, DEFAULTS, add_arguments, argv)
 
+Besides the common flags of :func:`hg_dist.experiment.add_common_args`, every
+example takes the Ray Train flags of :func:`add_train_args` (``--max-failures``,
+``--report-every``, ``--checkpoint-every``, ``--resource-timeout``), which apply when
+``--workers > 1``.
+
 This module sits with the entry points (it starts Ray runs through
 :func:`hg_dist.distributed.run_experiment`), above the core and the distributed layer.
 """
@@ -17,26 +22,36 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hg_dist.distributed import TrainSettings, run_experiment
+from hg_dist.distributed import run_experiment
 from hg_dist.distributed.resources import DEFAULT_RESOURCE_TIMEOUT_S, ClusterError, parse_duration
+from hg_dist.distributed.settings import CHECKPOINT_EVERY, REPORT_EVERY, Every, TrainSettings
 from hg_dist.experiment import ExperimentConfig, SolverBuilder, add_common_args, exit_on_error, parse_config
 
-__all__ = ["main", "make_parser"]
+__all__ = ["add_train_args", "main", "make_parser", "parse", "train_settings_from_args"]
+
+TRAIN_FLAGS = {"max_failures": "max_failures", "report_every": "report_every",
+               "checkpoint_every": "checkpoint_every", "resource_timeout": "resource_timeout_s"}
+"""Train flag (its ``argparse`` dest) → the :class:`TrainSettings` field it sets."""
 
 
-def make_parser(description: str | None, defaults: ExperimentConfig,
-                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
-    """The parser of an example: the common flags (with the example's defaults), then its own."""
-    first_line = (description or "").strip().splitlines()[0] if description else None
-    parser = argparse.ArgumentParser(description=first_line)
-    add_common_args(parser, defaults)
-    parser.add_argument("--resource-timeout", type=_duration, default=DEFAULT_RESOURCE_TIMEOUT_S,
-                        metavar="SECONDS|DURATION",
-                        help="with --workers > 1: how long to wait for the workers' resources (an autoscaler "
-                             "adding nodes) before giving up, e.g. 600, 90s, 20m (default 20m)")
-    if add_arguments is not None:
-        add_arguments(parser)
-    return parser
+def _every(name: str) -> Callable[[str], Every]:
+    def parse(text: str) -> Every:
+        try:
+            return Every.parse(text, name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse.__name__ = name      # argparse names the type in its error message
+    return parse
+
+
+def _max_failures(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -2
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0 (or -1 for unlimited restarts), got {text!r}")
+    return value
 
 
 def _duration(text: str) -> float:
@@ -44,6 +59,55 @@ def _duration(text: str) -> float:
         return parse_duration(text, "--resource-timeout")
     except (TypeError, ValueError) as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The Ray Train flags (used with ``--workers > 1``): restarts, reporting, checkpoints, waiting."""
+    group = parser.add_argument_group("Ray Train (with --workers > 1)")
+    group.add_argument("--max-failures", type=_max_failures, default=None,
+                       help="worker-group restarts allowed; each resumes from the latest checkpoint "
+                            "(-1: unlimited; default: 3 on a cluster, 0 on one machine)")
+    group.add_argument("--report-every", type=_every("--report-every"), default=REPORT_EVERY,
+                       help=f"send metrics to Ray Train at most every N outer steps, or every DURATION "
+                            f"(e.g. 30s, 5m); rank 0 logs every step to history/TensorBoard regardless "
+                            f"(default {REPORT_EVERY})")
+    group.add_argument("--checkpoint-every", type=_every("--checkpoint-every"), default=CHECKPOINT_EVERY,
+                       help=f"checkpoint at most every N outer steps, or every DURATION (default "
+                            f"{CHECKPOINT_EVERY}); the end of the run is always checkpointed")
+    group.add_argument("--resource-timeout", type=_duration, default=DEFAULT_RESOURCE_TIMEOUT_S,
+                       metavar="SECONDS|DURATION",
+                       help="how long to wait for the workers' resources (an autoscaler adding nodes) before "
+                            "giving up, e.g. 600, 90s, 20m (default 20m)")
+    return parser
+
+
+def make_parser(description: str | None, defaults: ExperimentConfig,
+                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    """The parser of an example: the common flags (with the example's defaults), the Train flags, then its own."""
+    first_line = (description or "").strip().splitlines()[0] if description else None
+    parser = argparse.ArgumentParser(description=first_line)
+    add_common_args(parser, defaults)
+    add_train_args(parser)
+    if add_arguments is not None:
+        add_arguments(parser)
+    return parser
+
+
+def train_settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """The :class:`TrainSettings` the Train flags choose; removes them from ``args``."""
+    values = {field: vars(args).pop(flag) for flag, field in TRAIN_FLAGS.items() if flag in vars(args)}
+    return TrainSettings(**values)
+
+
+def parse(parser: argparse.ArgumentParser,
+          argv: Sequence[str] | None = None) -> tuple[ExperimentConfig, TrainSettings]:
+    """``argv`` → the config and the Train settings; a bad value is a usage error (exit 2)."""
+    args = parser.parse_args(argv)
+    try:
+        settings = train_settings_from_args(args)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+    return parse_config(parser, args=args), settings
 
 
 def main(build_solver: SolverBuilder, description: str | None, defaults: ExperimentConfig,
@@ -54,8 +118,7 @@ def main(build_solver: SolverBuilder, description: str | None, defaults: Experim
     NaN/inf (:func:`hg_dist.experiment.exit_on_error`), or a cluster that cannot run it, ends with one
     line on stderr and exit status 1."""
     parser = make_parser(description, defaults, add_arguments)
-    config = parse_config(parser, argv)
-    settings = TrainSettings(resource_timeout_s=config.extra.pop("resource_timeout"))
+    config, settings = parse(parser, argv)
     with exit_on_error(parser):
         try:
             metrics = run_experiment(build_solver, config, settings)

@@ -219,15 +219,17 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return ExperimentConfig(**specs, **fields, extra={**defaults.extra, **values})
 
 
-def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> ExperimentConfig:
+def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, *,
+                 args: argparse.Namespace | None = None) -> ExperimentConfig:
     """Parse ``argv`` into a config; every check runs here, before anything is written.
 
     An invalid setting, an example's flag out of its range or not fitting the others
     (:func:`add_example_args`), or an ``--output`` that cannot be written
     (:func:`check_output`) ends in ``parser.error``: the usage and one error line on
-    stderr, exit status 2, nothing created.
+    stderr, exit status 2, nothing created. ``args``: already parsed flags, instead of ``argv``.
     """
-    args = parser.parse_args(argv)
+    if args is None:
+        args = parser.parse_args(argv)
     settings, check = getattr(args, _EXAMPLE_KEY, ((), None))
     try:
         config = config_from_args(args)

@@ -160,11 +160,14 @@ class Recorder:
 class TensorBoardWriter:
     """Scalars to TensorBoard event files (tensorboardX), one tag per metric name."""
 
-    def __init__(self, log_dir: str | os.PathLike, flush_secs: float = 10.0) -> None:
+    def __init__(self, log_dir: str | os.PathLike, flush_secs: float = 10.0, purge_step: int | None = None) -> None:
+        """``purge_step``: TensorBoard hides the events of earlier files at steps ``>= purge_step``
+        (what a resumed run logs again)."""
         from tensorboardX import SummaryWriter  # deferred: only runs that log need it
 
         self.log_dir = Path(log_dir)
-        self._writer = SummaryWriter(logdir=str(self.log_dir), flush_secs=max(1, int(flush_secs)))
+        self._writer = SummaryWriter(logdir=str(self.log_dir), flush_secs=max(1, int(flush_secs)),
+                                     purge_step=purge_step)
 
     def write(self, step: int, row: Mapping[str, float]) -> None:
         for name, value in row.items():

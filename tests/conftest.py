@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
 
-# Local Ray instances bind to 127.0.0.1. Ray reads this when it is imported (ray_constants), so it is
-# set here, before any test module imports ray (checked on Ray 2.60: the raylet then listens on loopback).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray binds to 127.0.0.1 only (no traffic leaves loopback). Ray reads this when it is imported, so it is
+# set here, before any test module imports ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +23,12 @@ def _float64_and_seed():
     torch.set_default_dtype(previous)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """A local Ray instance for the whole test session (4 logical CPUs on 2 cores).
@@ -31,7 +38,10 @@ def ray_session(tmp_path_factory):
     """
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # Without a dashboard of its own, Ray's state API (which Ray Train's placement-group cleaner polls to see
+    # whether the controller lives) asks 127.0.0.1:8265, where another Ray instance on this machine may
+    # answer "no such actor" and get the run's workers removed. A port nobody listens on makes it fail cleanly.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, dashboard_port=_free_port(), log_to_driver=False,
              configure_logging=False)
     yield ray
     ray.shutdown()

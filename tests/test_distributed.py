@@ -11,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import shutil
+import struct
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,10 +28,14 @@ from torch.func import grad, grad_and_value
 from torch.utils.data import TensorDataset
 
 from hg_dist import approx_hypergrad, make_approx
-from hg_dist.distributed import (CountingAllreduce, FailAt, ShardedLoader, TrainSettings, check_scaling,
+from hg_dist.callbacks import Callback
+from hg_dist.distributed import (CountingAllreduce, Every, FailAt, ShardedLoader, TrainSettings, check_scaling,
                                  distribute_solver, distributed_approx, fit, full_batch, read_checkpoint,
                                  read_parquet_shard, run_experiment, run_threads, shard_indices)
+from hg_dist.distributed.checkpointing import checkpoint_run_id, fingerprint
 from hg_dist.distributed.hypergrad import AllreduceGrads
+from hg_dist.distributed.train_loop import Reporter
+from hg_dist.loaders import InfiniteLoader
 from hg_dist.experiment import ExperimentConfig
 from hg_dist.outer_optimizers import make_outer_optimizer
 from hg_dist.optimizers import diff_sgd
@@ -270,34 +278,245 @@ def test_run_experiment_rejects_bad_settings_before_starting_workers(tmp_path, r
 
 
 # ---------------------------------------------------------------------------------------
-# The real Ray Train path: 2 workers, a worker dies mid-run, restart from the checkpoint
+# Reports and checkpoints: rare, decided on rank 0, agreed by all ranks
 # ---------------------------------------------------------------------------------------
 
-def test_ray_train_two_workers_with_failure_matches_single_process(tmp_path, ray_session):
+def test_every_parses_steps_and_durations():
+    assert Every.parse("10") == Every(steps=10) and Every.parse(7) == Every(steps=7)
+    assert Every.parse("30s") == Every(seconds=30.0) and Every.parse("2.5m") == Every(seconds=150.0)
+    assert Every.parse("1h") == Every(seconds=3600.0) and str(Every(seconds=60)) == "60s"
+    for bad, match in (("0", "int >= 1"), ("1.5", "int >= 1"), ("soon", "e.g. 30s"), ("-3s", "e.g. 30s")):
+        with pytest.raises(ValueError, match=match):
+            Every.parse(bad, "report_every")
+    settings = TrainSettings(report_every="45s", checkpoint_every=4)
+    assert settings.report_every == Every(seconds=45.0) and settings.checkpoint_every == Every(steps=4)
+    with pytest.raises(TypeError, match="checkpoint_every must be"):
+        TrainSettings(checkpoint_every=2.5)
+    with pytest.raises(ValueError, match="max_failures"):
+        TrainSettings(max_failures=-2)
+
+
+class RecordingReporter(Reporter):
+    """The worker's reporter with ``ray.train.report`` replaced by a list of (outer step, checkpoint?)."""
+
+    def report(self, solver, *, checkpoint, metrics=None):
+        self.made.append((solver.outer_step, checkpoint, dict(self.metrics(solver))))
+        if checkpoint:
+            self.checkpoints.done()
+        self.reports.done()
+
+
+def test_ranks_agree_on_rank_zeros_time_based_decisions(tmp_path):
+    """Each rank has its own (here: wildly different) clock; all report exactly when rank 0's clock says so,
+    and the recorded metrics are the means over the ranks."""
+    config = config_for(tmp_path, num_iters=30, unroll_steps=2)            # 14 outer steps
+    ticks = {0: 0.4, 1: 100.0}                                            # seconds per clock reading
+    settings = TrainSettings(report_every="1s", checkpoint_every=5)
+
+    def one_rank(collective):
+        solver = build_solver(config, rank=collective.rank, world_size=2)
+        hooks = distribute_solver(solver, collective, seed=config.seed)
+        readings = iter(range(10 ** 6))
+        reporter = RecordingReporter(collective.rank, hooks, settings,
+                                     clock=lambda: ticks[collective.rank] * next(readings))
+        reporter.made = []
+        solver.callbacks = (*solver.callbacks, reporter)
+        solver.run()
+        return solver, reporter.made
+    (solver0, made0), (solver1, made1) = run_threads(2, one_rank)
+    assert [m[:2] for m in made0] == [m[:2] for m in made1]               # same reports, same checkpoints
+    steps = [(step, ckpt) for step, ckpt, _ in made0]
+    assert (5, True) in steps and (10, True) in steps                     # checkpoints at fixed step numbers
+    assert 3 <= len(steps) < 14                                           # rank 1 alone would report every step
+    assert made0[-1][2]["outer_loss"] == made1[-1][2]["outer_loss"]        # metrics are the ranks' mean ...
+    single = build_solver(config)
+    single.run()
+    assert solver0.recorder.latest()["outer_loss"] == pytest.approx(single.recorder.latest()["outer_loss"],
+                                                                     rel=1e-10)   # ... = one process's
+
+
+def test_each_rank_resumes_with_its_own_loader_and_rng_state(tmp_path):
+    """Ranks whose loaders and global RNG differ (a per-rank shuffled DataLoader): the merged checkpoint
+    gives each rank its own positions and random state, and rank 0's parameters."""
+    from ray.train import Checkpoint
+
+    from hg_dist.distributed.checkpointing import checkpoint_of
+
+    config = config_for(tmp_path)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    solvers, expected = [], []
+    for rank in range(2):
+        solver = build_solver(config, rank=rank, world_size=2)
+        solver.inner_loader = InfiniteLoader(torch.utils.data.DataLoader(
+            make_data()[0], batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(100 + rank)))
+        torch.manual_seed(7 + rank)
+        for _ in range(3 + rank):                                         # different positions
+            next(solver.inner_loader)
+        with checkpoint_of(solver, rank=rank, run_id="abc") as ckpt:     # what Train merges into one folder
+            for path in Path(ckpt.path).iterdir():
+                shutil.copy(path, merged / path.name)
+        solvers.append(solver)
+        expected.append([next(solver.inner_loader)[0] for _ in range(2)] + [torch.rand(3)])   # what follows
+    checkpoint = Checkpoint.from_directory(str(merged))
+    assert checkpoint_run_id(checkpoint) == "abc"
+    assert not torch.equal(expected[0][0], expected[1][0])
+    for rank in range(2):
+        fresh = build_solver(config, rank=rank, world_size=2)
+        fresh.inner_loader = InfiniteLoader(torch.utils.data.DataLoader(
+            make_data()[0], batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(999)))
+        fresh.load_state_dict(read_checkpoint(checkpoint, rank=rank))
+        got = [next(fresh.inner_loader)[0] for _ in range(2)] + [torch.rand(3)]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected[rank])), rank
+        assert torch.equal(fresh.inner_params[0], solvers[0].inner_params[0])
+
+
+def test_run_fingerprint_ignores_only_the_output_folder(tmp_path):
+    config = config_for(tmp_path)
+    same = dataclasses.replace(config, output=str(tmp_path / "elsewhere"))
+    assert fingerprint(build_solver, config) == fingerprint(build_solver, same)
+    assert fingerprint(build_solver, config) != fingerprint(build_solver, dataclasses.replace(config, seed=1))
+    assert fingerprint(build_solver, config) != fingerprint(run_in_threads, config)
+
+
+@pytest.mark.parametrize("raised, status", [(RuntimeError("worker group lost"), "failed"),
+                                            (KeyboardInterrupt(), "interrupted")])
+def test_a_run_that_does_not_complete_says_so_in_result_json(tmp_path, monkeypatch, raised, status):
+    """The driver writes status, error, and the metrics of the run's latest checkpoint (not another run's)."""
+    from ray.train.torch import TorchTrainer
+
+    from hg_dist.distributed.checkpointing import checkpoint_of
+
+    config = config_for(tmp_path, workers=2)
+    settings = TrainSettings(precheck=False)
+    storage = Path(settings.storage(config.output)) / settings.name
+    solver = build_solver(config)
+    solver.num_iters = 9
+    solver.run()
+    for name, run_id in (("checkpoint_2026-01-01_00-00-01.000000", fingerprint(build_solver, config)),
+                         ("checkpoint_2026-01-01_00-00-02.000000", "another run")):
+        with checkpoint_of(solver, rank=0, run_id=run_id) as ckpt:
+            shutil.copytree(ckpt.path, storage / name)
+        solver.num_iters = 16
+        solver.run()                                                      # the other run got further
+
+    def fail(self):
+        raise raised
+    monkeypatch.setattr(TorchTrainer, "fit", fail)
+    with pytest.raises(type(raised)):
+        fit(build_solver, config, settings)
+    written = json.loads((Path(config.output) / "result.json").read_text())
+    assert written["status"] == status and written["global_step"] == 9 and written["outer_steps"] == 4
+    assert written["error"] == f"{type(raised).__name__}: {raised}"
+    assert written["last_checkpoint"].endswith("00-00-01.000000")
+    assert written["metrics"]["outer_loss"] > 0 and written["metrics"]["inner_step"] == 9
+
+
+def test_resumed_local_run_rewrites_history_and_purges_tensorboard(tmp_path):
+    """The same mechanism in one process: a run crashes after logging past its last checkpoint; the
+    resumed run's Parquet history and (as TensorBoard reads it) its event files have each step once."""
+    config = config_for(tmp_path)
+    saved = {}
+
+    class SaveThenCrash(Callback):
+        def on_step_end(self, solver):
+            if solver.global_step == 7:
+                saved["state"] = solver.state_dict()
+            if solver.global_step == 10:
+                raise RuntimeError("crash")
+
+    first = build_solver(config)
+    first.log_dir, first.callbacks = str(tmp_path / "log"), (SaveThenCrash(),)
+    with pytest.raises(RuntimeError, match="crash"):
+        first.run()
+    assert pq.read_table(tmp_path / "log" / "history.parquet").to_pydict()["step"] == [4, 8]
+    resumed = build_solver(config)
+    resumed.log_dir = str(tmp_path / "log")
+    time.sleep(1.1)                                                       # event files are named by the second
+    resumed.load_state_dict(saved["state"])
+    resumed.run()
+    assert pq.read_table(tmp_path / "log" / "history.parquet").to_pydict()["step"] == [4, 8, 12, 16]
+    files = read_tensorboard(tmp_path / "log" / "tb")
+    assert len(files) == 2 and 8 in {event.step for event in files[0] if event.summary.value}
+    assert [step for step, _ in visible_scalars(files)["inner_loss"]] == [4, 8, 12, 16]
+
+
+# ---------------------------------------------------------------------------------------
+# The real Ray Train path: 2 workers, a worker process is killed mid-run, restart from the checkpoint
+# ---------------------------------------------------------------------------------------
+
+def read_tensorboard(folder: Path) -> list[list]:
+    """Every event file of ``folder`` (oldest first) as a list of events (``tensorboardX`` protos)."""
+    from tensorboardX.proto import event_pb2
+
+    files = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, events, at = path.read_bytes(), [], 0
+        while at + 12 <= len(data):                 # TFRecord: length, crc, payload, crc
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[at + 12:at + 12 + length])
+            events.append(event)
+            at += 12 + length + 4
+        files.append(events)
+    return files
+
+
+def visible_scalars(files: list[list]) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard shows: a ``SessionLog.START`` at step ``s`` hides earlier events at steps ``>= s``."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for events in files:
+        for event in events:
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                scalars = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in scalars.items()}
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_killed_worker_restarts_from_checkpoint_and_ends_as_uninterrupted(tmp_path, ray_session):
+    """kill -9 of a Ray Train worker process (rank 1, after outer step 5 of 7); checkpoints every 3 outer
+    steps, so the group restarts from outer step 3 (step 7) and redoes steps 8-11. The end equals an
+    uninterrupted run to 1e-10; the Parquet history has each step once; TensorBoard hides the events
+    the first attempt logged after the checkpoint."""
     import ray.cloudpickle
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])     # workers cannot import tests/
 
     config = config_for(tmp_path, workers=2)
-    settings = TrainSettings(checkpoint_every=2, max_failures=1, resources_per_worker={"CPU": 0.5},
-                             fail_at=FailAt(rank=1, outer_step=5, marker=str(tmp_path / "failed-once")))
+    marker = tmp_path / "killed-once"
+    # A checkpoint counts once the Train controller has taken its report (it polls every 2 s); the report
+    # at outer step 4 waits for that, so the checkpoint of step 3 is in place when rank 1 dies at step 5.
+    settings = TrainSettings(report_every=2, checkpoint_every=3, max_failures=1, resources_per_worker={"CPU": 0.5},
+                             fail_at=FailAt(rank=1, outer_step=5, marker=str(marker), mode="kill"))
     result = fit(build_solver, config, settings)
 
-    assert result.error is None and (tmp_path / "failed-once").exists()  # it did fail, and recovered
+    assert result.error is None and marker.exists()
+    killed = int(marker.read_text())
+    with pytest.raises(ProcessLookupError):                              # a real process death
+        os.kill(killed, 0)
     final = read_checkpoint(result.checkpoint)
     assert final["counters"]["outer_step"] == 7
-    distributed = final["outer"]["log_decay"]
-
-    uninterrupted = run_in_threads(config, 2)[0].outer_params()[0]
-    assert rel_err(distributed, uninterrupted) <= 1e-10                 # same as without the failure
-    single = build_solver(dataclasses.replace(config, workers=1))
-    single.run()
-    assert rel_err(distributed, single.outer_params()[0]) <= 1e-6        # = W=1 on the union
+    uninterrupted = run_in_threads(config, 2)[0]
+    assert rel_err(final["outer"]["log_decay"], uninterrupted.outer_params()[0]) <= 1e-10
+    for a, b in zip(final["inner_params"], uninterrupted.inner_params):
+        assert rel_err(a, b) <= 1e-10
 
     out = Path(config.output)
     written = json.loads((out / "result.json").read_text())
-    assert written["workers"] == 2 and written["restored"] is True
-    assert written["metrics"]["comm_rounds"] == 3
+    assert written["status"] == "completed" and written["restored"] is True
+    assert written["restored_from_step"] == 7 and written["metrics"]["comm_rounds"] == 3
     history = pq.read_table(out / "history.parquet").to_pydict()
-    assert history["step"] == sorted(set(history["step"])) and history["step"][-1] == 16
-    assert (out / "tb").is_dir()
+    assert history["step"] == [4, 8, 12, 16]                             # each logged step once, in order
+    expected = {row["step"]: row for row in uninterrupted.recorder.history}
+    assert history["outer_loss"][1:] == pytest.approx([expected[s]["outer_loss"] for s in (8, 12, 16)], rel=1e-10)
+
+    files = read_tensorboard(out / "tb")
+    assert len(files) == 2                                               # one event file per attempt
+    first_steps = {event.step for event in files[0] if event.summary.value}
+    assert 8 in first_steps                                              # logged after the checkpoint, then lost
+    scalars = visible_scalars(files)
+    assert [step for step, _ in scalars["outer_loss"]] == [4, 8, 12, 16]
+    assert [value for _, value in scalars["outer_loss"]] == pytest.approx(history["outer_loss"], rel=1e-6)
     assert result.metrics["comm_rounds"] == 3 and result.metrics["outer_step"] == 7

@@ -1,12 +1,20 @@
-"""The examples: main() with tiny settings writes the outputs; hypercleaning beats plain training."""
+"""The examples: main() with tiny settings writes the outputs; hypercleaning beats plain training;
+two Ray Train workers reproduce one process (every example, in float64)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import math
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from hg_dist.callbacks import Callback
+from hg_dist.distributed import Every
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -14,8 +22,11 @@ pytest.importorskip("sklearn")
 
 
 def load_example(name: str):
+    """Import ``examples/<name>.py`` as the module ``example_<name>`` (registered in ``sys.modules``,
+    so that Ray can ship it to workers by value)."""
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -67,11 +78,31 @@ def test_main_hands_the_config_to_run_experiment(tmp_path, monkeypatch):
     calls = []
     module = load_example("logistic_regression")
     monkeypatch.setattr(hg_dist.cli, "run_experiment",
-                        lambda build_solver, config, settings=None: calls.append((build_solver, config))
+                        lambda build_solver, config, settings: calls.append((build_solver, config, settings))
                         or {"done": 1.0})
     assert module.main(["--workers", "2", "--output", str(tmp_path)]) == {"done": 1.0}
-    (build_solver, config), = calls
+    assert module.main(["--workers", "2", "--output", str(tmp_path), "--max-failures", "3", "--report-every", "5",
+                        "--checkpoint-every", "2m", "--batch-size", "20"]) == {"done": 1.0}
+    (build_solver, config, settings), (_, custom, train) = calls
     assert build_solver is module.build_solver and config.workers == 2
+    assert (settings.max_failures, settings.report_every, settings.checkpoint_every) == (None, Every(seconds=60),
+                                                                                         Every(seconds=300))
+    assert (train.max_failures, train.report_every, train.checkpoint_every) == (3, Every(steps=5), Every(seconds=120))
+    assert custom.extra["batch_size"] == 20                     # the example's own flags reach extra ...
+    assert not {"max_failures", "report_every", "checkpoint_every"} & set(custom.extra)   # ... the Train flags do not
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--report-every", "0"], "--report-every"),
+    (["--checkpoint-every", "1.5"], "outer steps must be an int"),
+    (["--checkpoint-every", "soon"], "e.g. 30s"),
+    (["--max-failures", "-2"], "--max-failures"),
+])
+def test_bad_train_flags_are_usage_errors(flags, message, capsys):
+    module = load_example("logistic_regression")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--workers", "2", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_build_solver_shards_the_data_by_rank():
@@ -82,3 +113,113 @@ def test_build_solver_shards_the_data_by_rank():
     shards = [module.build_solver(config, rank=r, world_size=2) for r in range(2)]
     index = [set(next(s.inner_loader)[2].tolist()) for s in shards]
     assert index[0].isdisjoint(index[1]) and index[0] | index[1] == set(range(200))
+
+
+# ---------------------------------------------------------------------------------------
+# W = 2 Ray Train workers reproduce W = 1, for every example (float64, real Train run)
+# ---------------------------------------------------------------------------------------
+
+class SaveFinal(Callback):
+    """Writes ``final_rank<r>.pt`` (inner parameters, outer state) to the run's output at its end."""
+
+    def __init__(self, folder: str, rank: int) -> None:
+        self.path = Path(folder) / f"final_rank{rank}.pt"
+
+    def on_run_end(self, solver, error) -> None:
+        if error is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"inner": [p.detach().cpu() for p in solver.inner_params],
+                        "outer": {k: v.detach().cpu() for k, v in solver.outer.state_dict().items()}}, self.path)
+
+
+def build_float64(build_solver, config, rank: int = 0, world_size: int = 1):
+    """The example's solver in float64 (Train workers default to float32), saving its final state."""
+    torch.set_default_dtype(torch.float64)
+    solver = build_solver(config, rank=rank, world_size=world_size)
+    solver.callbacks = (*solver.callbacks, SaveFinal(config.output, rank))
+    return solver
+
+
+def run_jobs(loop_config: dict) -> None:
+    """One Train worker group runs several jobs, one after the other (the start-up is paid once)."""
+    from hg_dist.distributed.train_loop import train_loop
+
+    for job in loop_config["jobs"]:
+        train_loop({"job": job})
+
+
+W_INVARIANCE = {   # example: (approximator, settings of its own); a few outer steps on little data
+    "logistic_regression": ({"name": "nystrom", "rank": 3, "rho": 0.1}, {"n_train": 100, "batch_size": 50}),
+    "data_hypercleaning": ({"name": "cg", "num_iters": 3}, {"n_train": 200, "batch_size": 100, "n_val": 100}),
+    "dataset_distillation": ({"name": "nystrom", "rank": 3, "rho": 0.1}, {"n_train": 400, "batch_size": 128,
+                                                                          "eval_steps": 20}),
+}
+TIMINGS = ("step_time", "outer_step_time")
+
+
+def _close(a: float, b: float, tol: float = 1e-6) -> bool:
+    return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+
+
+def test_two_train_workers_reproduce_one_process_for_every_example(tmp_path, ray_session):
+    """All three examples on 2 Ray Train workers (one worker group) vs one process, float64:
+    final inner and outer parameters to 1e-6, replicas identical, the recorded history and final
+    metrics (losses, accuracies) equal too, and each rank's loader/RNG state in every checkpoint."""
+    import pyarrow.parquet as pq
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hg_dist.distributed import TrainSettings
+    from hg_dist.distributed.train_loop import Job
+    from hg_dist.experiment import ExperimentConfig, run_local
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    builds, jobs, singles = {}, [], {}
+    settings = TrainSettings(checkpoint_every=2, resources_per_worker={"CPU": 0.5})   # reports: 2 + final
+    for name, (approx, extra) in W_INVARIANCE.items():
+        module = load_example(name)
+        ray.cloudpickle.register_pickle_by_value(module)
+        builds[name] = functools.partial(build_float64, module.build_solver)
+        config = ExperimentConfig(approximator=approx, outer_optimizer=module.DEFAULTS.outer_optimizer,
+                                  num_iters=30, unroll_steps=5, seed=3, output=str(tmp_path / name / "w2"),
+                                  workers=2, extra={**extra, "log_freq": 10})
+        jobs.append(Job(builds[name], config, settings))
+        single = ExperimentConfig(**{**config.to_dict(), "workers": 1, "output": str(tmp_path / name / "w1")})
+        singles[name] = (run_local(builds[name], single), single)
+
+    trainer = TorchTrainer(run_jobs, train_loop_config={"jobs": jobs},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                           run_config=RunConfig(name="examples", storage_path=str(tmp_path / "ray")))
+    result = trainer.fit()
+    assert result.error is None
+    with result.checkpoint.as_directory() as folder:   # every rank added its own part to the checkpoint
+        assert {"solver.pt", "rank0.pt", "rank1.pt", "run.json"} <= {p.name for p in Path(folder).iterdir()}
+
+    for name, job in zip(W_INVARIANCE, jobs):
+        w1_metrics, single = singles[name]
+        out2, out1 = Path(job.config.output), Path(single.output)
+        rank0, rank1 = (torch.load(out2 / f"final_rank{r}.pt") for r in range(2))
+        one = torch.load(out1 / "final_rank0.pt")
+        for a, b in zip(rank0["inner"], rank1["inner"]):
+            assert torch.equal(a, b), name                                # replicas identical
+        for a, b in zip(rank0["inner"], one["inner"]):
+            assert a.dtype == torch.float64 and float((a - b).norm() / b.norm()) <= 1e-6, name
+        for key, value in one["outer"].items():
+            assert float((rank0["outer"][key] - value).norm() / value.norm()) <= 1e-6, (name, key)
+
+        written = json.loads((out2 / "result.json").read_text())
+        assert written["status"] == "completed" and written["error"] is None and written["workers"] == 2
+        assert written["reports"] == 3                                   # outer steps 2 and 4 of 5, and the end
+        w2_metrics = written["metrics"]
+        compared = [k for k in w1_metrics if k not in TIMINGS]
+        assert {"inner_loss", "outer_loss", "test_acc"} <= set(compared)
+        for key in compared:
+            assert _close(w2_metrics[key], w1_metrics[key]), (name, key, w2_metrics[key], w1_metrics[key])
+        rows1 = pq.read_table(out1 / "history.parquet").to_pylist()
+        rows2 = pq.read_table(out2 / "history.parquet").to_pylist()
+        assert [r["step"] for r in rows2] == [r["step"] for r in rows1] == [10, 20, 30]
+        for r1, r2 in zip(rows1, rows2):
+            for key in ("inner_loss", "outer_loss"):
+                if r1[key] is not None:
+                    assert _close(r2[key], r1[key]), (name, r1["step"], key)

@@ -9,7 +9,8 @@ Modules, one job each:
 * :mod:`~hg_dist.distributed.collectives` — sum-allreduce over torch.distributed or threads.
 * :mod:`~hg_dist.distributed.counting` — allreduce-mean counting rounds and bytes.
 * :mod:`~hg_dist.distributed.hypergrad` — ``reduce=`` for approx_hypergrad, allreduced inner grads.
-* :mod:`~hg_dist.distributed.hooks` — make a built solver data-parallel.
+* :mod:`~hg_dist.distributed.hooks` — make a built solver data-parallel (gradients, hypergradients,
+  metrics).
 * :mod:`~hg_dist.distributed.parquet` — equal shards of Parquet files (data for everything else:
   :mod:`hg_dist.data`, re-exported here).
 * :mod:`~hg_dist.distributed.checkpointing` — solver state ⇄ ``ray.train.Checkpoint``.
@@ -32,12 +33,13 @@ from hg_dist.distributed.parquet import read_parquet_shard
 from hg_dist.distributed.runner import fit, run_experiment, validate
 from hg_dist.distributed.resources import (ClusterError, ClusterUnreachableError, InsufficientResourcesError,
                                            ResourceTimeoutError, connect, inspect_cluster)
-from hg_dist.distributed.settings import FailAt, TrainSettings, check_scaling
+from hg_dist.distributed.settings import Every, FailAt, TrainSettings, check_scaling
 from hg_dist.data import (ShardedLoader, check_shardable, check_workers, full_batch, shard_dataset,
                           shard_indices)
 
 __all__ = ["AllreduceGrads", "ClusterError", "ClusterUnreachableError", "Collective", "CommStats",
-           "CountingAllreduce", "DistributedHooks", "FailAt", "InsufficientResourcesError", "ResourceTimeoutError",
+           "CountingAllreduce", "DistributedHooks", "Every", "FailAt", "InsufficientResourcesError",
+           "ResourceTimeoutError",
            "ShardedLoader", "SingleProcess", "ThreadGroup", "TorchDistributed", "TrainSettings",
            "check_scaling", "check_shardable", "check_workers", "distribute_solver", "distributed_approx",
            "checkpoint_of", "connect", "fit", "full_batch", "inspect_cluster", "read_checkpoint", "read_parquet_shard",

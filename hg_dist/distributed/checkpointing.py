@@ -1,13 +1,29 @@
 """A solver's state as a Ray Train checkpoint, and back.
 
-A checkpoint is a folder with one file, ``solver.pt``: ``torch.save`` of
-``solver.state_dict()``, which already holds everything a resumed run needs (loader
-positions included; see :mod:`hg_dist.checkpoint`) as plain data, so it loads with
-``weights_only=True``.
+A checkpoint is one folder that every rank contributes to (Ray Train merges the
+files the ranks report into one directory in storage):
+
+* ``solver.pt`` (rank 0): ``torch.save`` of ``solver.state_dict()`` — parameters,
+  optimizers, counters, recorder, as plain data (it loads with ``weights_only=True``);
+* ``rank<r>.pt`` (every rank ``r``): what may differ between ranks — the loader
+  positions, the global RNG states and the IHVP generators (see :func:`rank_state`).
+  With :class:`~hg_dist.data.ShardedLoader` and the library's seeding these are the
+  same on every rank, but a user's loader (say a ``DataLoader`` over a per-rank
+  shard) or a rank that draws random numbers of its own need not be;
+* ``run.json`` (rank 0): the :func:`fingerprint` of the run that wrote it, so a
+  worker never resumes from a checkpoint of a run with other settings (Ray Train
+  restores the latest checkpoint of any earlier run with the same storage path and
+  name).
+
+:func:`read_checkpoint` gives a rank ``solver.pt`` with its own ``rank<r>.pt``
+entries in place of rank 0's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,28 +31,77 @@ from typing import Any, Iterator
 
 import torch
 
-from hg_dist.checkpoint import read
+from hg_dist.checkpoint import read, rng_state
 from hg_dist.solver import BaseSolver
 
 STATE_FILE = "solver.pt"
+RUN_FILE = "run.json"
+RANK_KEYS = ("loaders", "rng", "generators")
+"""Entries of a solver state that each rank saves for itself."""
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.pt"
+
+
+def rank_state(solver: BaseSolver) -> dict[str, Any]:
+    """This rank's own part of the state: loader positions, global RNG states, IHVP generators."""
+    return {"loaders": {"inner": solver.inner_loader.state_dict(), "outer": solver.outer_loader.state_dict()},
+            "rng": rng_state(), "generators": [g.get_state() for g in solver.generators()]}
+
+
+def fingerprint(build_solver: Any, config: Any) -> str:
+    """A short hash of ``build_solver``'s name and ``config`` (all of it but ``output``)."""
+    settings = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
+    if isinstance(settings, dict):
+        settings.pop("output", None)
+    identity = {"build_solver": f"{getattr(build_solver, '__module__', '')}.{getattr(build_solver, '__qualname__', '')}",
+                "config": settings}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @contextmanager
-def checkpoint_of(solver: BaseSolver) -> Iterator["ray.train.Checkpoint"]:  # noqa: F821
-    """A temporary ``ray.train.Checkpoint`` of ``solver``; report it inside the ``with`` block."""
+def checkpoint_of(solver: BaseSolver, rank: int = 0,
+                  run_id: str | None = None) -> Iterator["ray.train.Checkpoint"]:  # noqa: F821
+    """This rank's part of a checkpoint of ``solver``; report it inside the ``with`` block.
+
+    Args:
+        rank: rank 0 writes the whole state (and ``run.json``), every rank its ``rank<r>.pt``.
+        run_id: the run's :func:`fingerprint`, written to ``run.json``.
+    """
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory(prefix="hg_dist-ckpt-") as folder:
-        torch.save(solver.state_dict(), Path(folder) / STATE_FILE)
+        if rank == 0:
+            torch.save(solver.state_dict(), Path(folder) / STATE_FILE)
+            (Path(folder) / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+        torch.save(rank_state(solver), Path(folder) / rank_file(rank))
         yield Checkpoint.from_directory(folder)
 
 
+def checkpoint_run_id(checkpoint: "ray.train.Checkpoint") -> str | None:  # noqa: F821
+    """The fingerprint in the checkpoint's ``run.json`` (``None`` if it has none)."""
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / RUN_FILE
+        return json.loads(path.read_text()).get("run_id") if path.is_file() else None
+
+
 def read_checkpoint(checkpoint: "ray.train.Checkpoint",  # noqa: F821
-                    map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
-    """The solver state saved by :func:`checkpoint_of` (load it with ``solver.load_state_dict``).
+                    map_location: str | torch.device | None = "cpu", rank: int = 0) -> dict[str, Any]:
+    """The solver state saved by :func:`checkpoint_of`, as rank ``rank`` left it.
+
+    Rank 0's ``solver.pt`` with the loader positions, RNG states and generators of
+    ``rank<rank>.pt`` when the checkpoint has that file (load it with
+    ``solver.load_state_dict``).
 
     Args:
         map_location: device for the tensors (a worker passes its own device).
+        rank: whose loaders and RNG states to take.
     """
     with checkpoint.as_directory() as folder:
-        return read(Path(folder) / STATE_FILE, map_location=map_location)
+        state = read(Path(folder) / STATE_FILE, map_location=map_location)
+        own = Path(folder) / rank_file(rank)
+        if own.is_file():
+            state.update({key: value for key, value in read(own, map_location=map_location).items()
+                          if key in RANK_KEYS})
+    return state

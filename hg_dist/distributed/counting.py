@@ -67,9 +67,15 @@ class CountingAllreduce:
         world_size = self.collective.world_size
         if world_size == 1:
             return tensor
+        return self.sum(tensor) / world_size
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``Σ_r t_r`` over the group (one counted round; the identity for ``W = 1``)."""
+        if self.collective.world_size == 1:
+            return tensor
         self._rounds += 1
         self._bytes += tensor.numel() * tensor.element_size()
-        return self.collective.allreduce_sum(tensor) / world_size
+        return self.collective.allreduce_sum(tensor)
 
     def params(self, params: Sequence[Tensor]) -> Params:
         """Mean of a tuple of tensors, flattened into one vector: a single round."""

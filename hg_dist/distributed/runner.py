@@ -15,13 +15,18 @@ nodes, up to ``TrainSettings.resource_timeout_s``). Nothing is written before th
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from hg_dist.checkpoint import read
+from hg_dist.distributed.checkpointing import RUN_FILE, STATE_FILE
 from hg_dist.distributed.resources import default_max_failures, prepare_workers, startup_retries
 from hg_dist.distributed.settings import TrainSettings, check_scaling
 from hg_dist.distributed.train_loop import Job, train_loop
@@ -67,7 +72,7 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
         build_solver: ``(config, rank=, world_size=) -> BaseImplicitSolver`` on that
             rank's data shard; module-level, so workers can import it.
         config: an ``ExperimentConfig`` (``workers``, ``use_gpu``, ``seed``, ``output`` ...).
-        settings: checkpointing, restarts, storage, resources (:class:`TrainSettings`).
+        settings: reporting, checkpoints, restarts, storage, resources (:class:`TrainSettings`).
 
     Returns:
         ``ray.train.Result``: ``.metrics`` the final metrics, ``.checkpoint`` the final
@@ -79,6 +84,10 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
         hg_dist.distributed.resources.ResourceTimeoutError: they did not all come within
             ``settings.resource_timeout_s``.
         hg_dist.distributed.resources.ClusterUnreachableError: nothing answers at ``RAY_ADDRESS``.
+        ray.train.TrainingFailedError: the run failed (after ``max_failures`` restarts);
+            ``output/result.json`` then says ``"status": "failed"`` with the error, and
+            holds the metrics of the latest checkpoint. On Ctrl-C it says
+            ``"interrupted"``.
     """
     settings = settings or TrainSettings()
     workers = validate(build_solver, config, settings)
@@ -89,9 +98,10 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    job = Job(build_solver, config, settings)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": Job(build_solver, config, settings)},
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.use_gpu,
                                      resources_per_worker=settings.worker_resources(config.use_gpu)),
         run_config=RunConfig(name=settings.name, storage_path=settings.storage(config.output),
@@ -104,11 +114,51 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
     # Ray Train replaces the SIGINT handler for the run (Ctrl-C aborts it) and never
     # puts the previous one back: do so, so that Ctrl-C works again afterwards.
     previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    tic = time.perf_counter()
     try:
         return trainer.fit()
+    except BaseException as error:
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        write_ending(job, workers, status, error, wall_time_s=time.perf_counter() - tic)
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def latest_checkpoint(job: Job) -> Path | None:
+    """The newest checkpoint folder of ``job``'s run in local storage (``None``: none, or remote storage)."""
+    root = Path(job.settings.storage(job.config.output)) / job.settings.name
+    if "://" in str(job.settings.storage_path or "") or not root.is_dir():
+        return None
+    run_id = job.run_id
+    found = None
+    for folder in sorted(root.glob("checkpoint_*")):          # names are timestamps: sorted = oldest first
+        try:
+            if (folder / STATE_FILE).is_file() and json.loads((folder / RUN_FILE).read_text()).get("run_id") == run_id:
+                found = folder
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def write_ending(job: Job, workers: int, status: str, error: BaseException | None, **info: Any) -> None:
+    """Write ``output/result.json`` for a run that did not complete: ``status``, ``error`` and the
+    metrics of its latest checkpoint (``{}`` if it has none)."""
+    from hg_dist.experiment import write_result
+
+    metrics, counters, folder = {}, {}, latest_checkpoint(job)
+    if folder is not None:
+        try:
+            state = read(folder / STATE_FILE)
+            metrics = {name: values[-1] for name, values in state["recorder"]["archive"].items() if values}
+            counters = dict(state["counters"])
+        except (OSError, ValueError, KeyError):
+            pass
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    write_result(job.config.output, metrics, job.config, status=status, error=message, workers=workers,
+                 global_step=counters.get("global_step"), outer_steps=counters.get("outer_step"),
+                 last_checkpoint=None if folder is None else str(folder), **info)
 
 
 def run_experiment(build_solver: Callable[..., Any], config: Any,
@@ -116,7 +166,8 @@ def run_experiment(build_solver: Callable[..., Any], config: Any,
     """``run_local`` for ``config.workers == 1``, else :func:`fit`; returns the final metrics.
 
     Both write ``output/history.parquet``, ``output/result.json`` and TensorBoard logs
-    under ``output/tb`` (in the distributed case rank 0 writes them).
+    under ``output/tb`` (in the distributed case rank 0 writes them). ``settings``
+    applies to the distributed case only.
     """
     from hg_dist.data import check_workers
 

@@ -11,7 +11,9 @@ trials outer step by outer step (``time_attr="outer_step"``) and stop bad ones e
   ``checkpoint_every`` outer steps, a trial checkpoint (``solver.state_dict()`` and
   the reporter's counters). A resumed or retried trial continues from it.
 * ``config.workers == W > 1``: the trial starts a ``W``-worker Ray Train run with the
-  distributed layer's worker loop and forwards rank 0's reports to Tune
+  distributed layer's worker loop, run with ``report_every=1`` (one report per outer
+  step; plain distributed runs report far less often, see
+  :class:`~hg_dist.distributed.TrainSettings`), and forwards rank 0's reports to Tune
   (:class:`TrainToTune`). Checkpoints are Train's (rank 0's solver state, every
   ``checkpoint_every`` outer steps, in the trial's Train storage); a resumed trial
   starts the same Train run again, which continues from its latest checkpoint. The
@@ -427,8 +429,10 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
     result = fit(TrialSolver(build_solver), config,
+                 # report_every=1: hvps_total is summed over the forwarded reports, and each costs
+                 # little with the controller polled every TRAIN_POLL_INTERVAL_S.
                  TrainSettings(resources_per_worker=resources, precheck=False, num_to_keep=1, callbacks=(forward,),
-                               checkpoint_every=checkpoint_every, max_failures=max_failures,
+                               report_every=1, checkpoint_every=checkpoint_every, max_failures=max_failures,
                                storage_path=train_storage))
     (output / PLACEMENT_GROUP_FILE).unlink(missing_ok=True)  # the run ended: Train removed its group
     latest, error = TrainToTune.read_state(state_file)
