@@ -21,7 +21,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -99,7 +98,7 @@ def test_aws_nodes_use_the_documented_ami_lookup(name):
     config = _load(name)
     for node_type in config["available_node_types"].values():
         assert node_type["node_config"]["ImageId"] == f"resolve:ssm:{SSM_AMI}"
-    lookup = f"aws ssm get-parameter --region us-west-2 --query Parameter.Value --output text"
+    lookup = "aws ssm get-parameter --region us-west-2 --query Parameter.Value --output text"
     text = (CLUSTERS / name).read_text()
     assert lookup in text and f"--name {SSM_AMI}" in text
     assert lookup in DOC.read_text() and SSM_AMI in DOC.read_text()

@@ -219,7 +219,11 @@ def test_search_makes_the_cluster_grow(sim, tmp_path):
     # One trial of 2 Train workers of 1 CPU each, plus the trial's own 0.01 CPU: three 1-CPU nodes.
     needed = 3
     at_start = alive(worker_nodes(sim))
-    assert len(at_start) < needed, f"{len(at_start)} worker nodes already up: the search would not need more"
+    deadline = time.time() + 150   # nodes of earlier tests go after idle_timeout_minutes (1) of clusters/local-sim.yaml
+    while len(at_start) >= needed and time.time() < deadline:
+        time.sleep(5)
+        at_start = alive(worker_nodes(sim))
+    assert len(at_start) < needed, f"{len(at_start)} worker nodes still up: the search would not need more"
     started = time.time()
     proc = run_block(sim, doc_block(SIM_SEARCH), tmp_path)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"

@@ -154,3 +154,41 @@ def test_fit_passes_the_cluster_defaults_to_ray_train(monkeypatch, tmp_path):
             assert runner.fit(lambda *a, **k: None, config, settings) == "result"
             assert seen["failure_config"].max_failures == failures
             assert seen["failure_config"].controller_failure_limit == 5      # 300 s / Train's 60 s start timeout
+
+
+def test_a_v1_autoscaler_that_has_not_named_node_types_is_no_verdict(monkeypatch):
+    """A head that has just started: the v1 autoscaler's first reports map no node types. The verdict
+    waits (up to ``status_wait_s``) for a report that names them, and without one it stays open
+    (``None``) rather than "can grow", so the wait re-reads it (the fixed head of
+    test_reliability_cluster once waited 5 min for GPUs it could never get)."""
+    import ray
+
+    from hg_dist.distributed import resources
+
+    reports = iter([{}, {}, {"autoscaler_report": {"node_type_mapping": {"ab12": "node_ab12"}}}])
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(resources, "_started_here", lambda: False)
+    monkeypatch.setattr(resources, "_cluster_config_bounds", lambda: None)
+    monkeypatch.setattr(resources, "_autoscaler_version", lambda: "v1")
+    monkeypatch.setattr(resources, "_v1_status", lambda: next(reports))
+    monkeypatch.setattr(resources.time, "sleep", lambda seconds: None)
+    cluster = resources.inspect_cluster(status_wait_s=10)
+    assert cluster.autoscaling is False and "no node types to add" in cluster.how
+    monkeypatch.setattr(resources, "_v1_status", lambda: {})
+    undecided = resources.inspect_cluster(status_wait_s=0)
+    assert undecided.autoscaling is None and "not reported node types yet" in undecided.how
+    check_demand(2, GPU1, undecided)          # no verdict, no error: the wait decides
+
+
+def test_the_wait_stops_at_once_when_a_later_verdict_says_fixed_and_too_small(ray_session, monkeypatch):
+    """wait_for_resources re-reads the cluster while it waits; once that says "fixed" and the demand
+    cannot fit, it raises the fixed-cluster error instead of waiting for the timeout."""
+    from hg_dist.distributed import resources
+
+    later = Cluster(nodes=({"CPU": 4.0},), autoscaling=False, how="its autoscaler has no node types to add")
+    monkeypatch.setattr(resources, "inspect_cluster", lambda status_wait_s=10.0: later)
+    undecided = Cluster(nodes=({"CPU": 4.0},), autoscaling=None, how="not reported yet", autoscaler="v1")
+    started = time.monotonic()
+    with pytest.raises(InsufficientResourcesError, match=r"Fix: drop --use-gpu"):
+        resources.wait_for_resources(2, GPU1, timeout_s=120, cluster=undecided, stream=io.StringIO())
+    assert time.monotonic() - started < 30

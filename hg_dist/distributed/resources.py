@@ -230,7 +230,7 @@ class Cluster:
     Attributes:
         nodes: each alive node's total resources (CPU, GPU, custom; no memory keys).
         autoscaling: ``True``/``False``, or ``None`` when Ray's autoscaler (v2) decides
-            per demand (see the module docs).
+            per demand, or a v1 autoscaler has not reported yet (see the module docs).
         how: the evidence for ``autoscaling``, in words (it goes into error messages).
         max_resources: the most the cluster can ever have, when the cluster says so.
         autoscaler: ``"v1"``, ``"v2"`` or ``None`` (none reports): whose status the wait
@@ -315,6 +315,11 @@ def _v1_status() -> dict[str, Any] | None:
         return None
 
 
+def _v1_node_types() -> dict[str, str]:
+    """Node id → node type of a v1 autoscaler's latest report (empty until it has reported one)."""
+    return ((_v1_status() or {}).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+
+
 def inspect_cluster(status_wait_s: float = 10.0) -> Cluster:
     """What the cluster of this Ray session is: nodes, and autoscaling or fixed (see the module docs).
 
@@ -337,18 +342,22 @@ def inspect_cluster(status_wait_s: float = 10.0) -> Cluster:
         return cluster(grows, "the cluster config in the GCS " + ("lets node groups grow" if grows
                                                                    else "fixes every node group's size"),
                        max_resources=_visible(maximum) or None, autoscaler=_autoscaler_version())
-    version = _autoscaler_version()
+    # A v1 autoscaler's first reports on a head that has just started can name no node
+    # types yet (the head is not registered); only a report that names some is a verdict.
     deadline = time.monotonic() + status_wait_s
-    while version is None and time.monotonic() < deadline:
-        time.sleep(1.0)
+    while True:
         version = _autoscaler_version()
+        mapping = _v1_node_types() if version == "v1" else {}
+        if version == "v2" or mapping or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
     if version == "v2":
         return cluster(None, "Ray's autoscaler (v2) decides, per demand", autoscaler="v2")
     if version is None:
         return cluster(False, "no autoscaler reports to this cluster's GCS")
-    status = _v1_status() or {}
-    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
-    if mapping and all(_READONLY_TYPE.fullmatch(str(kind)) for kind in mapping.values()):
+    if not mapping:
+        return cluster(None, "its autoscaler (v1) has not reported node types yet", autoscaler="v1")
+    if all(_READONLY_TYPE.fullmatch(str(kind)) for kind in mapping.values()):
         return cluster(False, "its autoscaler has no node types to add: a head started without "
                               "--autoscaling-config", autoscaler="v1")
     return cluster(True, "its autoscaler (v1) has node types to add", autoscaler="v1")
@@ -539,6 +548,7 @@ def wait_for_resources(workers: int, bundle: Mapping[str, float], *, timeout_s: 
                 pass
             if infeasible and workers_that_fit(now.nodes, bundle) < workers:
                 raise _beyond_scale_up(workers, bundle, now)
+            check_demand(workers, bundle, now)   # a verdict that came later (a head that had just started)
             if waited >= timeout_s:
                 raise ResourceTimeoutError(
                     f"waited {_minutes(round(waited))} (the resource timeout) for {asked}; the Ray cluster has "

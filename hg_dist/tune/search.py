@@ -267,7 +267,8 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     trainable = make_trainable(build_solver, trials_dir=trials_dir, metric=metric, mode=mode, base=base,
                                cpus_per_worker=cpus_per_worker, checkpoint_every=checkpoint_every,
                                max_failures=max_failures,
-                               train_storage=None if storage.local else storage.show("train"))
+                               train_storage=None if storage.local else storage.show("train"),
+                               upload_to=None if storage.local else storage.tune_path)
 
     def output_of(name: str) -> str:
         return str(trials_dir / name) if trials_dir is not None else storage.show("tune", name, RUN_DIR)

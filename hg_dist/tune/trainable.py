@@ -59,7 +59,7 @@ from hg_dist.tune.space import to_experiment_config
 
 __all__ = ["ERROR_KEY", "ResultTracker", "SolveReporter", "TRIAL_CPU", "TrainToTune", "TrialDivergedError",
            "TrialHistory", "TrialSolver", "attach_callback", "make_trainable", "release_workers", "trial_demand", "trial_resources",
-           "update_result"]
+           "update_result", "upload_run_files"]
 
 BuildSolver = Callable[..., Any]
 
@@ -455,23 +455,41 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".strip()
 
 
+def upload_run_files(output: str | os.PathLike, destination: str) -> None:
+    """Copy a trial's files (``output``, a local folder) to ``destination`` (a URI) now.
+
+    Tune uploads a trial's working directory with each trial checkpoint and once more
+    when it stops the trial's actor, but it gives the actors of a finished experiment
+    5 s to stop before it kills them, so that last upload (the one holding the final
+    ``result.json``) can be lost on a busy machine. The trial uploads its own ending.
+    """
+    import pyarrow.fs
+
+    pyarrow.fs.copy_files(os.fspath(output), destination, source_filesystem=pyarrow.fs.LocalFileSystem())
+
+
 def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: ExperimentConfig | None,
               trials_dir: str | None, metric: str, mode: str, cpus_per_worker: float,
-              checkpoint_every: int = 5, max_failures: int = 0, train_storage: str | None = None) -> None:
+              checkpoint_every: int = 5, max_failures: int = 0, train_storage: str | None = None,
+              upload_to: str | None = None) -> None:
     """The function trainable's body: flatten ``config``, run one solve, report every outer step.
 
     The trial's outputs go to ``trials_dir/<trial name>`` (``None``: the trial's Tune
     directory's ``run/``, which Tune syncs to a URI storage). Its ``result.json`` gets
-    ``status`` ``completed`` or, with the error, ``failed``.
+    ``status`` ``completed`` or, with the error, ``failed``. With ``upload_to`` (the URI
+    of Tune's experiment folder) the trial copies its files to
+    ``<upload_to>/<trial dir>/run`` once it has ended (:func:`upload_run_files`).
     """
     context = tune.get_context()
     trial_name = context.get_trial_name()
     output = str(Path(trials_dir) / trial_name) if trials_dir is not None else \
         str(Path(context.get_trial_dir()) / RUN_DIR)
+    destination = upload_to and f"{upload_to.rstrip('/')}/{Path(context.get_trial_dir()).name}/{RUN_DIR}"
     try:
         experiment = to_experiment_config(config, base, output=output)
     except (TypeError, ValueError) as error:
         update_result(output, status="failed", error=_error_text(error), config=config)
+        _upload_ending(output, destination)
         raise
     try:
         if experiment.workers == 1:
@@ -484,14 +502,26 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
     except Exception as error:
         if _status(output) not in ("stopped", "interrupted"):  # else the search ended it (its workers are gone)
             update_result(output, status="failed", error=_error_text(error), config=experiment.to_dict())
+        _upload_ending(output, destination)
         raise
     update_result(output, status="completed", error=None, **info)
+    _upload_ending(output, destination)   # before the last report: Tune may stop the trial on it
     tune.report(tracker.final(final, int(final.get("outer_step", 0))))
+
+
+def _upload_ending(output: str, destination: str | None) -> None:
+    """:func:`upload_run_files` when there is a ``destination``; a failed upload is printed, not raised
+    (it must not turn a completed trial into a failed one, and Tune's own sync may still carry the files)."""
+    if destination and Path(output).exists():
+        try:
+            upload_run_files(output, destination)
+        except OSError as error:
+            print(f"hg_dist: could not upload {output} to {destination}: {error}")
 
 
 def make_trainable(build_solver: BuildSolver, *, trials_dir: str | Path | None, metric: str, mode: str = "min",
                    base: ExperimentConfig | None = None, cpus_per_worker: float = 1.0, checkpoint_every: int = 5,
-                   max_failures: int = 0, train_storage: str | None = None) -> Any:
+                   max_failures: int = 0, train_storage: str | None = None, upload_to: str | None = None) -> Any:
     """A Tune trainable (with per-trial resources) that runs one bilevel solve per trial.
 
     Args:
@@ -509,6 +539,8 @@ def make_trainable(build_solver: BuildSolver, *, trials_dir: str | Path | None, 
         max_failures: worker-group restarts of a multi-worker trial's Train run.
         train_storage: a URI under which multi-worker trials keep their Train
             checkpoints (``<train_storage>/<trial>``); default: in the trial's folder.
+        upload_to: the URI of Tune's experiment folder when the search's output is a URI:
+            each trial uploads its files there once it has ended (:func:`upload_run_files`).
 
     Returns:
         ``tune.with_resources(...)`` of the function trainable, for ``tune.Tuner``.
@@ -529,7 +561,7 @@ def make_trainable(build_solver: BuildSolver, *, trials_dir: str | Path | None, 
     def hg_dist_trial(config: dict[str, Any]) -> None:
         run_trial(config, build_solver=build_solver, base=base, trials_dir=folder, metric=metric, mode=mode,
                   cpus_per_worker=cpus_per_worker, checkpoint_every=checkpoint_every, max_failures=max_failures,
-                  train_storage=train_storage)
+                  train_storage=train_storage, upload_to=upload_to)
 
     return tune.with_resources(hg_dist_trial, lambda config: trial_resources(
         config, cpus_per_worker, use_gpu=base.use_gpu, workers=base.workers))
