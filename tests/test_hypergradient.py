@@ -16,6 +16,16 @@ from hg_dist.hessian import linearize, mixed_vjp
 from hg_dist.utils import params_to_vector
 
 
+def ridge_data(n, d, seed):
+    """Training and validation data (x, y, x_val, y_val) and a decay λ > 0 of a ridge problem, float32."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=generator)
+    y = x @ torch.randn(d, generator=generator) + 0.1 * torch.randn(n, generator=generator)
+    x_val = torch.randn(n, d, generator=generator)
+    y_val = x_val @ torch.randn(d, generator=generator)
+    return x, y, x_val, y_val, torch.rand(d, generator=generator) + 0.05
+
+
 def ridge_problem(n=60, d=8, seed=0):
     """Ridge regression with per-feature weight decay λ; outer = validation MSE + 0.01‖λ‖².
 
@@ -23,12 +33,7 @@ def ridge_problem(n=60, d=8, seed=0):
     the hypergradient with ``(A + ρI)⁻¹`` in place of ``A⁻¹`` (what a ρ-shifted IHVP
     targets; ``ρ = 0`` is the true hypergradient).
     """
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=generator)
-    y = x @ torch.randn(d, generator=generator) + 0.1 * torch.randn(n, generator=generator)
-    x_val = torch.randn(n, d, generator=generator)
-    y_val = x_val @ torch.randn(d, generator=generator)
-    lam = torch.rand(d, generator=generator) + 0.05
+    x, y, x_val, y_val, lam = ridge_data(n, d, seed)
 
     def inner(theta, phi):
         return ((x @ theta[0] - y) ** 2).mean() / 2 + (phi[0] * theta[0] ** 2).sum() / 2
@@ -310,12 +315,7 @@ def test_diverging_neumann_is_reported_as_ihvp_failure():
 
 def ridge_in(dtype, n=60, d=8, seed=0):
     """``ridge_problem``'s data, objectives and θ* with the data and parameters in ``dtype``."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=generator)
-    y = x @ torch.randn(d, generator=generator) + 0.1 * torch.randn(n, generator=generator)
-    x_val = torch.randn(n, d, generator=generator)
-    y_val = x_val @ torch.randn(d, generator=generator)
-    lam = torch.rand(d, generator=generator) + 0.05
+    x, y, x_val, y_val, lam = ridge_data(n, d, seed)
     theta = torch.linalg.solve(x.T @ x / n + torch.diag(lam), x.T @ y / n)
     x, y, x_val, y_val = (t.to(dtype) for t in (x, y, x_val, y_val))
 

@@ -54,6 +54,18 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return line
 
 
+def ctrl_c_within_10_s(driver: subprocess.Popen, log) -> None:
+    """Ctrl-C in the driver's terminal (SIGINT to its process group); fail unless it ends within 10 s."""
+    interrupted = time.time()
+    os.killpg(driver.pid, signal.SIGINT)
+    try:
+        driver.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        pytest.fail("still running 10 s after Ctrl-C:\n" + log.read_text()[-4000:])
+    print(f"stopped {time.time() - interrupted:.1f} s after Ctrl-C")
+
+
 # ---------------------------------------------------------------------------------------
 # A fixed cluster that can never hold the demand: an error at once
 # ---------------------------------------------------------------------------------------
@@ -204,14 +216,7 @@ def test_ctrl_c_while_waiting_ends_within_10_s(busy, tmp_path):
             time.sleep(0.5)
         assert "hg_dist: waiting for" in log.read_text(), log.read_text()[-4000:]
         children = psutil.Process(driver.pid).children(recursive=True)
-        interrupted = time.time()
-        os.killpg(driver.pid, signal.SIGINT)                               # Ctrl-C in its terminal
-        try:
-            driver.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(driver.pid, signal.SIGKILL)
-            pytest.fail("still running 10 s after Ctrl-C:\n" + log.read_text()[-4000:])
-    print(f"stopped {time.time() - interrupted:.1f} s after Ctrl-C")
+        ctrl_c_within_10_s(driver, log)
     assert driver.returncode != 0 and "KeyboardInterrupt" in log.read_text()
     time.sleep(1)
     assert not [child for child in children if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
@@ -237,14 +242,7 @@ def test_ctrl_c_while_training_ends_within_10_s(fixed, tmp_path):
             time.sleep(0.5)
         assert started in log.read_text(), log.read_text()[-4000:]
         time.sleep(3)                                                      # into the solve
-        interrupted = time.time()
-        os.killpg(driver.pid, signal.SIGINT)                               # Ctrl-C in its terminal
-        try:
-            driver.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(driver.pid, signal.SIGKILL)
-            pytest.fail("still running 10 s after Ctrl-C:\n" + log.read_text()[-4000:])
-    print(f"stopped {time.time() - interrupted:.1f} s after Ctrl-C")
+        ctrl_c_within_10_s(driver, log)
     deadline = time.time() + 10
     while time.time() < deadline and _train_processes(fixed):
         time.sleep(0.5)
