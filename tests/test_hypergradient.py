@@ -17,7 +17,7 @@ from hg_dist.utils import params_to_vector
 
 
 def ridge_data(n, d, seed):
-    """Training and validation data (x, y, x_val, y_val) and a decay λ > 0 of a ridge problem, float32."""
+    """Training and validation data (x, y, x_val, y_val) and a decay λ > 0 of a ridge problem, in the default dtype."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=generator)
     y = x @ torch.randn(d, generator=generator) + 0.1 * torch.randn(n, generator=generator)
