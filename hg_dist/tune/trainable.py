@@ -474,17 +474,16 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
               upload_to: str | None = None) -> None:
     """The function trainable's body: flatten ``config``, run one solve, report every outer step.
 
-    The trial's outputs go to ``trials_dir/<trial name>`` (``None``: the trial's Tune
-    directory's ``run/``, which Tune syncs to a URI storage). Its ``result.json`` gets
+    The trial's outputs go to ``trials_dir/<trial name>`` (``None``: ``run/`` in the trial's Tune working
+    directory, which Tune syncs to a URI storage). Its ``result.json`` gets
     ``status`` ``completed`` or, with the error, ``failed``. With ``upload_to`` (the URI
     of Tune's experiment folder) the trial copies its files to
     ``<upload_to>/<trial dir>/run`` once it has ended (:func:`upload_run_files`).
     """
     context = tune.get_context()
     trial_name = context.get_trial_name()
-    output = str(Path(trials_dir) / trial_name) if trials_dir is not None else \
-        str(Path(context.get_trial_dir()) / RUN_DIR)
-    destination = upload_to and f"{upload_to.rstrip('/')}/{Path(context.get_trial_dir()).name}/{RUN_DIR}"
+    output = str(Path(trials_dir) / trial_name) if trials_dir is not None else str(_working_dir() / RUN_DIR)
+    destination = upload_to and f"{upload_to.rstrip('/')}/{_working_dir().name}/{RUN_DIR}"
     try:
         experiment = to_experiment_config(config, base, output=output)
     except (TypeError, ValueError) as error:
@@ -507,6 +506,19 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
     update_result(output, status="completed", error=None, **info)
     _upload_ending(output, destination)   # before the last report: Tune may stop the trial on it
     tune.report(tracker.final(final, int(final.get("outer_step", 0))))
+
+
+def _working_dir() -> Path:
+    """This trial's Tune working directory: what Tune uploads to the storage with each trial checkpoint.
+
+    Not ``tune.get_context().get_trial_dir()``: on the driver's node that is the driver's
+    staging copy of the trial folder, which the driver uploads with its experiment state,
+    last, over what the trial uploaded (a retried trial's ``result.json`` then kept the
+    failed attempt's status). Ray has no public accessor for it in 2.60.
+    """
+    from ray.train._internal.session import get_session
+
+    return Path(get_session().storage.trial_working_directory)
 
 
 def _upload_ending(output: str, destination: str | None) -> None:
