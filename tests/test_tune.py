@@ -750,3 +750,34 @@ def test_main_job_interrupt_then_resume(tmp_path):
     best = json.loads((output / "best_config.json").read_text())
     assert best["trial"] in {row["trial"] for row in table}
     assert best["build_solver"] == "examples.data_hypercleaning:build_solver"
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_a_scheduler_stop_outranks_the_failure_its_teardown_caused(tmp_path, uri):
+    """ASHA stops a 2-worker trial; removing its workers can make the trial's Train run raise, and
+    the trial may write ``failed`` before the search records ``stopped``. ``stopped`` (Tune ended
+    the trial without an error) wins over such a ``failed``, keeping its text aside; a trial's own
+    ``completed`` and, for other endings, its ``failed`` are kept."""
+    from types import SimpleNamespace
+
+    from hg_dist.tune.search import _record_status
+    from hg_dist.tune.storage import SearchStorage
+
+    storage = SearchStorage.parse(f"file://{tmp_path}" if uri else tmp_path)
+    trial = SimpleNamespace(last_result={"score": 1.5, "outer_step": 3}, path=str(tmp_path / "trial"))
+    output = tmp_path / "trial" / "run"
+    output.mkdir(parents=True)
+    result = output / "result.json"
+
+    def record(before: dict, status: str) -> dict:
+        result.write_text(json.dumps(before))
+        _record_status(storage, trial, str(output), status, None)
+        return json.loads(result.read_text())
+
+    torn_down = {"status": "failed", "error": "RayActorError: the worker died", "metrics": {"score": 1.5}}
+    after = record(torn_down, "stopped")
+    assert after["status"] == "stopped" and after["error"] is None
+    assert after["error_while_stopped"] == "RayActorError: the worker died"
+    assert record({"status": "completed"}, "stopped") == {"status": "completed"}
+    assert record(torn_down, "interrupted") == torn_down
+    assert record({}, "stopped") == {"status": "stopped", "metrics": {"score": 1.5, "outer_step": 3}}

@@ -375,11 +375,26 @@ def _record_status(storage: SearchStorage, trial: Trial, output: str, status: st
     """Write ``status`` (and the last reported metrics) into the trial's ``result.json``.
 
     A trial writes ``completed`` (and ``failed``, with its own error) itself; those
-    are kept. Recording never fails the search: it is retried at the end.
+    are kept, except that ``stopped`` (Tune ended the trial without an error: its
+    scheduler stopped it) replaces a ``failed`` that the trial wrote while its Train
+    run was being torn down by that stop; its error is kept as ``error_while_stopped``.
+    Recording never fails the search: it is retried at the end.
     """
     fields: dict[str, Any] = {"status": status}
     if error:
         fields["error"] = error
+    kept = ("completed",) if status == "stopped" else ("completed", "failed")
+
+    def merge(current: dict[str, Any]) -> dict[str, Any] | None:
+        """``current`` with the fields written in, or ``None`` to keep it as it is."""
+        if current.get("status") in kept:
+            return None
+        if current.get("status") == "failed":
+            current["error_while_stopped"], current["error"] = current.get("error"), None
+        current.update(fields)
+        current.setdefault("metrics", last)
+        return current
+
     last = {k: v for k, v in (trial.last_result or {}).items() if isinstance(v, (int, float, str, bool))}
     try:
         if storage.local:
@@ -388,10 +403,10 @@ def _record_status(storage: SearchStorage, trial: Trial, output: str, status: st
             path = Path(output) / RESULT_FILE
             if not path.parent.exists():
                 return  # never started: nothing to mark
-            current = json.loads(path.read_text()) if path.exists() else {}
-            if current.get("status") in ("completed", "failed"):  # the trial's own word on how it ended
+            merged = merge(json.loads(path.read_text()) if path.exists() else {})
+            if merged is None:
                 return
-            update_result(output, **fields, **({} if "metrics" in current else {"metrics": last}))
+            update_result(output, **merged)
         else:
             fs, name = storage.filesystem, f"{trial.path}/{RUN_DIR}/{RESULT_FILE}"
             info = fs.get_file_info(name)
@@ -399,13 +414,12 @@ def _record_status(storage: SearchStorage, trial: Trial, output: str, status: st
             if info.type != pa.fs.FileType.NotFound:
                 with fs.open_input_stream(name) as stream:
                     current = json.loads(stream.read().decode())
-            if current.get("status") in ("completed", "failed"):
+            merged = merge(current)
+            if merged is None:
                 return
-            current.update(fields)
-            current.setdefault("metrics", last)
             fs.create_dir(f"{trial.path}/{RUN_DIR}", recursive=True)
             with fs.open_output_stream(name) as stream:
-                stream.write(json.dumps(current, indent=2, default=str).encode())
+                stream.write(json.dumps(merged, indent=2, default=str).encode())
     except (OSError, ValueError):  # a trial's bookkeeping must never cost the search
         pass
 
