@@ -153,7 +153,8 @@ def logreg(d: int = 200, n_train: int = 400, n_val: int = 400, weight_decay: flo
 
 
 def mlp(width: int = 64, d_in: int = 64, classes: int = 10, n_train: int = 256, n_val: int = 256,
-        ill_conditioned: bool = False, seed: int = 0, max_iter: int | None = None) -> Problem:
+        ill_conditioned: bool = False, seed: int = 0, max_iter: int | None = None,
+        dtype: str = "float64") -> Problem:
     """Tanh MLP ``d_in → width → classes`` with learned per-tensor/per-feature weight decay.
 
     ``p = width·(d_in + 1) + classes·(width + 1)`` inner scalars (``width=64``: 4810).
@@ -163,18 +164,20 @@ def mlp(width: int = 64, d_in: int = 64, classes: int = 10, n_train: int = 256, 
     feature ``j`` scaled by ``10^(1 − 3j/(d_in−1))`` (from 10 down to 0.01) and decay
     ``1e-4``, which leaves the Hessian positive definite but with a condition number
     in the thousands (the inner solve then runs up to 1000 L-BFGS iterations
-    instead of 300, to get close enough to the minimum for that).
+    instead of 300, to get close enough to the minimum for that). ``dtype``: ``"float64"``
+    (default) or ``"float32"`` (the data, the parameters and so every product).
     """
     if max_iter is None:
         max_iter = 1000 if ill_conditioned else 300
+    float_type = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     n = n_train + n_val
-    centers = torch.randn(classes, d_in, generator=gen, dtype=DTYPE)
+    centers = torch.randn(classes, d_in, generator=gen, dtype=float_type)
     y = torch.randint(0, classes, (n,), generator=gen)
-    x = centers[y] + 1.5 * torch.randn(n, d_in, generator=gen, dtype=DTYPE)
+    x = centers[y] + 1.5 * torch.randn(n, d_in, generator=gen, dtype=float_type)
     weight_decay = 1e-3
     if ill_conditioned:
-        x = x * torch.logspace(0.5, -1, d_in, dtype=DTYPE)
+        x = x * torch.logspace(0.5, -1, d_in, dtype=float_type)
         weight_decay = 3e-4
     x_tr, y_tr, x_val, y_val = _split(x, y, n_train)
 
@@ -192,18 +195,18 @@ def mlp(width: int = 64, d_in: int = 64, classes: int = 10, n_train: int = 256, 
     def outer(theta: Params, phi: Params) -> Tensor:
         return F.cross_entropy(forward(theta, x_val), y_val)
 
-    theta0 = (torch.randn(width, d_in, generator=gen, dtype=DTYPE) / d_in ** 0.5,
-              torch.zeros(width, dtype=DTYPE),
-              torch.randn(classes, width, generator=gen, dtype=DTYPE) / width ** 0.5,
-              torch.zeros(classes, dtype=DTYPE))
+    theta0 = (torch.randn(width, d_in, generator=gen, dtype=float_type) / d_in ** 0.5,
+              torch.zeros(width, dtype=float_type),
+              torch.randn(classes, width, generator=gen, dtype=float_type) / width ** 0.5,
+              torch.zeros(classes, dtype=float_type))
     log_decay = float(torch.tensor(weight_decay).log())
-    phi = (torch.full((d_in,), log_decay, dtype=DTYPE), torch.full((3,), log_decay, dtype=DTYPE))
+    phi = (torch.full((d_in,), log_decay, dtype=float_type), torch.full((3,), log_decay, dtype=float_type))
     theta, residual = solve_inner(inner, theta0, phi, max_iter=max_iter)
     kind = "badly conditioned" if ill_conditioned else "well conditioned"
     p = num_elements(theta)
     return Problem(name=f"mlp{'_illcond' if ill_conditioned else ''}_p{p}",
                    description=f"tanh MLP {d_in}-{width}-{classes}, p={p}, n={n_train}, {kind} "
-                   f"(weight decay {weight_decay:g})",
+                   f"(weight decay {weight_decay:g}, {dtype})",
                    inner_obj=inner, outer_obj=outer, in_params=theta, out_params=phi,
                    rho=1e-3 if ill_conditioned else 1e-2,
                    info={"inner_grad_norm": residual, "n_train": n_train})

@@ -122,13 +122,13 @@ def _in_dtype(op: HessianOperator, dtype: torch.dtype, work: torch.dtype) -> Hes
     """``op`` taking and returning ``work``-dtype vectors, its products computed in ``dtype``."""
     return HessianOperator(matvec=lambda v: op.matvec(v.to(dtype)).to(work),
                            matmat=lambda vs: op.matmat(vs.to(dtype)).to(work),
-                           size=op.size)
+                           size=op.size, rows=None if op.rows is None else (lambda k: op.rows(k).to(work)))
 
 
 def _reduced(op: HessianOperator, reduce: Reduce) -> HessianOperator:
     return HessianOperator(matvec=lambda v: reduce(op.matvec(v)),
                            matmat=lambda v: reduce(op.matmat(v)),
-                           size=op.size)
+                           size=op.size, rows=None if op.rows is None else (lambda k: reduce(op.rows(k))))
 
 
 def implicit_hypergradient(inner_obj: Objective,
