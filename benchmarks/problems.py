@@ -212,6 +212,49 @@ def mlp(width: int = 64, d_in: int = 64, classes: int = 10, n_train: int = 256, 
                    info={"inner_grad_norm": residual, "n_train": n_train})
 
 
+def resnet(n_train: int = 8, n_val: int = 8, width: int = 64, seed: int = 0, rho: float = 1000.0) -> Problem:
+    """ResNet-18 (:func:`hg_dist.vision.resnet18`, GroupNorm, ``p = 11,173,962`` at width 64), float32.
+
+    Synthetic CIFAR-shaped data (``(n, 3, 32, 32)`` standard normal images, random
+    labels out of 10). ``f(θ, φ) =`` cross-entropy ``+ ½ Σ_t exp(φ_t) ‖θ_t‖²`` with one
+    log weight decay per parameter tensor (``φ_t = log 1e-4``), ``g`` the cross-entropy
+    on validation images. ``θ`` is the initialisation, not a minimiser: this problem is
+    for cost, not accuracy (an inner solve at 11M parameters would dominate the
+    benchmark and not change the cost of a Hessian product). At this point the inner
+    Hessian is indefinite (30 Lanczos steps, ``n = 16``: ``λ ∈ [−222, 773]``), so the
+    shift ``ρ = rho = 1000`` is what makes ``H + ρI`` positive definite and CG defined;
+    the cost of either method does not depend on ``ρ``.
+    """
+    from hg_dist.vision import resnet18
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = resnet18(width=width)
+    names = [name for name, _ in model.named_parameters()]
+    theta = tuple(t.detach() for _, t in model.named_parameters())
+    images = torch.randn(n_train + n_val, 3, 32, 32, generator=gen)
+    labels = torch.randint(0, 10, (n_train + n_val,), generator=gen)
+    x_tr, y_tr, x_val, y_val = _split(images, labels, n_train)
+
+    def forward(params: Params, inputs: Tensor) -> Tensor:
+        return torch.func.functional_call(model, dict(zip(names, params)), (inputs,))
+
+    def inner(params: Params, phi: Params) -> Tensor:
+        decay = phi[0].exp()
+        penalty = sum(decay[i] * (t * t).sum() for i, t in enumerate(params))
+        return F.cross_entropy(forward(params, x_tr), y_tr) + 0.5 * penalty
+
+    def outer(params: Params, phi: Params) -> Tensor:
+        return F.cross_entropy(forward(params, x_val), y_val)
+
+    phi = (torch.full((len(theta),), float(torch.tensor(1e-4).log())),)
+    p = num_elements(theta)
+    return Problem(name=f"resnet18_p{p}", description=f"ResNet-18 (GroupNorm, width {width}), p={p}, n={n_train} "
+                   f"synthetic 32×32 images, float32, at initialisation (rho={rho:g})",
+                   inner_obj=inner, outer_obj=outer, in_params=theta, out_params=phi, rho=rho,
+                   info={"n_train": n_train})
+
+
 # ---------------------------------------------------------------------------
 # Hessian-operator variants (baselines and a fixed chunk size; the core is untouched)
 # ---------------------------------------------------------------------------
@@ -242,11 +285,10 @@ def seed_operator(inner_obj, in_params, out_params, *, rev_only: bool = False) -
 
 
 def chunked_operator(inner_obj, in_params, out_params, chunk_size: int = CHUNK_SIZE) -> HessianOperator:
-    """The core's linearization with a fixed ``chunk_size``, for comparison with the automatic rule.
+    """The core's linearization with a fixed ``chunk_size``, for comparison with the measured one.
 
-    The core now picks the chunk size itself (``linearize(..., chunk_size=None)``,
-    see :data:`hg_dist.hessian.CHUNK_BUDGET_BYTES`); this fixed-size variant stays
-    as the comparison point.
+    The core measures the chunk size itself (``linearize(..., chunk_size=None)``, see
+    :mod:`hg_dist.calibration`); this fixed-size variant stays as the comparison point.
     """
     return linearize(inner_obj, in_params, out_params, chunk_size=chunk_size)
 
