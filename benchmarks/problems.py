@@ -18,6 +18,8 @@ Hessian-operator variants (:data:`OPERATORS`, swapped in with
 :func:`patched_linearize`): the core's, a loop of ``matvec``, seed-style products
 that recompute the gradient, and the core with a fixed ``vmap`` chunk size of 4.
 
+:func:`resnet` is ResNet-18 on synthetic CIFAR-shaped images (float32, p ≈ 11M), for cost only.
+
 Helpers: :func:`time_call` (median wall time), :func:`environment` (machine and
 versions recorded in every result file), :func:`accuracy` (cosine and relative
 error against a reference hypergradient).

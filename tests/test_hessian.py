@@ -85,9 +85,21 @@ def test_calibration_picks_sequential_when_batching_is_slower():
     assert calibration.next_size(20) == (1, True)
     calibration.record(1, 1.0)
     assert calibration.next_size(19) == (2, True)
-    calibration.record(2, 1.3)                          # batching lost: stop exploring
+    calibration.record(2, 1.6)                          # batching lost clearly (≥ 1.5×): stop exploring
     assert calibration.done and calibration.best == 1
     assert calibration.next_size(17) == (1, False)
+
+
+def test_calibration_stops_after_two_sizes_without_a_gain():
+    calibration = Calibration()
+    for size, seconds in ((1, 1.0), (2, 1.1)):          # c = 2 a little slower: keep looking
+        calibration.record(size, seconds)
+    assert not calibration.done and calibration.next_size(20) == (4, True)
+    calibration.record(4, 1.2)                          # second size in a row without a gain
+    assert calibration.done and calibration.best == 1
+    recovered = Calibration({1: 1.0, 2: 1.1})
+    recovered.record(4, 0.6)                            # c = 4 wins after c = 2 lost
+    assert not recovered.done and recovered.best == 4
 
 
 def test_calibration_doubles_while_faster_and_evens_out_chunks():
@@ -96,7 +108,9 @@ def test_calibration_doubles_while_faster_and_evens_out_chunks():
         assert calibration.next_size(40) == (size, True)
         calibration.record(size, seconds)
     assert not calibration.done and calibration.next_size(40) == (16, True)
-    calibration.record(16, 0.55)                        # slower than 8: 8 wins
+    calibration.record(16, 0.55)                        # slower than 8: one more try
+    assert not calibration.done and calibration.next_size(40) == (32, True)
+    calibration.record(32, 0.6)                         # two without a gain: 8 wins
     assert calibration.done and calibration.best == 8
     assert calibration.next_size(20) == (7, False)      # 3 chunks: 7 + 7 + 6, not 8 + 8 + 4
     assert calibration.next_size(6) == (6, False)
