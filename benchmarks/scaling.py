@@ -371,8 +371,9 @@ def run_large_child(spec: dict) -> dict:
 
 def large_specs(sizes: list[str], quick: bool, rounds: int, resnet_batch: int, profile: bool) -> list[dict]:
     """Experiment 3: one child per size."""
-    return [{"experiment": "large", "size": size, "quick": quick, "rounds": min(2, rounds) if size == "resnet18" else rounds,
-             "resnet_batch": resnet_batch, "profile": profile} for size in sizes]
+    return [{"experiment": "large", "size": size, "quick": quick,
+             "rounds": min(2, rounds) if size == "resnet18" else rounds, "resnet_batch": resnet_batch,
+             "profile": profile} for size in sizes]
 
 
 def large_targets(children: list[dict]) -> list[dict]:
@@ -428,7 +429,8 @@ def to_markdown(report: dict) -> str:
     lines = ["# Scaling benchmark", "",
              f"torch {env['torch']}, Python {env['python']}, {env['platform']}, {env['cpu_count']} CPUs "
              f"({env['torch_threads']} torch thread(s)); "
-             f"float64 (size, budget), float32 (large); quick={report['quick']}; run took {report['wall_seconds']:.0f} s.", "",
+             f"float64 (size, budget), float32 (large); quick={report['quick']}; "
+             f"run took {report['wall_seconds']:.0f} s.", "",
              "Time and peak memory of one hypergradient over those of one inner gradient, measured in the "
              "same subprocess. Peak memory: RSS high-water mark after resetting it via "
              "`/proc/self/clear_refs`, with `mallopt(M_MMAP_THRESHOLD, 16384)` and `malloc_trim(0)` so freed "

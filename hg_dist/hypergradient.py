@@ -178,7 +178,7 @@ def implicit_hypergradient(inner_obj: Objective,
                   "the outer gradient w.r.t. the outer params (∂g/∂φ)": grad_phi},
                  "before the IHVP solve", RHS_HINT)
     x, stats = solve(op, v)
-    del op  # frees the saved gradient graph before mixed_vjp builds its own: one graph alive at a time
+    del op  # free the saved gradient graph before mixed_vjp builds its own: one graph alive at a time
     mixed = params_to_vector(mixed_vjp(inner_obj, in_params, out_params, x.to(dtype))).to(work)
     hypergrad = grad_phi - mixed
     if reduce is not None:

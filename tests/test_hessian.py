@@ -128,7 +128,7 @@ def test_calibration_explores_across_calls_when_blocks_are_small():
 def test_calibration_cache_key():
     clear_calibrations()
     a = (torch.zeros(3, 2, dtype=torch.float32), torch.zeros(3, dtype=torch.float32))
-    assert calibration_for(a) is calibration_for((torch.ones(3, 2, dtype=torch.float32), torch.ones(3)))    # values do not matter
+    assert calibration_for(a) is calibration_for((torch.ones(3, 2, dtype=torch.float32), torch.ones(3)))  # values: no
     assert calibration_for(a) is not calibration_for((torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3)))
     assert calibration_for(a) is not calibration_for((torch.zeros(2, 3, dtype=torch.float32), torch.zeros(3)))
     assert calibration_key(a) == (((3, 2), (3,)), torch.float32, "cpu", torch.get_num_threads())
