@@ -26,7 +26,7 @@ The variants are built by swapping the operator factory that
 :func:`hg_dist.hypergradient.implicit_hypergradient` uses
 (:func:`benchmarks.problems.patched_linearize`), so everything else is the core's
 own code. One variant, ``chunked``, fixes the chunk size at 4
-(``linearize(..., chunk_size=4)``) for comparison with the automatic rule.
+(``linearize(..., chunk_size=4)``) for comparison with the measured chunk size.
 
 Problems: logistic regression d=200 (well and badly conditioned), tanh MLP
 p=4810 (well and badly conditioned).

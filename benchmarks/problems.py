@@ -18,6 +18,8 @@ Hessian-operator variants (:data:`OPERATORS`, swapped in with
 :func:`patched_linearize`): the core's, a loop of ``matvec``, seed-style products
 that recompute the gradient, and the core with a fixed ``vmap`` chunk size of 4.
 
+:func:`resnet` is ResNet-18 on synthetic CIFAR-shaped images (float32, p ≈ 11M), for cost only.
+
 Helpers: :func:`time_call` (median wall time), :func:`environment` (machine and
 versions recorded in every result file), :func:`accuracy` (cosine and relative
 error against a reference hypergradient).
@@ -153,7 +155,8 @@ def logreg(d: int = 200, n_train: int = 400, n_val: int = 400, weight_decay: flo
 
 
 def mlp(width: int = 64, d_in: int = 64, classes: int = 10, n_train: int = 256, n_val: int = 256,
-        ill_conditioned: bool = False, seed: int = 0, max_iter: int | None = None) -> Problem:
+        ill_conditioned: bool = False, seed: int = 0, max_iter: int | None = None,
+        dtype: str = "float64") -> Problem:
     """Tanh MLP ``d_in → width → classes`` with learned per-tensor/per-feature weight decay.
 
     ``p = width·(d_in + 1) + classes·(width + 1)`` inner scalars (``width=64``: 4810).
@@ -163,18 +166,20 @@ def mlp(width: int = 64, d_in: int = 64, classes: int = 10, n_train: int = 256, 
     feature ``j`` scaled by ``10^(1 − 3j/(d_in−1))`` (from 10 down to 0.01) and decay
     ``1e-4``, which leaves the Hessian positive definite but with a condition number
     in the thousands (the inner solve then runs up to 1000 L-BFGS iterations
-    instead of 300, to get close enough to the minimum for that).
+    instead of 300, to get close enough to the minimum for that). ``dtype``: ``"float64"``
+    (default) or ``"float32"`` (the data, the parameters and so every product).
     """
     if max_iter is None:
         max_iter = 1000 if ill_conditioned else 300
+    float_type = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed)
     n = n_train + n_val
-    centers = torch.randn(classes, d_in, generator=gen, dtype=DTYPE)
+    centers = torch.randn(classes, d_in, generator=gen, dtype=float_type)
     y = torch.randint(0, classes, (n,), generator=gen)
-    x = centers[y] + 1.5 * torch.randn(n, d_in, generator=gen, dtype=DTYPE)
+    x = centers[y] + 1.5 * torch.randn(n, d_in, generator=gen, dtype=float_type)
     weight_decay = 1e-3
     if ill_conditioned:
-        x = x * torch.logspace(0.5, -1, d_in, dtype=DTYPE)
+        x = x * torch.logspace(0.5, -1, d_in, dtype=float_type)
         weight_decay = 3e-4
     x_tr, y_tr, x_val, y_val = _split(x, y, n_train)
 
@@ -192,21 +197,64 @@ def mlp(width: int = 64, d_in: int = 64, classes: int = 10, n_train: int = 256, 
     def outer(theta: Params, phi: Params) -> Tensor:
         return F.cross_entropy(forward(theta, x_val), y_val)
 
-    theta0 = (torch.randn(width, d_in, generator=gen, dtype=DTYPE) / d_in ** 0.5,
-              torch.zeros(width, dtype=DTYPE),
-              torch.randn(classes, width, generator=gen, dtype=DTYPE) / width ** 0.5,
-              torch.zeros(classes, dtype=DTYPE))
+    theta0 = (torch.randn(width, d_in, generator=gen, dtype=float_type) / d_in ** 0.5,
+              torch.zeros(width, dtype=float_type),
+              torch.randn(classes, width, generator=gen, dtype=float_type) / width ** 0.5,
+              torch.zeros(classes, dtype=float_type))
     log_decay = float(torch.tensor(weight_decay).log())
-    phi = (torch.full((d_in,), log_decay, dtype=DTYPE), torch.full((3,), log_decay, dtype=DTYPE))
+    phi = (torch.full((d_in,), log_decay, dtype=float_type), torch.full((3,), log_decay, dtype=float_type))
     theta, residual = solve_inner(inner, theta0, phi, max_iter=max_iter)
     kind = "badly conditioned" if ill_conditioned else "well conditioned"
     p = num_elements(theta)
     return Problem(name=f"mlp{'_illcond' if ill_conditioned else ''}_p{p}",
                    description=f"tanh MLP {d_in}-{width}-{classes}, p={p}, n={n_train}, {kind} "
-                   f"(weight decay {weight_decay:g})",
+                   f"(weight decay {weight_decay:g}, {dtype})",
                    inner_obj=inner, outer_obj=outer, in_params=theta, out_params=phi,
                    rho=1e-3 if ill_conditioned else 1e-2,
                    info={"inner_grad_norm": residual, "n_train": n_train})
+
+
+def resnet(n_train: int = 8, n_val: int = 8, width: int = 64, seed: int = 0, rho: float = 1000.0) -> Problem:
+    """ResNet-18 (:func:`hg_dist.vision.resnet18`, GroupNorm, ``p = 11,173,962`` at width 64), float32.
+
+    Synthetic CIFAR-shaped data (``(n, 3, 32, 32)`` standard normal images, random
+    labels out of 10). ``f(θ, φ) =`` cross-entropy ``+ ½ Σ_t exp(φ_t) ‖θ_t‖²`` with one
+    log weight decay per parameter tensor (``φ_t = log 1e-4``), ``g`` the cross-entropy
+    on validation images. ``θ`` is the initialisation, not a minimiser: this problem is
+    for cost, not accuracy (an inner solve at 11M parameters would dominate the
+    benchmark and not change the cost of a Hessian product). At this point the inner
+    Hessian is indefinite (30 Lanczos steps, ``n = 16``: ``λ ∈ [−222, 773]``), so the
+    shift ``ρ = rho = 1000`` is what makes ``H + ρI`` positive definite and CG defined;
+    the cost of either method does not depend on ``ρ``.
+    """
+    from hg_dist.vision import resnet18
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = resnet18(width=width)
+    names = [name for name, _ in model.named_parameters()]
+    theta = tuple(t.detach() for _, t in model.named_parameters())
+    images = torch.randn(n_train + n_val, 3, 32, 32, generator=gen)
+    labels = torch.randint(0, 10, (n_train + n_val,), generator=gen)
+    x_tr, y_tr, x_val, y_val = _split(images, labels, n_train)
+
+    def forward(params: Params, inputs: Tensor) -> Tensor:
+        return torch.func.functional_call(model, dict(zip(names, params)), (inputs,))
+
+    def inner(params: Params, phi: Params) -> Tensor:
+        decay = phi[0].exp()
+        penalty = sum(decay[i] * (t * t).sum() for i, t in enumerate(params))
+        return F.cross_entropy(forward(params, x_tr), y_tr) + 0.5 * penalty
+
+    def outer(params: Params, phi: Params) -> Tensor:
+        return F.cross_entropy(forward(params, x_val), y_val)
+
+    phi = (torch.full((len(theta),), float(torch.tensor(1e-4).log())),)
+    p = num_elements(theta)
+    return Problem(name=f"resnet18_p{p}", description=f"ResNet-18 (GroupNorm, width {width}), p={p}, n={n_train} "
+                   f"synthetic 32×32 images, float32, at initialisation (rho={rho:g})",
+                   inner_obj=inner, outer_obj=outer, in_params=theta, out_params=phi, rho=rho,
+                   info={"n_train": n_train})
 
 
 # ---------------------------------------------------------------------------
@@ -239,11 +287,10 @@ def seed_operator(inner_obj, in_params, out_params, *, rev_only: bool = False) -
 
 
 def chunked_operator(inner_obj, in_params, out_params, chunk_size: int = CHUNK_SIZE) -> HessianOperator:
-    """The core's linearization with a fixed ``chunk_size``, for comparison with the automatic rule.
+    """The core's linearization with a fixed ``chunk_size``, for comparison with the measured one.
 
-    The core now picks the chunk size itself (``linearize(..., chunk_size=None)``,
-    see :data:`hg_dist.hessian.CHUNK_BUDGET_BYTES`); this fixed-size variant stays
-    as the comparison point.
+    The core measures the chunk size itself (``linearize(..., chunk_size=None)``, see
+    :mod:`hg_dist.calibration`); this fixed-size variant stays as the comparison point.
     """
     return linearize(inner_obj, in_params, out_params, chunk_size=chunk_size)
 

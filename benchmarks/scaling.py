@@ -1,6 +1,8 @@
-"""Scaling benchmark (issue 8, core only): cost and accuracy vs problem size and budget.
+"""Scaling benchmark: cost and accuracy vs problem size and budget, up to ResNet-18.
 
-Two experiments on the tanh MLP of :mod:`benchmarks.problems`:
+Three experiments (``--experiments``, default all), the first two on the float64 tanh
+MLP of :mod:`benchmarks.problems` (issue 8), the third at the sizes where
+hypergradients cost real time (issue 17):
 
 1. **Size**: widths 16, 64, 256, 1024 (p = 1210, 4810, 19210, 76810 inner
    parameters) at fixed budgets (Nyström rank 20, CG 20, Neumann 20, Nyström-PCG
@@ -11,6 +13,17 @@ Two experiments on the tanh MLP of :mod:`benchmarks.problems`:
 2. **Budget**: at p = 4810, on the well conditioned and the badly conditioned MLP,
    Nyström over ranks and CG over iteration counts: time, memory, HVPs and
    accuracy (cosine, relative error) against ``approx_hypergrad.exact``.
+3. **Large** (``--sizes``, default ``5k,50k,536k,resnet18``): float32, Nyström rank
+   5 / 20 / 50 and CG 20 (same ``ρ``) through the public API, on tanh MLPs with 512
+   examples (64-64-10, p = 4,810; 128-384-10, p = 53,386; 512-1024-10, p = 535,562)
+   and ResNet-18 (p = 11,173,962, ``--resnet-batch`` synthetic CIFAR images, default
+   8). Calls are timed round-robin (every config once per round, ``--rounds`` rounds,
+   fastest kept: the machine is shared), after a warm-up call of each (which also
+   runs the chunk-size calibration). Also: a block of 20 Hessian rows with the
+   measured chunk size against 20 sequential products, the calibration's
+   measurements, peak memory against the bound ``inner gradient + p·k·4 bytes``, and
+   with ``--profile`` the top operators (``torch.profiler``, self CPU time) of one
+   gradient, one product and one 20-row block.
 
 **How peak memory is measured (CPU).** Each problem runs in a fresh subprocess
 that first times everything (default allocator settings), then measures memory.
@@ -28,8 +41,9 @@ when the protocol holds (both are recorded). Where ``clear_refs`` is not writabl
 the script falls back to ``ru_maxrss`` deltas and says so (``memory_method``),
 which can only under-report.
 
-Usage: ``python benchmarks/scaling.py [--quick] [--out DIR] [--threads N]``; writes
-``DIR/scaling.json`` and ``DIR/scaling.md``.
+Usage: ``python benchmarks/scaling.py [--quick] [--out DIR] [--threads N]
+[--experiments size,budget,large] [--sizes 5k,50k,536k,resnet18] [--rounds R]
+[--resnet-batch N] [--profile]``; writes ``DIR/scaling.json`` and ``DIR/scaling.md``.
 """
 
 from __future__ import annotations
@@ -192,7 +206,8 @@ def spawn(spec: dict) -> dict:
     completed = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
                                capture_output=True, text=True, check=False)
     if completed.returncode != 0:
-        raise RuntimeError(f"scaling child failed for {spec['problem']} {spec['kwargs']}:\n{completed.stderr}")
+        raise RuntimeError(f"scaling child failed for {spec.get('problem', spec.get('size'))} "
+                           f"{spec.get('kwargs', '')}:\n{completed.stderr}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -235,6 +250,162 @@ def budget_specs(quick: bool) -> list[dict]:
              "repeats": 1 if quick else 5, "accuracy": True} for ill in ((True,) if quick else (False, True))]
 
 
+LARGE_SIZES = {"5k": ("mlp", {"d_in": 64, "width": 64}), "50k": ("mlp", {"d_in": 128, "width": 384}),
+               "536k": ("mlp", {"d_in": 512, "width": 1024}), "resnet18": ("resnet", {})}
+"""``--sizes`` names → problem factory and its size arguments (experiment 3)."""
+
+LARGE_CONFIGS = [("nystrom", {"rank": 5}), ("nystrom", {"rank": 20}), ("nystrom", {"rank": 50}),
+                 ("cg", {"num_iters": 20})]
+"""Experiment 3's budgets; every config gets ``rho = problem.rho``."""
+
+BLOCK_ROWS = {"resnet18": 8}
+"""Rows of the Hessian block timed (and profiled) against as many sequential products: 20,
+fewer for ResNet-18 (a product there takes about a second)."""
+
+
+def _large_problem(spec: dict) -> P.Problem:
+    factory, kwargs = LARGE_SIZES[spec["size"]]
+    if factory == "resnet":
+        return P.resnet(n_train=spec["resnet_batch"], n_val=spec["resnet_batch"])
+    if spec["quick"]:
+        kwargs = {"d_in": 8, "width": 8}
+    return P.mlp(**kwargs, n_train=512, n_val=512, dtype="float32", max_iter=50)
+
+
+def _round_robin(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict]:
+    """Every call once per round, ``rounds`` rounds; fastest and median seconds of each."""
+    samples = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append(time.perf_counter() - start)
+    return {name: {"seconds": min(s), "median_seconds": sorted(s)[len(s) // 2], "samples": s}
+            for name, s in samples.items()}
+
+
+def _block_vs_sequential(problem: P.Problem, rows: int, rounds: int) -> dict:
+    """A ``rows``-row block ``H[K, :]`` (measured chunk size) against as many single products."""
+    from hg_dist.calibration import calibration_for
+    from hg_dist.hessian import linearize
+
+    op = linearize(problem.inner_obj, problem.in_params, problem.out_params)
+    rows = min(rows, op.size)
+    indices = torch.randperm(op.size, generator=torch.Generator().manual_seed(1))[:rows]
+    units = torch.zeros(rows, op.size, dtype=problem.in_params[0].dtype)
+    units[torch.arange(rows), indices] = 1
+    op.rows(indices)  # calibrated already by the warm-up calls; this warms the operator
+    timing = _round_robin({"block": lambda: op.rows(indices),
+                           "sequential": lambda: [op.matvec(u) for u in units]}, rounds)
+    calibration = calibration_for(problem.in_params)
+    return {"rows": rows, "block_seconds": timing["block"]["seconds"],
+            "sequential_seconds": timing["sequential"]["seconds"],
+            "block_over_sequential": timing["block"]["seconds"] / timing["sequential"]["seconds"],
+            "chunk_size": calibration.best,
+            "calibration_seconds_per_product": {str(c): t for c, t in sorted(calibration.seconds.items())}}
+
+
+def _profile_tables(problem: P.Problem, rows: int, top: int = 8) -> dict:
+    """Top operators by self CPU time of one gradient, one product and one block (``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hg_dist.hessian import linearize
+
+    op = linearize(problem.inner_obj, problem.in_params, problem.out_params)
+    rows = min(rows, op.size)
+    indices = torch.randperm(op.size, generator=torch.Generator().manual_seed(1))[:rows]
+    v = torch.randn(op.size, dtype=problem.in_params[0].dtype)
+    tables = {}
+    for name, call in (("inner gradient", problem.inner_grad), ("one product H v", lambda: op.matvec(v)),
+                       (f"block of {rows} rows H[K, :]", lambda: op.rows(indices))):
+        call()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            call()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        tables[name] = {"total_ms": total / 1e3,
+                        "top": [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+                                 "share": e.self_cpu_time_total / total} for e in events[:top]]}
+    return tables
+
+
+def run_large_child(spec: dict) -> dict:
+    """Experiment 3 on one size: round-robin timing, block vs sequential, memory, optional profile."""
+    torch.manual_seed(0)
+    P.set_threads(spec["threads"])
+    problem = _large_problem(spec)
+    configs = [(method, {**settings, "rho": problem.rho}) for method, settings in LARGE_CONFIGS]
+    configs = [(m, dict(s, rank=min(s["rank"], problem.num_inner)) if "rank" in s else s) for m, s in configs]
+    calls = {"inner gradient": problem.inner_grad}
+    for method, settings in configs:
+        calls[f"{method} {_settings({'settings': settings})}"] = functools.partial(_hypergradient, problem, method,
+                                                                                 settings)
+    for call in calls.values():  # warm-up; the first Nyström call also calibrates the chunk size
+        call()
+    timing = _round_robin(calls, spec["rounds"])
+    grad_seconds = timing["inner gradient"]["seconds"]
+    block_rows = BLOCK_ROWS.get(spec["size"], 20)
+    block = _block_vs_sequential(problem, block_rows, spec["rounds"])
+    mmap_set = use_mmap_for_large_allocations()
+    grad_memory = measure_memory(problem.inner_grad)
+    rows = []
+    for (method, settings), (label, call) in zip(configs, list(calls.items())[1:]):
+        memory = measure_memory(call)
+        k = settings.get("rank", 0)
+        bound = grad_memory["peak_bytes"] + problem.num_inner * k * 4
+        rows.append({"method": method, "settings": settings, "label": label, **timing[label],
+                     "time_over_inner_grad": timing[label]["seconds"] / grad_seconds,
+                     "median_time_over_inner_grad": timing[label]["median_seconds"] / grad_seconds,
+                     **memory, "memory_over_inner_grad": memory["peak_bytes"] / grad_memory["peak_bytes"],
+                     "bound_bytes": bound, "excess_over_bound_bytes": memory["peak_bytes"] - bound,
+                     "excess_over_inner_grad_peak": (memory["peak_bytes"] - bound) / grad_memory["peak_bytes"]})
+    child = {"size": spec["size"], "problem": problem.name, "description": problem.description,
+             "num_inner": problem.num_inner, "rho": problem.rho,
+             "inner_grad": {**timing["inner gradient"], **grad_memory},
+             "inner_grad_at_end": measure_memory(problem.inner_grad), "rows": rows, "block": block,
+             "mmap_threshold_set": mmap_set}
+    if spec["profile"]:
+        child["profile"] = _profile_tables(problem, block_rows)
+    return child
+
+
+def large_specs(sizes: list[str], quick: bool, rounds: int, resnet_batch: int, profile: bool) -> list[dict]:
+    """Experiment 3: one child per size."""
+    return [{"experiment": "large", "size": size, "quick": quick,
+             "rounds": min(2, rounds) if size == "resnet18" else rounds, "resnet_batch": resnet_batch,
+             "profile": profile} for size in sizes]
+
+
+def large_targets(children: list[dict]) -> list[dict]:
+    """PASS/FAIL per size: rank 20 ≤ CG 20, rank 50 ≤ 2.7 × rank 20, block ≤ sequential, memory bound."""
+    targets = []
+    for child in children:
+        by = {(row["method"], row["settings"].get("rank", row["settings"].get("num_iters"))): row
+              for row in child["rows"]}
+        ny20, ny50, cg20 = by[("nystrom", 20)], by[("nystrom", 50)], by[("cg", 20)]
+        ratio = ny20["seconds"] / cg20["seconds"]
+        targets.append({"target": "nystrom rank 20 no slower than CG 20", "problem": child["problem"],
+                        "value": f"{ratio:.2f}× CG 20", "passed": ratio <= 1.0})
+        ratio = ny50["seconds"] / ny20["seconds"]
+        targets.append({"target": "nystrom rank 50 at most 2.7× rank 20", "problem": child["problem"],
+                        "value": f"{ratio:.2f}×", "passed": ratio <= 2.7})
+        ratio = child["block"]["block_over_sequential"]
+        targets.append({"target": f"{child['block']['rows']}-row block no slower than sequential products",
+                        "problem": child["problem"], "value": f"{ratio:.2f}× (chunk {child['block']['chunk_size']})",
+                        "passed": ratio <= 1.05})
+        for row in (ny20, ny50):
+            excess = row["excess_over_bound_bytes"]
+            targets.append({"target": f"{row['label']} peak memory <= inner grad + p·k·4 + 16 MiB",
+                            "problem": child["problem"],
+                            "value": f"excess {excess / 2 ** 20:+.1f} MiB = {row['excess_over_inner_grad_peak']:+.2f}"
+                                     f" inner-gradient peaks", "passed": excess <= MEMORY_SLACK_BYTES})
+    return targets
+
+
+MEMORY_SLACK_BYTES = 16 * 2 ** 20
+"""The "small constant" of the memory bound, read strictly: 16 MiB, whatever the model."""
+
+
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
@@ -253,12 +424,13 @@ def _ratio(value: float | None) -> str:
 
 
 def to_markdown(report: dict) -> str:
-    """Tables for both experiments."""
+    """Tables for every experiment that ran."""
     env = report["environment"]
     lines = ["# Scaling benchmark", "",
              f"torch {env['torch']}, Python {env['python']}, {env['platform']}, {env['cpu_count']} CPUs "
              f"({env['torch_threads']} torch thread(s)); "
-             f"float64; quick={report['quick']}; run took {report['wall_seconds']:.0f} s.", "",
+             f"float64 (size, budget), float32 (large); quick={report['quick']}; "
+             f"run took {report['wall_seconds']:.0f} s.", "",
              "Time and peak memory of one hypergradient over those of one inner gradient, measured in the "
              "same subprocess. Peak memory: RSS high-water mark after resetting it via "
              "`/proc/self/clear_refs`, with `mallopt(M_MMAP_THRESHOLD, 16384)` and `malloc_trim(0)` so freed "
@@ -288,32 +460,101 @@ def to_markdown(report: dict) -> str:
                          f"{row['time_over_inner_grad']:.1f} | {_ratio(row['memory_over_inner_grad'])} | "
                          f"{row['cosine']:.6f} | {row['rel_error']:.2e} |")
         lines.append("")
+    lines += large_markdown(report)
     return "\n".join(lines) + "\n"
 
 
+def large_markdown(report: dict) -> list[str]:
+    """Experiment 3's tables: cost, memory, block vs sequential, targets, profiles."""
+    children = report.get("large") or []
+    if not children:
+        return []
+    lines = ["## Large problems: Nyström rank 5 / 20 / 50 vs CG 20 (float32)", "",
+             f"Fastest of {report['rounds']} round-robin rounds (ResNet-18: at most 2) after a warm-up call of each; "
+             "the median over rounds in brackets. Same ρ for both methods. Peak memory as above; the bound "
+             "is the inner gradient's peak + p·k·4 bytes.", "",
+             "| size | p | method | × grad (time) | × grad (median) | × grad (peak mem) | s | peak MiB | "
+             "excess over bound MiB (in inner-gradient peaks) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for child in children:
+        g = child["inner_grad"]
+        lines.append(f"| {child['size']} | {child['num_inner']} | inner gradient | 1 | 1 | 1 | {g['seconds']:.3f} | "
+                     f"{g['peak_bytes'] / 2 ** 20:.1f} | - |")
+        for row in child["rows"]:
+            lines.append(f"| {child['size']} | {child['num_inner']} | {row['label']} | "
+                         f"{row['time_over_inner_grad']:.1f} | {row['median_time_over_inner_grad']:.1f} | "
+                         f"{row['memory_over_inner_grad']:.2f} | {row['seconds']:.3f} | "
+                         f"{row['peak_bytes'] / 2 ** 20:.1f} | {row['excess_over_bound_bytes'] / 2 ** 20:+.1f} "
+                         f"({row['excess_over_inner_grad_peak']:+.2f}) |")
+    lines += ["", "Block of Hessian rows (measured chunk size) against as many sequential products, and "
+              "the calibration's seconds per product by chunk size:", "",
+              "| size | rows | block / sequential | chunk | grad per product (block) | calibration s/product |",
+              "|---|---:|---:|---:|---:|---|"]
+    for child in children:
+        b = child["block"]
+        per = b["block_seconds"] / b["rows"] / child["inner_grad"]["seconds"]
+        cal = ", ".join(f"{c}: {t * 1e3:.2f} ms" for c, t in b["calibration_seconds_per_product"].items())
+        lines.append(f"| {child['size']} | {b['rows']} | {b['block_over_sequential']:.2f} | {b['chunk_size']} | "
+                     f"{per:.2f} | {cal} |")
+    lines += ["", "Targets:", ""] + [f"- {'PASS' if t['passed'] else 'FAIL'} {t['target']} [{t['problem']}]: "
+                                     f"{t['value']}" for t in report["targets"]]
+    profiled = [child for child in children if "profile" in child]
+    if profiled:
+        lines += ["", "### Where the time goes (torch.profiler, self CPU time, top operators)", ""]
+        for child in profiled:
+            for name, table in child["profile"].items():
+                top = "; ".join(f"{e['op']} {e['share'] * 100:.0f}% ({e['calls']}×)" for e in table["top"][:6])
+                lines.append(f"- {child['size']}, {name} ({table['total_ms']:.1f} ms): {top}")
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> dict | None:
-    """Run both experiments (one subprocess per problem), write ``scaling.json`` / ``scaling.md``."""
+    """Run the chosen experiments (one subprocess per problem), write ``scaling.json`` / ``scaling.md``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets (a few seconds)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--experiments", default="size,budget,large",
+                        help="comma-separated subset of size, budget, large (default: all); sections not "
+                             "run are kept from OUT/scaling.json of an earlier full-size run")
+    parser.add_argument("--sizes", default=",".join(LARGE_SIZES),
+                        help=f"experiment 'large': comma-separated subset of {', '.join(LARGE_SIZES)}")
+    parser.add_argument("--rounds", type=int, default=5, help="experiment 'large': round-robin timing rounds")
+    parser.add_argument("--resnet-batch", type=int, default=8, help="experiment 'large': ResNet-18 images")
+    parser.add_argument("--profile", action="store_true", help="experiment 'large': torch.profiler tables")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(run_large_child(spec) if spec.get("experiment") == "large" else run_child(spec)))
         return None
+    experiments = args.experiments.split(",")
+    sizes = args.sizes.split(",")
+    unknown = sorted(set(experiments) - {"size", "budget", "large"}) + sorted(set(sizes) - set(LARGE_SIZES))
+    if unknown:
+        parser.error(f"unknown experiment or size: {', '.join(unknown)}")
+    if args.quick:
+        sizes = [s for s in sizes if s != "resnet18"][:1]
     start = time.perf_counter()
     P.set_threads(args.threads)
     report = {"benchmark": "scaling", "quick": args.quick, "environment": P.environment(), "dtype": "float64",
               "memory_protocol": f"fresh subprocess; timing first, then mallopt(M_MMAP_THRESHOLD, "
                                  f"{MMAP_THRESHOLD}); per call: gc, malloc_trim(0), clear_refs=5, "
                                  "peak = VmHWM - VmRSS before",
-              "size": [], "budget": []}
-    for key, specs in (("size", size_specs(args.quick)), ("budget", budget_specs(args.quick))):
+              "rounds": args.rounds, "size": [], "budget": [], "large": []}
+    plans = (("size", size_specs(args.quick)), ("budget", budget_specs(args.quick)),
+             ("large", large_specs(sizes, args.quick, 1 if args.quick else args.rounds, args.resnet_batch,
+                                   args.profile)))
+    previous = args.out / "scaling.json"
+    kept = json.loads(previous.read_text()) if previous.exists() and not args.quick else {}
+    for key, specs in plans:
+        if key not in experiments:  # keep that section of an earlier full run in the same folder
+            report[key] = [] if kept.get("quick", True) else kept.get(key, [])
+            continue
         for spec in specs:
             child = spawn({**spec, "threads": args.threads})
             print(f"[scaling] {key}: {child['problem']} done", flush=True)
             report[key].append(child)
+    report["targets"] = large_targets(report["large"])
     return P.write_report(report, args.out, "scaling", to_markdown, start)
 
 

@@ -5,73 +5,43 @@ For an inner objective ``f(θ, φ)`` at a point ``(θ, φ)``:
 * ``H = ∂²f/∂θ²`` (``p×p``, ``p`` = number of inner scalars) is never formed. The
   gradient ``θ ↦ ∇_θ f(θ, φ)`` is linearized once with ``torch.func.vjp``; every
   product ``H v`` is then one vector-Jacobian product through that saved graph
-  (``H`` is symmetric, so ``vᵀH = (Hv)ᵀ``), and ``k`` products at once are one
-  ``vmap`` over the same function, run in chunks of columns (see
-  :func:`auto_chunk_size`). This is what keeps a CG iteration at about one
-  inner gradient of cost instead of recomputing the gradient inside every product.
+  (reverse over reverse; ``H`` is symmetric, so ``vᵀH = (Hv)ᵀ``). This is what keeps a
+  CG iteration at about one inner gradient of cost instead of recomputing the
+  gradient inside every product.
+* A block of ``k`` products is computed as ``k`` *rows*: ``V H`` for ``V`` of shape
+  ``(k, p)``, each row a contiguous tangent, in chunks of ``c`` rows (``c = 1``: a
+  loop of single products; ``c ≥ 2``: one ``vmap`` over ``c`` tangents). ``c`` is
+  measured on first use and cached (:mod:`hg_dist.calibration`), so a block is never
+  slower per product than the loop. Nyström's columns ``H[:, K]`` are asked for by
+  index (:attr:`HessianOperator.rows`, ``H[K, :] = H[:, K]ᵀ``): the unit tangents
+  are made one chunk at a time, so no ``p×k`` identity block is ever allocated.
 * ``∂²f/∂φ∂θ · x`` (shaped like ``φ``) is one more VJP, of ``φ ↦ ∇_θ f(θ, φ)``.
+
+Measured (``benchmarks/results/scaling.md``): rows beat the old column layout,
+whose strided ``(p, k)`` tangents made every batched product at ``p = 536k`` cost
+1.7 gradients instead of 0.95; forward over reverse (``jvp`` of the gradient, ``k``
+tangents in one ``vmap``) recomputes the gradient per block and lost to reverse over
+reverse at every size measured (1.35–8 gradients per product against 0.95–1.1).
 
 The IHVP methods in :mod:`hg_dist.ihvp` see only :class:`HessianOperator`, so the
 distributed layer can hand them an operator whose products end in an allreduce.
-Chunking happens inside one ``matmat`` call, so it never changes the number of
-operator calls (communication rounds).
+Chunking happens inside one ``matmat`` / ``rows`` call, so it never changes the
+number of operator calls (communication rounds).
 """
 
 from __future__ import annotations
 
-import contextlib
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from hg_dist._checks import check_int
+from hg_dist.calibration import Calibration, calibration_for
 from hg_dist.utils import Objective, Params, num_elements, params_to_vector, vector_to_params
-
-CHUNK_BUDGET_BYTES = 16 * 2 ** 20
-"""CPU: ``chunk × g`` stays within this (16 MiB), ``g`` = bytes allocated building the gradient.
-
-``g`` (forward activations plus backward temporaries of ``∇_θ f``, counted once per
-:func:`linearize`) is a proxy for what one product ``H v`` allocates: for the MLPs
-below a product allocates about ``2 g``, so the budget keeps a chunk's product
-intermediates near 32 MiB, the L3 cache of the machine measured.
-
-Measured on a 2-core AMD EPYC (2 MiB L2 per core, 32 MiB L3), torch 2.13, float64,
-one thread, ``k = 20`` columns (``benchmarks/problems.py`` problems, ``n`` training
-samples): speed-up of the batched products over a Python loop of ``matvec``
-(> 1: batching wins; steady state, same operator reused), and the chunk size this
-budget picks (bold: the picked size's speed-up where measured; chunk 5 in row 4: 1.08):
-
-=======================  ========  =====  =======  =======  ========  =========
-problem                  ``g``     rule   chunk 2  chunk 4  chunk 10  unchunked
-=======================  ========  =====  =======  =======  ========  =========
-logreg p=201, n=400      0.04 MiB  20     0.75     1.43     2.80      **4.63**
-MLP p=4810, n=256        1.0 MiB   10     1.04     1.34     **1.61**  1.60
-MLP p=1210, n=1024       1.1 MiB   10     1.04     1.28     **1.47**  1.48
-MLP p=4810, n=1024       3.2 MiB   5      1.00     1.07     1.08      1.01
-MLP p=19210, n=256       3.7 MiB   4      0.98     **1.07** 1.09      1.03
-MLP p=19210, n=1024      11.5 MiB  loop   0.97     0.99     0.94      0.40
-MLP p=76810, n=1024      45 MiB    loop   0.93     0.68     0.47      0.48
-=======================  ========  =====  =======  =======  ========  =========
-
-(``vmap(chunk_size=1)`` was 0.65–0.9× a loop, hence the loop.) Batching amortises
-per-op overhead and shared reads (data, weights) over the columns while a chunk's
-intermediates stay near cache size; past ~100 MiB the batched elementwise backward
-ops are memory-bound and the batch is up to 2.5× slower than a loop. Timing a fresh
-operator (build + one ``matmat``, as a hypergradient does) moved the optimum down:
-unchunked at ``g = 1.0 MiB`` fell from 1.49× (chunk 10) to 1.38×, and 24 MiB budgets
-made ``g = 11.5 MiB`` pick chunk 2 (0.96×); 16 MiB is the largest budget with no
-measured case below the loop beyond noise (±5%). It halves one case: logistic regression with
-``n = 20000`` (``g = 1.4 MiB``: 2 × 10 columns, 1.5× a loop instead of 3.7×
-unchunked), where batching wins by reading the data once instead of per column.
-"""
-
-ACCELERATOR_CHUNK_BUDGET_BYTES = 2 ** 30
-"""Non-CPU devices: 1 GiB per chunk. Not tuned for speed (batching is what GPUs are
-fast at); it only bounds the memory of the batched intermediates."""
 
 
 class HessianOperator(NamedTuple):
@@ -79,93 +49,144 @@ class HessianOperator(NamedTuple):
 
     Attributes:
         matvec: ``v ↦ H v`` for ``v`` of shape ``(p,)``.
-        matmat: ``V ↦ H V`` for ``V`` of shape ``(p, k)``; all ``k`` products in one
-            call (one communication round when distributed).
+        matmat: ``V ↦ H V`` for ``V`` of shape ``(p, k)``, returning a contiguous
+            ``(p, k)``; all ``k`` products in one call (one communication round when
+            distributed).
         size: ``p``.
+        rows: ``K ↦ H[K, :]`` for ``k`` distinct int64 indices ``K`` (shape ``(k,)``),
+            returning a new contiguous ``(k, p)`` tensor (``= H[:, K]ᵀ``); one call.
+            ``None`` for an operator that has only ``matmat``: :func:`hessian_rows`
+            then multiplies unit vectors.
     """
 
     matvec: Callable[[Tensor], Tensor]
     matmat: Callable[[Tensor], Tensor]
     size: int
+    rows: Callable[[Tensor], Tensor] | None = None
 
 
-class _NewTensorBytes(TorchDispatchMode):
-    """Sums the bytes of every tensor the ops run under it create (views excluded).
+def hessian_rows(op: HessianOperator, indices: Tensor, like: Tensor) -> Tensor:
+    """``H[K, :]``, shape ``(k, p)``: ``op.rows(K)``, or ``(H E_K)ᵀ`` through ``op.matmat``.
 
-    Outputs that alias an input (``view``, ``t``, ``expand``, in-place ops; their
-    schema return carries alias info) allocate nothing and are not counted.
+    The fallback builds the ``p×k`` unit block ``E_K`` in the dtype and on the device
+    of ``like`` (one ``matmat`` call, so still one communication round).
+    """
+    if op.rows is not None:
+        return op.rows(indices)
+    unit = torch.zeros(op.size, indices.numel(), dtype=like.dtype, device=like.device)
+    unit[indices, torch.arange(indices.numel(), device=like.device)] = 1
+    return op.matmat(unit).T
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that wall time measures them (no-op on CPU)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+class _BlockProducts:
+    """``V H`` for row blocks ``V`` through one saved gradient graph, chunked by a :class:`Calibration`.
+
+    ``grad_vjp`` is the VJP of ``θ ↦ ∇_θ f`` (``like`` gives the parameter shapes).
+    A chunk of ``c`` rows ``T`` (``(c, p)``, contiguous) becomes ``c`` products, one
+    ``vmap`` for ``c ≥ 2``, a plain call for ``c = 1``; the per-parameter outputs are
+    concatenated straight into the rows of the result.
     """
 
-    _fresh_outputs: dict = {}  # op → which of its returns are new tensors (schema lookups are slow)
+    def __init__(self, grad_vjp: Callable, like: Params, calibration: Calibration) -> None:
+        self.grad_vjp = grad_vjp
+        self.like = like
+        self.calibration = calibration
+        self.warm = False  # the first product of an operator pays one-time costs: never timed
+        self.size = num_elements(like)
+        self.dtype = like[0].dtype
+        self.device = like[0].device
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
+    def product(self, v: Tensor) -> Params:
+        """``H v`` for a flat ``v`` of shape ``(p,)``, as a tuple shaped like the parameters."""
+        return self.grad_vjp(vector_to_params(v, self.like))[0]
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        fresh = self._fresh_outputs.get(func)
-        if fresh is None:
-            fresh = self._fresh_outputs[func] = tuple(ret.alias_info is None for ret in func._schema.returns)
-        for is_fresh, tensor in zip(fresh, out if isinstance(out, (tuple, list)) else (out,)):
-            if is_fresh and isinstance(tensor, Tensor):
-                self.bytes += tensor.numel() * tensor.element_size()
-        return out
+    def _chunk(self, tangents: Tensor, out: Tensor) -> None:
+        """``out = tangents H`` for ``(c, p)`` contiguous ``tangents`` into ``out`` (``(c, p)`` contiguous)."""
+        c = tangents.shape[0]
+        if c == 1:
+            grads = [g.reshape(1, -1) for g in self.product(tangents[0])]
+        else:
+            grads = [g.reshape(c, -1) for g in vmap(self.product)(tangents)]
+        torch.cat(grads, dim=1, out=out)
 
+    def run(self, k: int, tangents: Callable[[int, int], Tensor], into: Callable[[int, int], Tensor],
+            after: Callable[[int, int, Tensor], None] = lambda start, stop, rows: None) -> None:
+        """Rows ``[0, k)`` of ``V H`` in chunks sized by the calibration.
 
-def auto_chunk_size(num_columns: int, column_bytes: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
-    """Columns per ``vmap`` chunk: at most ``clamp(budget_bytes // column_bytes, 1, num_columns)``.
+        Chunk ``[a, b)`` reads its ``(b − a, p)`` tangents from ``tangents(a, b)``, writes
+        the products into ``into(a, b)`` (a contiguous ``(b − a, p)`` tensor) and then
+        calls ``after(a, b, that tensor)``. A timed chunk is timed through ``after``.
+        """
+        start = 0
+        while start < k:
+            if not self.warm and not self.calibration.done:
+                size, timed = 1, False
+            else:
+                size, timed = self.calibration.next_size(k - start)
+            self.warm = True
+            stop = start + size
+            began = time.perf_counter()
+            out = into(start, stop)
+            self._chunk(tangents(start, stop), out)
+            after(start, stop, out)
+            if timed:
+                _synchronize(self.device)
+                self.calibration.record(size, (time.perf_counter() - began) / size)
+            start = stop
 
-    ``column_bytes`` is the size of one column's intermediates (:func:`linearize`
-    passes the bytes allocated building the gradient, a proxy: one product
-    allocates 1–2.3× that). A batch of ``c`` columns allocates about ``c · column_bytes``;
-    batching amortises per-op overhead and shared reads (data, weights) over the
-    columns, but once a chunk's intermediates outgrow the cache (``budget_bytes``,
-    see :data:`CHUNK_BUDGET_BYTES` for the measurements) the batched products are
-    memory-bound and slower than one at a time. The columns are then split into
-    equal chunks (20 columns with a cap of 19: two chunks of 10, not 19 + 1), the
-    same number of batches with a smaller peak. ``1`` means a loop of ``matvec``
-    (faster than ``vmap(chunk_size=1)``); ``num_columns`` means one unchunked ``vmap``.
-    """
-    if num_columns <= 1:
-        return 1
-    most = max(1, min(num_columns, budget_bytes // max(column_bytes, 1)))
-    num_chunks = -(-num_columns // most)
-    return -(-num_columns // num_chunks)  # equal chunks: same count, smaller peak
+    def rows(self, indices: Tensor) -> Tensor:
+        """``H[K, :]`` (``(k, p)``): unit tangents made one chunk at a time in a reused buffer,
+        products written straight into the result's rows."""
+        k = indices.numel()
+        result = torch.empty(k, self.size, dtype=self.dtype, device=self.device)
+        units = torch.zeros(0, self.size, dtype=self.dtype, device=self.device)
 
+        def tangents(start: int, stop: int) -> Tensor:
+            nonlocal units
+            if units.shape[0] < stop - start:
+                units = torch.zeros(stop - start, self.size, dtype=self.dtype, device=self.device)
+            block = units[:stop - start]
+            block.zero_()
+            block[torch.arange(stop - start, device=self.device), indices[start:stop]] = 1
+            return block
 
-def _products(matvec: Callable[[Tensor], Tensor], vs: Tensor, chunk_size: int) -> Tensor:
-    """``[matvec(vs[:, 0]), …]`` as a ``(p, k)`` tensor, ``chunk_size`` columns per batch."""
-    if vs.shape[1] == 0:
-        return vs.clone()
-    if chunk_size == 1:
-        return torch.stack([matvec(v) for v in vs.unbind(dim=1)], dim=1)
-    chunk = None if chunk_size >= vs.shape[1] else chunk_size
-    return vmap(matvec, in_dims=1, out_dims=1, chunk_size=chunk)(vs)
+        self.run(k, tangents, lambda start, stop: result[start:stop])
+        return result
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        """``H V`` (``(p, k)``, contiguous) for ``V`` of shape ``(p, k)``: each chunk's columns are
+        copied to contiguous rows, and its products copied back into columns."""
+        result = torch.empty(vs.shape, dtype=vs.dtype, device=vs.device)
+
+        def after(start: int, stop: int, rows: Tensor) -> None:
+            result[:, start:stop] = rows.T
+
+        self.run(vs.shape[1], lambda start, stop: vs[:, start:stop].T.contiguous(),
+                 lambda start, stop: torch.empty(stop - start, self.size, dtype=self.dtype, device=self.device),
+                 after)
+        return result
 
 
 def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
               chunk_size: int | None = None) -> HessianOperator:
     """Build ``H = ∂²f/∂θ²`` at ``(in_params, out_params)`` as an operator.
 
-    Cost: one inner gradient to build, then one VJP per product.
+    Cost: one inner gradient to build (the saved graph), then one VJP per product.
 
     Args:
-        chunk_size: columns per batched product in ``matmat``. ``None`` (default)
-            picks it automatically: the gradient is built under a dispatch mode
-            that counts the bytes ``g`` of every tensor it allocates (views
-            excluded), and each ``matmat`` of ``k`` columns then uses
-            :func:`auto_chunk_size` — at most ``clamp(budget // g, 1, k)``
-            columns per chunk, evened out — with a budget of 16 MiB on CPU
-            (:data:`CHUNK_BUDGET_BYTES`, where the measurements are) and 1 GiB
-            elsewhere. Small problems thus batch all ``k`` columns at once (4.6×
-            faster than a loop at ``p = 201``), large ones fall back to a loop
-            (unchunked was 2.5× slower than a loop at ``p = 19210, n = 1024``).
-            Counting costs Python dispatch per op of the build, once: ~0.15 ms
-            at ``p = 201``, ~0.3 ms at ``p = 1210–4810``, negligible for large
-            problems. An int fixes the chunk size (``1``: a loop of ``matvec``;
-            ``≥ k``: one unchunked ``vmap``) and skips the counting. ``matvec`` is
-            unaffected. Either way ``matmat`` is one call, so one communication
+        chunk_size: rows per batched product in ``matmat`` and ``rows``. ``None``
+            (default) measures it: the chunk sizes ``1, 2, 4, …`` are timed on the
+            first blocks of products computed for these parameter shapes, dtype,
+            device and thread count, and the fastest is used from then on
+            (:mod:`hg_dist.calibration`; one process-wide cache). An int fixes it
+            (``1``: a loop of ``matvec``; ``≥ k``: one unchunked ``vmap``). ``matvec``
+            is unaffected. Either way a block is one call, so one communication
             round when distributed.
 
     Raises:
@@ -174,24 +195,19 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
     """
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size, minimum=1,
-                               hint="use None to choose it automatically, 1 for a loop of products")
+                               hint="use None to measure it, 1 for a loop of products")
     in_params, out_params = tuple(in_params), tuple(out_params)
-    counter = _NewTensorBytes() if chunk_size is None else contextlib.nullcontext()
-    with counter:
-        _, grad_vjp = vjp(lambda theta: grad(inner_obj)(theta, out_params), in_params)
-    if chunk_size is None:
-        on_cpu = not in_params or in_params[0].device.type == "cpu"
-        budget = CHUNK_BUDGET_BYTES if on_cpu else ACCELERATOR_CHUNK_BUDGET_BYTES
-        graph_bytes = counter.bytes
+    _, grad_vjp = vjp(lambda theta: grad(inner_obj)(theta, out_params), in_params)
+    calibration = calibration_for(in_params) if chunk_size is None else Calibration.fixed(chunk_size)
+    blocks = _BlockProducts(grad_vjp, in_params, calibration)
 
     def matvec(v: Tensor) -> Tensor:
-        return params_to_vector(grad_vjp(vector_to_params(v, in_params))[0])
+        return params_to_vector(blocks.product(v))
 
     def matmat(vs: Tensor) -> Tensor:
-        chunk = chunk_size if chunk_size is not None else auto_chunk_size(vs.shape[1], graph_bytes, budget)
-        return _products(matvec, vs, chunk)
+        return blocks.matmat(vs)
 
-    return HessianOperator(matvec=matvec, matmat=matmat, size=num_elements(in_params))
+    return HessianOperator(matvec=matvec, matmat=matmat, size=num_elements(in_params), rows=blocks.rows)
 
 
 def shifted(op: HessianOperator, rho: float) -> HessianOperator:
@@ -202,9 +218,15 @@ def shifted(op: HessianOperator, rho: float) -> HessianOperator:
     """
     if rho == 0:
         return op
+
+    def rows(indices: Tensor) -> Tensor:
+        block = op.rows(indices)                                  # (k, p), ours to modify
+        block[torch.arange(indices.numel(), device=block.device), indices] += rho
+        return block
+
     return HessianOperator(matvec=lambda v: op.matvec(v) + rho * v,
                            matmat=lambda vs: op.matmat(vs) + rho * vs,
-                           size=op.size)
+                           size=op.size, rows=None if op.rows is None else rows)
 
 
 def mixed_vjp(inner_obj: Objective, in_params: Params, out_params: Params, x: Tensor) -> Params:

@@ -122,13 +122,13 @@ def _in_dtype(op: HessianOperator, dtype: torch.dtype, work: torch.dtype) -> Hes
     """``op`` taking and returning ``work``-dtype vectors, its products computed in ``dtype``."""
     return HessianOperator(matvec=lambda v: op.matvec(v.to(dtype)).to(work),
                            matmat=lambda vs: op.matmat(vs.to(dtype)).to(work),
-                           size=op.size)
+                           size=op.size, rows=None if op.rows is None else (lambda k: op.rows(k).to(work)))
 
 
 def _reduced(op: HessianOperator, reduce: Reduce) -> HessianOperator:
     return HessianOperator(matvec=lambda v: reduce(op.matvec(v)),
                            matmat=lambda v: reduce(op.matmat(v)),
-                           size=op.size)
+                           size=op.size, rows=None if op.rows is None else (lambda k: reduce(op.rows(k))))
 
 
 def implicit_hypergradient(inner_obj: Objective,
@@ -178,6 +178,7 @@ def implicit_hypergradient(inner_obj: Objective,
                   "the outer gradient w.r.t. the outer params (∂g/∂φ)": grad_phi},
                  "before the IHVP solve", RHS_HINT)
     x, stats = solve(op, v)
+    del op  # free the saved gradient graph before mixed_vjp builds its own: one graph alive at a time
     mixed = params_to_vector(mixed_vjp(inner_obj, in_params, out_params, x.to(dtype))).to(work)
     hypergrad = grad_phi - mixed
     if reduce is not None:

@@ -101,3 +101,24 @@ def test_end_to_end_quick(tmp_path):
         check = problem["unrolled_gradient_check"]
         assert check["rel_error"] <= 1e-6 and abs(check["directional_finite_difference"]) > 1e-6
     assert len(report["targets"]) == 6
+
+
+def test_scaling_large_quick(tmp_path):
+    """``scaling.py --quick --experiments large``: the large-problem rows, block timing, memory and targets."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import scaling
+    finally:
+        sys.path.remove(str(ROOT))
+    report = scaling.main(["--quick", "--experiments", "large", "--profile", "--out", str(tmp_path)])
+    assert report["size"] == report["budget"] == [] and len(report["large"]) == 1
+    child = report["large"][0]
+    assert [(row["method"], row["settings"].get("rank")) for row in child["rows"]] == [
+        ("nystrom", 5), ("nystrom", 20), ("nystrom", 50), ("cg", None)]
+    for row in child["rows"]:
+        assert row["seconds"] > 0 and row["peak_bytes"] > 0
+        k = row["settings"].get("rank", 0)
+        assert row["bound_bytes"] == child["inner_grad"]["peak_bytes"] + 4 * child["num_inner"] * k
+    assert child["block"]["chunk_size"] >= 1 and child["block"]["calibration_seconds_per_product"]
+    assert set(child["profile"]) == {"inner gradient", "one product H v", "block of 20 rows H[K, :]"}
+    assert len(report["targets"]) == 5 and "Large problems" in (tmp_path / "scaling.md").read_text()

@@ -1,4 +1,4 @@
-"""The Hessian operator: chunked batched products and the automatic chunk size."""
+"""The Hessian operator: row-block products (matmat, rows) and the measured chunk size."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch.func import hessian
 
 import hg_dist.hessian as hessian_module
-from hg_dist.hessian import CHUNK_BUDGET_BYTES, auto_chunk_size, linearize
+from hg_dist.calibration import (CALIBRATIONS, Calibration, calibration_for, calibration_key, clear_calibrations,
+                                 pick_chunk_size)
+from hg_dist.hessian import HessianOperator, hessian_rows, linearize, shifted
 from hg_dist.utils import params_to_vector
 
 
@@ -43,7 +45,7 @@ def test_matmat_equals_dense_hessian_for_any_chunk_size(chunk_size):
 
 
 def test_automatic_matmat_is_exact_on_repeated_calls_and_empty_input():
-    """Repeated calls with different k reuse the bytes counted at build time; k = 0 is allowed."""
+    """Repeated calls with different k (calibrating along the way) stay exact; k = 0 is allowed."""
     inner, theta, phi, dense = small_mlp()
     op = linearize(inner, theta, phi)
     for k in (5, 5, 3):
@@ -52,65 +54,119 @@ def test_automatic_matmat_is_exact_on_repeated_calls_and_empty_input():
     assert op.matmat(torch.randn(op.size, 0)).shape == (op.size, 0)
 
 
-@pytest.mark.parametrize("budget, expected", [(CHUNK_BUDGET_BYTES, "unchunked"), (1, "loop"), ("3 columns", 3)])
-def test_automatic_rule_is_applied_with_the_counted_bytes(monkeypatch, budget, expected):
-    """Tiny problem → one unchunked vmap; a budget below one column → a loop; else budget // bytes."""
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 100])
+def test_rows_equal_dense_hessian_rows(chunk_size):
+    """``rows(K) = H[K, :]`` in float64, for any chunk size, with the shift, and through the fallback."""
     inner, theta, phi, dense = small_mlp()
-    seen = []
-    original_products = hessian_module._products
-    original_rule = hessian_module.auto_chunk_size
-
-    def rule(num_columns, column_bytes, budget_bytes):
-        seen.append(column_bytes)
-        if budget == "3 columns":
-            budget_bytes = 3 * column_bytes + column_bytes // 2
-        elif budget == 1:
-            budget_bytes = 1
-        return original_rule(num_columns, column_bytes, budget_bytes)
-
-    chunks = []
-    monkeypatch.setattr(hessian_module, "auto_chunk_size", rule)
-    monkeypatch.setattr(hessian_module, "_products",
-                        lambda matvec, vs, chunk: chunks.append(chunk) or original_products(matvec, vs, chunk))
-    op = linearize(inner, theta, phi)
-    vs = torch.randn(op.size, 10)
-    torch.testing.assert_close(op.matmat(vs), dense @ vs, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(op.matmat(vs), dense @ vs, rtol=1e-10, atol=1e-12)
-    assert len(seen) == 2 and seen[0] == seen[1] > 0  # measured once, reused
-    want = {"unchunked": 10, "loop": 1}.get(expected, expected)
-    assert chunks == [want, want]
+    op = linearize(inner, theta, phi, chunk_size=chunk_size)
+    for k in (1, 5, 16):
+        indices = torch.randperm(op.size)[:k]
+        rows = op.rows(indices)
+        assert rows.shape == (k, op.size) and rows.is_contiguous()
+        torch.testing.assert_close(rows, dense[indices], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(shifted(op, 0.5).rows(indices), (dense + 0.5 * torch.eye(op.size))[indices],
+                                   rtol=1e-10, atol=1e-12)
+        without_rows = HessianOperator(matvec=op.matvec, matmat=op.matmat, size=op.size)
+        torch.testing.assert_close(hessian_rows(without_rows, indices, theta[0]), dense[indices],
+                                   rtol=1e-10, atol=1e-12)
 
 
-def test_byte_counter_counts_new_tensors_not_views():
-    """A product over n samples allocates O(n) floats, and no bytes for views."""
+def test_matmat_returns_contiguous_columns_for_strided_input():
+    inner, theta, phi, dense = small_mlp()
+    op = linearize(inner, theta, phi, chunk_size=3)
+    vs = torch.randn(7, op.size).T                     # (p, k) with strides (1, p)
+    out = op.matmat(vs)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, dense @ vs, rtol=1e-10, atol=1e-12)
+
+
+def test_calibration_picks_sequential_when_batching_is_slower():
+    calibration = Calibration()
+    assert calibration.next_size(20) == (1, True)
+    calibration.record(1, 1.0)
+    assert calibration.next_size(19) == (2, True)
+    calibration.record(2, 1.6)                          # batching lost clearly (≥ 1.5×): stop exploring
+    assert calibration.done and calibration.best == 1
+    assert calibration.next_size(17) == (1, False)
+
+
+def test_calibration_stops_after_two_sizes_without_a_gain():
+    calibration = Calibration()
+    for size, seconds in ((1, 1.0), (2, 1.1)):          # c = 2 a little slower: keep looking
+        calibration.record(size, seconds)
+    assert not calibration.done and calibration.next_size(20) == (4, True)
+    calibration.record(4, 1.2)                          # second size in a row without a gain
+    assert calibration.done and calibration.best == 1
+    recovered = Calibration({1: 1.0, 2: 1.1})
+    recovered.record(4, 0.6)                            # c = 4 wins after c = 2 lost
+    assert not recovered.done and recovered.best == 4
+
+
+def test_calibration_doubles_while_faster_and_evens_out_chunks():
+    calibration = Calibration()
+    for size, seconds in ((1, 1.0), (2, 0.8), (4, 0.6), (8, 0.5)):
+        assert calibration.next_size(40) == (size, True)
+        calibration.record(size, seconds)
+    assert not calibration.done and calibration.next_size(40) == (16, True)
+    calibration.record(16, 0.55)                        # slower than 8: one more try
+    assert not calibration.done and calibration.next_size(40) == (32, True)
+    calibration.record(32, 0.6)                         # two without a gain: 8 wins
+    assert calibration.done and calibration.best == 8
+    assert calibration.next_size(20) == (7, False)      # 3 chunks: 7 + 7 + 6, not 8 + 8 + 4
+    assert calibration.next_size(6) == (6, False)
+    assert pick_chunk_size({1: 2.0, 4: 1.0, 2: 1.0}) == 2   # ties: the smaller
+    assert pick_chunk_size({}) == 1
+    assert Calibration.fixed(5).next_size(12) == (4, False)  # a fixed size, evened out
+
+
+def test_calibration_explores_across_calls_when_blocks_are_small():
+    calibration = Calibration({1: 1.0, 2: 0.9})
+    assert calibration.next_size(3) == (2, False)       # 4 does not fit: best so far
+    assert calibration.next_size(4) == (4, True)
+
+
+def test_calibration_cache_key():
+    clear_calibrations()
+    a = (torch.zeros(3, 2, dtype=torch.float32), torch.zeros(3, dtype=torch.float32))
+    assert calibration_for(a) is calibration_for((torch.ones(3, 2, dtype=torch.float32), torch.ones(3)))  # values: no
+    assert calibration_for(a) is not calibration_for((torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3)))
+    assert calibration_for(a) is not calibration_for((torch.zeros(2, 3, dtype=torch.float32), torch.zeros(3)))
+    assert calibration_key(a) == (((3, 2), (3,)), torch.float32, "cpu", torch.get_num_threads())
+    assert len(CALIBRATIONS) == 3
+    clear_calibrations()
+    assert not CALIBRATIONS
+
+
+@pytest.mark.parametrize("cost, expected", [(lambda c: 1.0 if c == 1 else 2.0, 1),
+                                            (lambda c: 1.0 / c if c <= 4 else 1.0, 4)])
+def test_linearize_uses_the_measured_chunk_size(monkeypatch, cost, expected):
+    """A fake clock: a chunk of ``c`` rows takes ``c · cost(c)`` seconds.
+
+    Batching slower → every later block is a loop of single products; faster up to 4
+    (8 stops paying) → chunks of 4. The products are exact either way.
+    """
+    clear_calibrations()
+    inner, theta, phi, dense = small_mlp()
+    now = [0.0]
     sizes = []
-    for n in (100, 1000):
-        x = torch.randn(n, 5)
+    original_chunk = hessian_module._BlockProducts._chunk
 
-        def inner(theta, phi):
-            return F.softplus(x @ theta[0]).mean() + phi[0] * (theta[0] ** 2).sum()
+    def chunk(self, tangents, out):
+        c = tangents.shape[0]
+        sizes.append(c)
+        now[0] += c * cost(c)
+        return original_chunk(self, tangents, out)
 
-        counter = hessian_module._NewTensorBytes()
-        op = linearize(inner, (torch.randn(5),), (torch.tensor(0.1),))
-        with counter:
-            op.matvec(torch.randn(5))
-        sizes.append(counter.bytes)
-    # a handful of n-vectors of float64 per product; x (n×5) itself is only viewed (x.T)
-    assert 8 * 1000 * 3 <= sizes[1] <= 8 * 1000 * 20
-    assert 8 <= sizes[1] / sizes[0] <= 11
-
-
-def test_auto_chunk_size_rule():
-    mib = 2 ** 20
-    assert CHUNK_BUDGET_BYTES == 16 * mib
-    assert auto_chunk_size(20, 40 * 1024) == 20              # tiny intermediates: unchunked
-    assert auto_chunk_size(20, 0) == 20                      # nothing allocated
-    assert auto_chunk_size(20, int(1.1 * mib)) == 10         # cap 14 → 10 + 10, not 14 + 6
-    assert auto_chunk_size(20, 3 * mib) == 5                 # cap 5 → 4 chunks of 5
-    assert auto_chunk_size(20, int(11.5 * mib)) == 1         # big intermediates: a loop
-    assert auto_chunk_size(20, 100 * mib) == 1               # huge intermediates: a loop
-    assert auto_chunk_size(64, 1 * mib, budget_bytes=8 * mib) == 8
-    assert auto_chunk_size(1, 1) == auto_chunk_size(0, 1) == 1
+    monkeypatch.setattr(hessian_module._BlockProducts, "_chunk", chunk)
+    monkeypatch.setattr(hessian_module.time, "perf_counter", lambda: now[0])
+    op = linearize(inner, theta, phi)
+    vs = torch.randn(op.size, 16)
+    torch.testing.assert_close(op.matmat(vs), dense @ vs, rtol=1e-10, atol=1e-12)
+    assert calibration_for(theta).done and calibration_for(theta).best == expected
+    sizes.clear()
+    torch.testing.assert_close(op.rows(torch.arange(8)), dense[:8], rtol=1e-10, atol=1e-12)
+    assert sizes == [expected] * (8 // expected)
+    clear_calibrations()
 
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), ("4", TypeError),

@@ -384,3 +384,16 @@ def test_divergence_error_survives_pickling():
     again = pickle.loads(pickle.dumps(error))
     assert str(again) == "diverged" and (again.method, again.lambda_min, again.lambda_max) == ("neumann", 1.0, 10.0)
     assert isinstance(again, ArithmeticError)
+
+
+def test_check_finite_tells_nan_and_inf_from_an_overflowing_sum():
+    """The fast test (a finite sum) falls back to ``isfinite`` only when the sum is not finite."""
+    from hg_dist.ihvp._errors import NonFiniteHypergradientError, check_finite
+
+    huge = torch.full((4,), 3e38, dtype=torch.float32)               # finite entries, sum overflows
+    check_finite({"huge": huge, "empty": torch.empty(0)}, "test", "hint")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        block = torch.randn(3, 5)
+        block[1, 2] = bad
+        with pytest.raises(NonFiniteHypergradientError, match=r"in the block \(test\); fix it"):
+            check_finite({"huge": huge, "the block": block}, "test", "fix it")

@@ -80,15 +80,20 @@ def report_divergence(error: IHVPDivergenceError, on_divergence: str) -> None:
 def check_finite(terms: Mapping[str, Tensor], where: str, hint: str | Mapping[str, str]) -> None:
     """Raise :class:`NonFiniteHypergradientError` naming every term of ``terms`` with a NaN/inf.
 
-    One host-device synchronisation for all of them.
+    One host-device synchronisation for all of them when all are finite. The test is
+    ``Σ t`` finite (one read of ``t``, no temporaries): a NaN/inf entry always makes the
+    sum NaN/inf, so a finite sum proves ``t`` finite. ``isfinite().all()`` (five
+    passes and three temporaries of ``t``'s size: 60 ms against 2 ms for a
+    ``20 × 535,562`` block of Hessian rows) then runs only on a term whose sum is not
+    finite, to tell a NaN/inf entry from a sum that merely overflowed.
 
     Args:
         where: who checks, e.g. ``"nystrom"`` (named in the message).
         hint: what to do about it, appended to the message; or one hint per term
             name (the first bad term's is used).
     """
-    flags = torch.stack([t.isfinite().all() for t in terms.values()]).tolist()
-    bad = [name for name, ok in zip(terms, flags) if not ok]
+    sums_finite = torch.stack([t.sum().isfinite() for t in terms.values()]).tolist()
+    bad = [name for (name, t), ok in zip(terms.items(), sums_finite) if not ok and not bool(t.isfinite().all())]
     if bad:
         advice = hint if isinstance(hint, str) else hint[bad[0]]
         raise NonFiniteHypergradientError(f"non-finite values in {', '.join(bad)} ({where}); {advice}")

@@ -1,8 +1,8 @@
 """Nyström (column-sampling) approximation of ``(H + ρI)⁻¹ v``.
 
 Sample ``k`` coordinates ``K``; ``C = H[:, K]`` (``p×k``, the ``k`` products
-``H e_i`` computed in *one* batched call) and ``W = H[K, K] = C[K]`` (``k×k``) give the
-low-rank approximation ``H ≈ C W⁺ Cᵀ``. By the Woodbury identity::
+``H e_i`` computed in *one* operator call) and ``W = H[K, K] = C[K]`` (``k×k``) give
+the low-rank approximation ``H ≈ C W⁺ Cᵀ``. By the Woodbury identity::
 
     (C W⁺ Cᵀ + ρI)⁻¹ v = (v − C (ρW + CᵀC)⁻¹ Cᵀ v) / ρ
 
@@ -10,6 +10,10 @@ so only a ``k×k`` system is solved. With ``k = p`` (all coordinates) this is
 exactly ``(H + ρI)⁻¹ v``. Cost: ``k`` products in one operator call, ``O(pk²)``
 flops, ``O(pk)`` memory. The single call is what makes the distributed variant
 need a number of communication rounds independent of ``k``.
+
+``C`` is held as its transpose, the rows ``R = Cᵀ = H[K, :]`` (``(k, p)``, contiguous,
+``pk·4`` bytes in float32), which the operator computes by index
+(:func:`~hg_dist.hessian.hessian_rows`) without a ``p×k`` block of unit vectors.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hg_dist.hessian import HessianOperator
+from hg_dist.hessian import HessianOperator, hessian_rows
 from hg_dist.ihvp._errors import PRODUCTS_HINT, RHS_HINT, check_finite
 from hg_dist.ihvp._method import Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
@@ -68,19 +72,17 @@ def nystrom(op: HessianOperator,
     rank = check_rank(rank, op.size, "nystrom")
     rho = SHIFT.check(rho, "nystrom")
     columns = sample_columns(op.size, rank, generator, v.device)
-    unit = torch.zeros(op.size, rank, dtype=v.dtype, device=v.device)
-    unit[columns, torch.arange(rank, device=v.device)] = 1
-    c = op.matmat(unit)                                   # (p, k)
-    check_finite({"the right-hand side v": v, "the Hessian columns C = H[:, K]": c}, "nystrom",
+    r = hessian_rows(op, columns, v)                      # (k, p): R = H[K, :] = Cᵀ
+    check_finite({"the right-hand side v": v, "the Hessian columns C = H[:, K]": r}, "nystrom",
                  {"the right-hand side v": RHS_HINT, "the Hessian columns C = H[:, K]": PRODUCTS_HINT})
-    w = c[columns]                                        # (k, k)
+    w = r[:, columns]                                     # (k, k): W = H[K, K]
     w = (w + w.T) / 2
-    core = rho * w + c.T @ c                              # (k, k)
-    rhs = c.T @ v                                         # (k,)
+    core = rho * w + r @ r.T                              # (k, k): ρW + CᵀC
+    rhs = r @ v                                           # (k,): Cᵀv
     y, info = torch.linalg.solve_ex(core, rhs)
     if int(info) != 0:
         y = torch.linalg.pinv(core, hermitian=True) @ rhs
-    x = (v - c @ y) / rho
+    x = (v - y @ r) / rho                                 # (v − C y) / ρ
     stats = IHVPStats(method="nystrom", num_hvps=rank, num_operator_calls=1)
     return IHVPResult(x, stats)
 
