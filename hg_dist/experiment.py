@@ -59,7 +59,7 @@ from hg_dist.registry import Registry, Setting
 
 __all__ = ["ConfigError", "ExperimentConfig", "SolverBuilder", "add_common_args", "add_example_args",
            "check_example_settings", "check_output", "config_from_args", "exit_on_error", "parse_config",
-           "run_local", "select_device", "write_result", "STATUSES"]
+           "read_result", "run_local", "select_device", "update_result", "write_json", "write_result", "STATUSES"]
 
 RESULT_FILE = "result.json"
 
@@ -345,16 +345,32 @@ def select_device(config: ExperimentConfig, rank: int = 0) -> "torch.device":  #
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
+def write_json(path: Path, record: Any) -> Path:
+    """Replace ``path`` by ``record`` as JSON atomically (readers see the old or the new file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
 def write_result(output: str | os.PathLike, metrics: Mapping[str, float], config: ExperimentConfig,
                  **info: Any) -> Path:
     """Write ``output/result.json``: ``{"metrics", "config", **info}`` atomically; return its path."""
-    path = Path(output) / RESULT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"metrics": dict(metrics), "config": config.to_dict(), **info}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(output) / RESULT_FILE, {"metrics": dict(metrics), "config": config.to_dict(), **info})
+
+
+def read_result(output: str | os.PathLike) -> dict[str, Any]:
+    """``output/result.json`` (``{}`` when missing or unreadable)."""
+    try:
+        return json.loads((Path(output) / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def update_result(output: str | os.PathLike, **fields: Any) -> Path:
+    """Merge ``fields`` (e.g. ``status="stopped"``) into ``output/result.json`` atomically; return its path."""
+    return write_json(Path(output) / RESULT_FILE, {**read_result(output), **fields})
 
 
 def _check_rank_fits(solver: Any, config: ExperimentConfig) -> None:

@@ -781,3 +781,18 @@ def test_a_scheduler_stop_outranks_the_failure_its_teardown_caused(tmp_path, uri
     assert record({"status": "completed"}, "stopped") == {"status": "completed"}
     assert record(torn_down, "interrupted") == torn_down
     assert record({}, "stopped") == {"status": "stopped", "metrics": {"score": 1.5, "outer_step": 3}}
+
+
+def test_a_train_run_torn_down_by_a_stop_keeps_the_stopped_status(tmp_path):
+    """The other order: the search writes ``stopped`` first, then the trial's Train run raises as its
+    workers go; the distributed runner's ending keeps ``stopped`` and files the error aside."""
+    from types import SimpleNamespace
+
+    from hg_dist.distributed.runner import write_ending
+
+    (tmp_path / "result.json").write_text(json.dumps({"status": "stopped", "metrics": {"score": 1.5}}))
+    job = SimpleNamespace(config=SimpleNamespace(output=str(tmp_path)))
+    write_ending(job, 2, "failed", RuntimeError("the worker group was removed"))
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record == {"status": "stopped", "metrics": {"score": 1.5},
+                      "error_while_stopped": "RuntimeError: the worker group was removed"}

@@ -142,11 +142,21 @@ def latest_checkpoint(job: Job) -> Path | None:
     return found
 
 
+ENDED_FROM_OUTSIDE = ("stopped",)
+"""``result.json`` statuses that the party which ended a run records (a search's scheduler
+stopping a trial writes ``stopped``); the error the run then raises is a consequence."""
+
+
 def write_ending(job: Job, workers: int, status: str, error: BaseException | None, **info: Any) -> None:
     """Write ``output/result.json`` for a run that did not complete: ``status``, ``error`` and the
-    metrics of its latest checkpoint (``{}`` if it has none)."""
-    from hg_dist.experiment import write_result
+    metrics of its latest checkpoint (``{}`` if it has none). A status in
+    :data:`ENDED_FROM_OUTSIDE` already there is kept (the error goes in as ``error_while_stopped``)."""
+    from hg_dist.experiment import read_result, update_result, write_result
 
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    if read_result(job.config.output).get("status") in ENDED_FROM_OUTSIDE:
+        update_result(job.config.output, error_while_stopped=message)
+        return
     metrics, counters, folder = {}, {}, latest_checkpoint(job)
     if folder is not None:
         try:
@@ -155,7 +165,6 @@ def write_ending(job: Job, workers: int, status: str, error: BaseException | Non
             counters = dict(state["counters"])
         except (OSError, ValueError, KeyError):
             pass
-    message = None if error is None else f"{type(error).__name__}: {error}"
     write_result(job.config.output, metrics, job.config, status=status, error=message, workers=workers,
                  global_step=counters.get("global_step"), outer_steps=counters.get("outer_step"),
                  last_checkpoint=None if folder is None else str(folder), **info)

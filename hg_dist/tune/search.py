@@ -42,7 +42,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.sample import Categorical
 
 from hg_dist.distributed.resources import connect, inspect_cluster
-from hg_dist.experiment import RESULT_FILE, ExperimentConfig
+from hg_dist.experiment import RESULT_FILE, ExperimentConfig, read_result, update_result
 from hg_dist.tune.plots import plot_search
 from hg_dist.tune.progress import FINAL, SearchProgress, trial_status
 from hg_dist.tune.results import best_record, best_row, format_table, make_table, solver_reference, table_rows
@@ -398,15 +398,11 @@ def _record_status(storage: SearchStorage, trial: Trial, output: str, status: st
     last = {k: v for k, v in (trial.last_result or {}).items() if isinstance(v, (int, float, str, bool))}
     try:
         if storage.local:
-            from hg_dist.tune.trainable import update_result
-
-            path = Path(output) / RESULT_FILE
-            if not path.parent.exists():
+            if not Path(output).exists():
                 return  # never started: nothing to mark
-            merged = merge(json.loads(path.read_text()) if path.exists() else {})
-            if merged is None:
-                return
-            update_result(output, **merged)
+            merged = merge(read_result(output))
+            if merged is not None:
+                update_result(output, **merged)
         else:
             fs, name = storage.filesystem, f"{trial.path}/{RUN_DIR}/{RESULT_FILE}"
             info = fs.get_file_info(name)

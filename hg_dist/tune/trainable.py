@@ -53,7 +53,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from hg_dist import checkpoint as solver_checkpoint
 from hg_dist.callbacks import HistoryWriter
-from hg_dist.experiment import RESULT_FILE, ExperimentConfig, run_local
+from hg_dist.experiment import ExperimentConfig, read_result, run_local, update_result, write_json
 from hg_dist.solver import BaseSolver
 from hg_dist.tune.space import to_experiment_config
 
@@ -333,7 +333,7 @@ class TrainToTune(TuneReportCallback):
             latest = {**self.tracker.state_dict(), "outer_step": step}
             if checkpoint is not None:
                 self.checkpointed = latest
-            _write_json(self.state_file, {"latest": latest, "checkpointed": self.checkpointed, "error": self.error})
+            write_json(Path(self.state_file), {"latest": latest, "checkpointed": self.checkpointed, "error": self.error})
         super().after_report(run_context, [result], None)
 
     @staticmethod
@@ -366,27 +366,6 @@ def trial_demand(workers: int, cpus_per_worker: float = 1.0) -> float:
 
 
 # ---- result.json: how a trial ended ------------------------------------------------------------
-
-def _write_json(path: Path, record: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def update_result(output: str | os.PathLike, **fields: Any) -> Path:
-    """Merge ``fields`` (e.g. ``status="stopped"``) into ``output/result.json`` atomically; return its path."""
-    path = Path(output) / RESULT_FILE
-    record: dict[str, Any] = {}
-    if path.exists():
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError:  # never half-written (atomic), but a user may have edited it
-            record = {}
-    record.update(fields)
-    _write_json(path, record)
-    return path
-
 
 # ---- the trial -----------------------------------------------------------------------------------
 
@@ -444,13 +423,6 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
     return tracker, dict(result.metrics or {}), {"resumed_from_outer_step": resumed}
 
 
-def _status(output: str) -> str | None:
-    try:
-        return json.loads((Path(output) / RESULT_FILE).read_text()).get("status")
-    except (OSError, ValueError):
-        return None
-
-
 def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".strip()
 
@@ -499,7 +471,7 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
                 build_solver, experiment, metric, mode, cpus_per_worker=cpus_per_worker,
                 checkpoint_every=checkpoint_every, max_failures=max_failures, train_storage=storage)
     except Exception as error:
-        if _status(output) not in ("stopped", "interrupted"):  # else the search ended it (its workers are gone)
+        if read_result(output).get("status") not in ("stopped", "interrupted"):  # else the search ended it (its workers are gone)
             update_result(output, status="failed", error=_error_text(error), config=experiment.to_dict())
         _upload_ending(output, destination)
         raise
