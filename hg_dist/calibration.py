@@ -9,13 +9,14 @@ but ``c`` copies of every activation stop fitting in cache: see
 
 :class:`Calibration` is the measurement. Exploration uses *useful* work: the first
 block calls of a kind of product time chunk sizes ``1, 2, 4, 8, …`` in turn on the
-rows they have to compute anyway, and record seconds per product for each. A size
+rows they have to compute anyway (each size twice, the faster counting), and record
+seconds per product for each. A size
 1.5× slower than the best so far, or two sizes in a row without a gain, end the
 exploration (:meth:`Calibration.record`); from then on every block uses the best one
 (evened out over the rows, see :meth:`Calibration.next_size`). So no product is
-computed twice, exploring costs at most two chunks at worse sizes, and a batched
+computed twice, exploring costs at most four chunks at worse sizes, and a batched
 block is never slower per product than the sequential loop it was measured against
-(up to timing noise: each size is timed once).
+(up to timing noise: each size is timed twice).
 
 Calibrations are cached per process in :data:`CALIBRATIONS`, keyed by what the cost
 depends on and is visible to the operator (:func:`calibration_key`): the parameter
@@ -37,6 +38,12 @@ CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)
 STOP_RATIO = 1.5
 """A chunk size this many times slower per product than the best so far ends exploring."""
 
+SAMPLES_PER_SIZE = 2
+"""Timed chunks per explored size; the fastest one is its figure. A size's first chunk
+pays one-time costs: at p = 4,810 (float32, one thread) single timings measured
+chunks of 2 and 4 at 1.5× and 1.14× a loop and stopped exploring, although chunks of 8
+run 20 rows in 0.63× the time of a loop (``benchmarks/results/scaling.md``)."""
+
 CALIBRATIONS: dict[tuple, "Calibration"] = {}
 """Process-wide cache: :func:`calibration_key` → :class:`Calibration`."""
 
@@ -46,13 +53,16 @@ class Calibration:
     """Seconds per product measured for each chunk size tried, and whether exploring is over.
 
     Attributes:
-        seconds: chunk size → seconds per product (wall time of the chunk / its size).
+        seconds: chunk size → seconds per product (wall time of the chunk / its size),
+            the fastest of its :data:`SAMPLES_PER_SIZE` timed chunks.
         done: ``True`` once a size was no faster than the best before it, or all
             :data:`CANDIDATE_SIZES` were tried.
+        pending: timings of the size being explored, until it has all its samples.
     """
 
     seconds: dict[int, float] = field(default_factory=dict)
     done: bool = False
+    pending: dict[int, list[float]] = field(default_factory=dict)
 
     @classmethod
     def fixed(cls, size: int) -> "Calibration":
@@ -86,13 +96,19 @@ class Calibration:
         return -(-remaining // chunks), False
 
     def record(self, size: int, seconds_per_product: float) -> None:
-        """Record a timed chunk; stop exploring after a clear loss or two sizes without a gain.
+        """Record a timed chunk; once ``size`` has :data:`SAMPLES_PER_SIZE` of them, take its
+        fastest and stop exploring after a clear loss or two sizes without a gain.
 
         A size ``STOP_RATIO`` times slower than the best so far ends the exploration at
         once; one merely no faster does not (vmap's fixed costs can make ``c = 2`` lose
         to a loop while ``c = 4–16`` win: 0.62 / 0.60 / 0.37 / 0.39 / 0.33 gradients per
         product for ``c = 1, 2, 4, 8, 16`` at ``p = 4,810``), but two in a row do.
         """
+        timings = self.pending.setdefault(size, [])
+        timings.append(seconds_per_product)
+        if len(timings) < SAMPLES_PER_SIZE:
+            return
+        seconds_per_product = min(self.pending.pop(size))
         previous_best = min(self.seconds.values(), default=float("inf"))
         no_gain_before = bool(self.seconds) and self.seconds[max(self.seconds)] > min(self.seconds.values())
         self.seconds[size] = seconds_per_product

@@ -80,12 +80,21 @@ def test_matmat_returns_contiguous_columns_for_strided_input():
     torch.testing.assert_close(out, dense @ vs, rtol=1e-10, atol=1e-12)
 
 
+def measure(calibration: Calibration, size: int, seconds: float) -> None:
+    """Two timed chunks of ``size``, as a calibration takes them: a first one with one-time costs, then ``seconds``."""
+    assert calibration.next_size(64) == (size, True)
+    calibration.record(size, 3 * seconds)
+    assert calibration.next_size(64) == (size, True) and size not in calibration.seconds   # not decided on one
+    calibration.record(size, seconds)
+    assert calibration.seconds[size] == seconds                                           # the faster counts
+
+
 def test_calibration_picks_sequential_when_batching_is_slower():
     calibration = Calibration()
     assert calibration.next_size(20) == (1, True)
-    calibration.record(1, 1.0)
+    measure(calibration, 1, 1.0)
     assert calibration.next_size(19) == (2, True)
-    calibration.record(2, 1.6)                          # batching lost clearly (≥ 1.5×): stop exploring
+    measure(calibration, 2, 1.6)                        # batching lost clearly (≥ 1.5×): stop exploring
     assert calibration.done and calibration.best == 1
     assert calibration.next_size(17) == (1, False)
 
@@ -93,24 +102,23 @@ def test_calibration_picks_sequential_when_batching_is_slower():
 def test_calibration_stops_after_two_sizes_without_a_gain():
     calibration = Calibration()
     for size, seconds in ((1, 1.0), (2, 1.1)):          # c = 2 a little slower: keep looking
-        calibration.record(size, seconds)
+        measure(calibration, size, seconds)
     assert not calibration.done and calibration.next_size(20) == (4, True)
-    calibration.record(4, 1.2)                          # second size in a row without a gain
+    measure(calibration, 4, 1.2)                        # second size in a row without a gain
     assert calibration.done and calibration.best == 1
     recovered = Calibration({1: 1.0, 2: 1.1})
-    recovered.record(4, 0.6)                            # c = 4 wins after c = 2 lost
+    measure(recovered, 4, 0.6)                          # c = 4 wins after c = 2 lost
     assert not recovered.done and recovered.best == 4
 
 
 def test_calibration_doubles_while_faster_and_evens_out_chunks():
     calibration = Calibration()
     for size, seconds in ((1, 1.0), (2, 0.8), (4, 0.6), (8, 0.5)):
-        assert calibration.next_size(40) == (size, True)
-        calibration.record(size, seconds)
+        measure(calibration, size, seconds)
     assert not calibration.done and calibration.next_size(40) == (16, True)
-    calibration.record(16, 0.55)                        # slower than 8: one more try
+    measure(calibration, 16, 0.55)                      # slower than 8: one more try
     assert not calibration.done and calibration.next_size(40) == (32, True)
-    calibration.record(32, 0.6)                         # two without a gain: 8 wins
+    measure(calibration, 32, 0.6)                       # two without a gain: 8 wins
     assert calibration.done and calibration.best == 8
     assert calibration.next_size(20) == (7, False)      # 3 chunks: 7 + 7 + 6, not 8 + 8 + 4
     assert calibration.next_size(6) == (6, False)
@@ -160,7 +168,7 @@ def test_linearize_uses_the_measured_chunk_size(monkeypatch, cost, expected):
     monkeypatch.setattr(hessian_module._BlockProducts, "_chunk", chunk)
     monkeypatch.setattr(hessian_module.time, "perf_counter", lambda: now[0])
     op = linearize(inner, theta, phi)
-    vs = torch.randn(op.size, 16)
+    vs = torch.randn(op.size, 40)     # room to time each size twice: 1 (warm-up) + 2·(1 + 2 + 4 + 8) rows
     torch.testing.assert_close(op.matmat(vs), dense @ vs, rtol=1e-10, atol=1e-12)
     assert calibration_for(theta).done and calibration_for(theta).best == expected
     sizes.clear()
