@@ -307,13 +307,18 @@ def kill_tree(root: psutil.Process) -> list[psutil.Process]:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+    _kill_all(procs)
+    return procs
+
+
+def _kill_all(procs: list[psutil.Process]) -> None:
+    """SIGKILL every process of ``procs`` that is still there, and wait (10 s at most) for them."""
     for proc in procs:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=10)
-    return procs
 
 
 def stop_head(head: Head) -> None:
@@ -329,13 +334,7 @@ def stop_head(head: Head) -> None:
     deadline = time.time() + 10
     while _running(head.processes()) and time.time() < deadline:
         time.sleep(0.5)
-    left = _running(head.processes())
-    for proc in left:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(left, timeout=10)
+    _kill_all(_running(head.processes()))
     shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 

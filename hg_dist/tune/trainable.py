@@ -80,8 +80,8 @@ sets for its own Train run only (Ray propagates it to the controller); one alrea
 set wins."""
 
 RUN_DIR = "run"
-"""Sub-folder of a trial's Tune directory that holds its files when the search's output is a URI
-(Tune keeps its own ``result.json`` in the trial directory)."""
+"""Sub-folder of a trial's Tune working directory that holds its files when the search's output is a
+URI (Tune keeps its own ``result.json`` in the trial directory)."""
 
 SOLVER_FILE = "solver.pt"
 TRACKER_FILE = "trial_state.json"
@@ -454,8 +454,12 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
     """
     context = tune.get_context()
     trial_name = context.get_trial_name()
-    output = str(Path(trials_dir) / trial_name) if trials_dir is not None else str(_working_dir() / RUN_DIR)
-    destination = upload_to and f"{upload_to.rstrip('/')}/{_working_dir().name}/{RUN_DIR}"
+    if trials_dir is not None:
+        output, destination = str(Path(trials_dir) / trial_name), None
+    else:
+        working_dir = _working_dir()
+        output = str(working_dir / RUN_DIR)
+        destination = upload_to and f"{upload_to.rstrip('/')}/{working_dir.name}/{RUN_DIR}"
     try:
         experiment = to_experiment_config(config, base, output=output)
     except (TypeError, ValueError) as error:
