@@ -13,6 +13,22 @@ import torch
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
+# Test tiers. ``python -m pytest -q -m "not ray and not cluster"`` is the quick loop; the full command runs all.
+# A test that takes one of these fixtures starts Ray (``ray``) or a ``ray start`` cluster of its own (``cluster``)
+# and is marked so here; tests that start Ray some other way (a subprocess) carry the marker themselves.
+RAY_FIXTURES = frozenset({"ray_session"})
+CLUSTER_FIXTURES = frozenset({"fixed", "busy", "sim", "fixed_head"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)
+        elif names & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(autouse=True)
 def _float64_and_seed():
     """Tests compare numbers against ground truth in float64."""

@@ -178,6 +178,7 @@ def test_rerun_names_a_missing_config_and_a_missing_build_solver(tmp_path, capsy
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.ray
 def test_unreachable_ray_address_fails_fast_naming_it(tmp_path):
     """RAY_ADDRESS=127.0.0.1:1 (nothing listens): an error naming the address within 30 s, exit 1,
     no GCS retry loop, nothing written."""

@@ -438,6 +438,7 @@ def test_plot_envelope_and_png(tmp_path):
                        mode="max") is None
 
 
+@pytest.mark.ray
 def test_solver_reference_is_relative_to_the_project_and_reruns_elsewhere(tmp_path):
     """best_config.json names build_solver as module:function under the project (the main job imports
     data_hypercleaning from examples/ on its path); `python -m hg_dist.tune.rerun` finds it from a checkout,
@@ -708,6 +709,7 @@ def _fingerprint(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.ray
 def test_main_job_interrupt_then_resume(tmp_path):
     """Ctrl-C on examples/search.py (Optuna searcher): exit 130 within 10 s with the command that continues,
     no process left; `--resume` then keeps every finished trial as it was (never rerun), continues the
