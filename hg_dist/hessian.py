@@ -107,13 +107,21 @@ class _BlockProducts:
         return self.grad_vjp(vector_to_params(v, self.like))[0]
 
     def _chunk(self, tangents: Tensor, out: Tensor) -> None:
-        """``out = tangents H`` for ``(c, p)`` contiguous ``tangents`` into ``out`` (``(c, p)`` contiguous)."""
+        """``out = tangents H`` for ``(c, p)`` contiguous ``tangents`` into ``out`` (``(c, p)`` contiguous).
+
+        Products that carry an autograd graph (parameters or tangents that require
+        grad) are concatenated and then copied into ``out``, which records the copy
+        in the graph: ``torch.cat(..., out=)`` is not differentiable.
+        """
         c = tangents.shape[0]
         if c == 1:
             grads = [g.reshape(1, -1) for g in self.product(tangents[0])]
         else:
             grads = [g.reshape(c, -1) for g in vmap(self.product)(tangents)]
-        torch.cat(grads, dim=1, out=out)
+        if any(g.requires_grad for g in grads):
+            out.copy_(torch.cat(grads, dim=1))
+        else:
+            torch.cat(grads, dim=1, out=out)
 
     def run(self, k: int, tangents: Callable[[int, int], Tensor], into: Callable[[int, int], Tensor],
             after: Callable[[int, int, Tensor], None] = lambda start, stop, rows: None) -> None:

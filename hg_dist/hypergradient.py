@@ -25,6 +25,13 @@ bfloat16 parameters keep the objectives (and so every gradient and Hessian
 product) in their dtype, but the IHVP method works on float32 vectors (its dot
 products, accumulations and ``k×k`` solves, which torch does not offer in half
 precision), and the result is cast back to the parameters' dtype.
+
+Autograd. The hypergradient is a value, not a function of the inputs' graphs: the
+parameters are detached on entry, so the result never requires grad and is the
+same whether ``in_params``/``out_params`` require grad, are leaves or not (e.g. an
+``nn.Module``'s own parameters), or share one tensor between two entries. To
+differentiate *through* the inner steps, use
+:class:`~hg_dist.unrolled.BaseUnrolledSolver`.
 """
 
 from __future__ import annotations
@@ -150,7 +157,8 @@ def implicit_hypergradient(inner_obj: Objective,
         reduce: reduction over data shards (see the module docstring), or ``None``.
 
     Returns:
-        A :class:`Hypergradient` shaped like ``out_params``, with the solve's stats.
+        A :class:`Hypergradient` shaped like ``out_params``, with the solve's stats; its
+        tensors never require grad (see "Autograd" in the module docstring).
 
     Raises:
         NonFiniteHypergradientError: naming the term that went NaN/inf (``v`` and ``∂g/∂φ``
@@ -160,6 +168,7 @@ def implicit_hypergradient(inner_obj: Objective,
             bfloat16 work), on the meta device, or mixing dtypes/devices.
     """
     in_params, out_params = check_params(in_params, out_params)
+    in_params, out_params = tuple(t.detach() for t in in_params), tuple(t.detach() for t in out_params)
     inner_obj = _scalar_objective(inner_obj, "inner_obj")
     outer_obj = _scalar_objective(outer_obj, "outer_obj")
     dtype = in_params[0].dtype

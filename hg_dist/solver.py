@@ -386,4 +386,14 @@ def _as_args(batch: Any) -> tuple:
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
-from hg_dist.unrolled import BaseUnrolledSolver  # noqa: E402  (re-exported: the seed's import path)
+def __getattr__(name: str) -> Any:
+    """``hg_dist.solver.BaseUnrolledSolver``, the seed's import path, resolved on first use.
+
+    :mod:`hg_dist.unrolled` builds on this module, so this module must not import it
+    while it loads: the import order of the loop's pieces stays one-way (guards,
+    callbacks, checkpoint → solver → unrolled), and either module imports first alone.
+    """
+    if name == "BaseUnrolledSolver":
+        from hg_dist.unrolled import BaseUnrolledSolver
+        return BaseUnrolledSolver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
