@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
-from hg_dist._checks import check_int
+from hg_dist._checks import check_int, check_params
 from hg_dist.calibration import Calibration, calibration_for
 from hg_dist.utils import Objective, Params, num_elements, params_to_vector, vector_to_params
 
@@ -197,14 +197,20 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
             is unaffected. Either way a block is one call, so one communication
             round when distributed.
 
+    Parameters that require grad (an ``nn.Module``'s own) are taken as they are: the
+    products then carry an autograd graph back to them, and their values are the
+    same as for detached parameters.
+
     Raises:
-        TypeError: if ``chunk_size`` is neither ``None`` nor an int.
-        ValueError: if ``chunk_size < 1``.
+        TypeError: if ``chunk_size`` is neither ``None`` nor an int; parameters that are
+            not a tuple/list of float tensors on one dtype and device (see
+            :func:`hg_dist._checks.check_params`).
+        ValueError: if ``chunk_size < 1``; empty parameters.
     """
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size, minimum=1,
                                hint="use None to measure it, 1 for a loop of products")
-    in_params, out_params = tuple(in_params), tuple(out_params)
+    in_params, out_params = check_params(in_params, out_params)
     _, grad_vjp = vjp(lambda theta: grad(inner_obj)(theta, out_params), in_params)
     calibration = calibration_for(in_params) if chunk_size is None else Calibration.fixed(chunk_size)
     blocks = _BlockProducts(grad_vjp, in_params, calibration)
@@ -216,6 +222,16 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
         return blocks.matmat(vs)
 
     return HessianOperator(matvec=matvec, matmat=matmat, size=num_elements(in_params), rows=blocks.rows)
+
+
+def in_dtype(op: HessianOperator, dtype: torch.dtype, work: torch.dtype) -> HessianOperator:
+    """``op`` taking and returning ``work``-dtype vectors, its products computed in ``dtype``.
+
+    How half-precision parameters are solved in float32: ``in_dtype(op, torch.float16, torch.float32)``.
+    """
+    return HessianOperator(matvec=lambda v: op.matvec(v.to(dtype)).to(work),
+                           matmat=lambda vs: op.matmat(vs.to(dtype)).to(work),
+                           size=op.size, rows=None if op.rows is None else (lambda k: op.rows(k).to(work)))
 
 
 def shifted(op: HessianOperator, rho: float) -> HessianOperator:
