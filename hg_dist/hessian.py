@@ -228,9 +228,18 @@ def in_dtype(op: HessianOperator, dtype: torch.dtype, work: torch.dtype) -> Hess
     """``op`` taking and returning ``work``-dtype vectors, its products computed in ``dtype``.
 
     How half-precision parameters are solved in float32: ``in_dtype(op, torch.float16, torch.float32)``.
+    Each vector is scaled to a largest entry of 1 before it is cast, and its product scaled back
+    (``H v = s · H (v / s)``, ``s = max |v|``): the small vectors of a converging solve (CG's
+    residuals reach ``1e-8`` and below) would otherwise underflow to zero in float16, whose
+    smallest normal number is ``6e-5``, and look like directions of zero curvature.
     """
-    return HessianOperator(matvec=lambda v: op.matvec(v.to(dtype)).to(work),
-                           matmat=lambda vs: op.matmat(vs.to(dtype)).to(work),
+    def scaled(product: Callable[[Tensor], Tensor], vs: Tensor, dim: int | None) -> Tensor:
+        scale = vs.abs().amax() if dim is None else vs.abs().amax(dim=dim, keepdim=True)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return product((vs / scale).to(dtype)).to(work) * scale
+
+    return HessianOperator(matvec=lambda v: scaled(op.matvec, v, None),
+                           matmat=lambda vs: scaled(op.matmat, vs, 0),
                            size=op.size, rows=None if op.rows is None else (lambda k: op.rows(k).to(work)))
 
 
