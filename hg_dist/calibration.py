@@ -22,15 +22,23 @@ Calibrations are cached per process in :data:`CALIBRATIONS`, keyed by what the c
 depends on and is visible to the operator (:func:`calibration_key`): the parameter
 shapes, dtype, device and torch's thread count. The data is not part of the key: a
 process that changes the batch size of a model by orders of magnitude keeps the first
-calibration unless it calls :func:`clear_calibrations`.
+calibration unless it calls :func:`clear_calibrations`. Inside ``with
+fixed_chunk_size(c):`` every operator built by ``linearize`` without its own
+``chunk_size`` uses ``c`` instead of measuring: block products then run the same
+chunks whatever the machine's timing, for tests and reproducible runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from hg_dist._checks import check_int
 
 CANDIDATE_SIZES = (1, 2, 4, 8, 16, 32, 64)
 """Chunk sizes explored, in order; the largest bounds a chunk's intermediates (64 tangents)."""
@@ -46,6 +54,8 @@ run 20 rows in 0.63× the time of a loop (``benchmarks/results/scaling.md``)."""
 
 CALIBRATIONS: dict[tuple, "Calibration"] = {}
 """Process-wide cache: :func:`calibration_key` → :class:`Calibration`."""
+
+_FIXED_SIZE: ContextVar[int | None] = ContextVar("hg_dist_fixed_chunk_size", default=None)
 
 
 @dataclass
@@ -130,8 +140,27 @@ def calibration_key(params: tuple[Tensor, ...]) -> tuple:
 
 
 def calibration_for(params: tuple[Tensor, ...]) -> Calibration:
-    """The cached :class:`Calibration` for ``params``' key, created (empty) on first use."""
+    """The cached :class:`Calibration` for ``params``' key, created (empty) on first use; inside
+    :func:`fixed_chunk_size`, a fixed one instead (the cache is neither read nor written)."""
+    size = _FIXED_SIZE.get()
+    if size is not None:
+        return Calibration.fixed(size)
     return CALIBRATIONS.setdefault(calibration_key(params), Calibration())
+
+
+@contextlib.contextmanager
+def fixed_chunk_size(size: int) -> Iterator[None]:
+    """Within the block, operators that would measure their chunk size use ``size`` rows per chunk.
+
+    Raises:
+        TypeError / ValueError: ``size`` is not an int ``>= 1``.
+    """
+    size = check_int("size", size, minimum=1, hint="1 is a loop of single products")
+    token = _FIXED_SIZE.set(size)
+    try:
+        yield
+    finally:
+        _FIXED_SIZE.reset(token)
 
 
 def clear_calibrations() -> None:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 
-from hg_dist._checks import check_int
+from hg_dist._checks import check_int, check_params
 from hg_dist.calibration import Calibration, calibration_for
 from hg_dist.utils import Objective, Params, num_elements, params_to_vector, vector_to_params
 
@@ -107,13 +107,21 @@ class _BlockProducts:
         return self.grad_vjp(vector_to_params(v, self.like))[0]
 
     def _chunk(self, tangents: Tensor, out: Tensor) -> None:
-        """``out = tangents H`` for ``(c, p)`` contiguous ``tangents`` into ``out`` (``(c, p)`` contiguous)."""
+        """``out = tangents H`` for ``(c, p)`` contiguous ``tangents`` into ``out`` (``(c, p)`` contiguous).
+
+        Products that carry an autograd graph (parameters or tangents that require
+        grad) are concatenated and then copied into ``out``, which records the copy
+        in the graph: ``torch.cat(..., out=)`` is not differentiable.
+        """
         c = tangents.shape[0]
         if c == 1:
             grads = [g.reshape(1, -1) for g in self.product(tangents[0])]
         else:
             grads = [g.reshape(c, -1) for g in vmap(self.product)(tangents)]
-        torch.cat(grads, dim=1, out=out)
+        if any(g.requires_grad for g in grads):
+            out.copy_(torch.cat(grads, dim=1))
+        else:
+            torch.cat(grads, dim=1, out=out)
 
     def run(self, k: int, tangents: Callable[[int, int], Tensor], into: Callable[[int, int], Tensor],
             after: Callable[[int, int, Tensor], None] = lambda start, stop, rows: None) -> None:
@@ -189,14 +197,20 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
             is unaffected. Either way a block is one call, so one communication
             round when distributed.
 
+    Parameters that require grad (an ``nn.Module``'s own) are taken as they are: the
+    products then carry an autograd graph back to them, and their values are the
+    same as for detached parameters.
+
     Raises:
-        TypeError: if ``chunk_size`` is neither ``None`` nor an int.
-        ValueError: if ``chunk_size < 1``.
+        TypeError: if ``chunk_size`` is neither ``None`` nor an int; parameters that are
+            not a tuple/list of float tensors on one dtype and device (see
+            :func:`hg_dist._checks.check_params`).
+        ValueError: if ``chunk_size < 1``; empty parameters.
     """
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size, minimum=1,
                                hint="use None to measure it, 1 for a loop of products")
-    in_params, out_params = tuple(in_params), tuple(out_params)
+    in_params, out_params = check_params(in_params, out_params)
     _, grad_vjp = vjp(lambda theta: grad(inner_obj)(theta, out_params), in_params)
     calibration = calibration_for(in_params) if chunk_size is None else Calibration.fixed(chunk_size)
     blocks = _BlockProducts(grad_vjp, in_params, calibration)
@@ -208,6 +222,25 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
         return blocks.matmat(vs)
 
     return HessianOperator(matvec=matvec, matmat=matmat, size=num_elements(in_params), rows=blocks.rows)
+
+
+def in_dtype(op: HessianOperator, dtype: torch.dtype, work: torch.dtype) -> HessianOperator:
+    """``op`` taking and returning ``work``-dtype vectors, its products computed in ``dtype``.
+
+    How half-precision parameters are solved in float32: ``in_dtype(op, torch.float16, torch.float32)``.
+    Each vector is scaled to a largest entry of 1 before it is cast, and its product scaled back
+    (``H v = s · H (v / s)``, ``s = max |v|``): the small vectors of a converging solve (CG's
+    residuals reach ``1e-8`` and below) would otherwise underflow to zero in float16, whose
+    smallest normal number is ``6e-5``, and look like directions of zero curvature.
+    """
+    def scaled(product: Callable[[Tensor], Tensor], vs: Tensor, dim: int | None) -> Tensor:
+        scale = vs.abs().amax() if dim is None else vs.abs().amax(dim=dim, keepdim=True)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return product((vs / scale).to(dtype)).to(work) * scale
+
+    return HessianOperator(matvec=lambda v: scaled(op.matvec, v, None),
+                           matmat=lambda vs: scaled(op.matmat, vs, 0),
+                           size=op.size, rows=None if op.rows is None else (lambda k: op.rows(k).to(work)))
 
 
 def shifted(op: HessianOperator, rho: float) -> HessianOperator:

@@ -25,6 +25,13 @@ bfloat16 parameters keep the objectives (and so every gradient and Hessian
 product) in their dtype, but the IHVP method works on float32 vectors (its dot
 products, accumulations and ``k×k`` solves, which torch does not offer in half
 precision), and the result is cast back to the parameters' dtype.
+
+Autograd. The hypergradient is a value, not a function of the inputs' graphs: the
+parameters are detached on entry, so the result never requires grad and is the
+same whether ``in_params``/``out_params`` require grad, are leaves or not (e.g. an
+``nn.Module``'s own parameters), or share one tensor between two entries. To
+differentiate *through* the inner steps, use
+:class:`~hg_dist.unrolled.BaseUnrolledSolver`.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from hg_dist.hessian import HessianOperator, linearize, mixed_vjp
+from hg_dist._checks import HALF_DTYPES, SUPPORTED_DTYPES, check_params  # noqa: F401  (re-exported)
+from hg_dist.hessian import HessianOperator, in_dtype, linearize, mixed_vjp
 from hg_dist.ihvp import IHVPResult, IHVPStats
 from hg_dist.ihvp._errors import RHS_HINT, NonFiniteHypergradientError, check_finite
 from hg_dist.utils import Objective, Params, params_to_vector, vector_to_params
@@ -50,10 +58,6 @@ Reduce = Callable[[Tensor], Tensor]
 """A reduction over data shards, e.g. an allreduce-mean; identity in one process."""
 
 
-SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-"""Parameter dtypes a hypergradient takes; the half-precision ones are solved in float32."""
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class Hypergradient(tuple):
@@ -86,45 +90,6 @@ def _scalar_objective(objective: Objective, name: str) -> Objective:
     return checked
 
 
-def check_params(in_params: Sequence[Tensor], out_params: Sequence[Tensor]) -> tuple[Params, Params]:
-    """Return both as tuples; raise if they are empty, not tensors, of an unsupported dtype, on the
-    meta device, or mixing dtypes/devices."""
-    checked = []
-    for name, params in (("in_params", in_params), ("out_params", out_params)):
-        if isinstance(params, Tensor) or not isinstance(params, Sequence):
-            raise TypeError(f"{name} must be a tuple of tensors (e.g. from make_functional), "
-                            f"got {type(params).__name__}")
-        if len(params) == 0:
-            raise ValueError(f"{name} is empty; the {'inner' if name == 'in_params' else 'outer'} "
-                             f"model needs at least one parameter")
-        for i, t in enumerate(params):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(f"{name}[{i}] has dtype {t.dtype}; parameters must be one of "
-                                f"{', '.join(map(str, SUPPORTED_DTYPES))} (convert with .to(torch.float32))")
-            if t.is_meta:
-                raise TypeError(f"{name}[{i}] is on the meta device (a shape without data, e.g. from "
-                                f"torch.device('meta')); materialize the model first, e.g. "
-                                f"module.to_empty(device='cpu'), then initialize or load its weights")
-        checked.append(tuple(params))
-    reference = checked[0][0]
-    for name, params in zip(("in_params", "out_params"), checked):
-        for i, t in enumerate(params):
-            if t.dtype != reference.dtype or t.device != reference.device:
-                raise TypeError(f"{name}[{i}] is {t.dtype} on {t.device} but in_params[0] is "
-                                f"{reference.dtype} on {reference.device}; move both models to one "
-                                f"dtype and device (e.g. .to(torch.float64))")
-    return checked[0], checked[1]
-
-
-def _in_dtype(op: HessianOperator, dtype: torch.dtype, work: torch.dtype) -> HessianOperator:
-    """``op`` taking and returning ``work``-dtype vectors, its products computed in ``dtype``."""
-    return HessianOperator(matvec=lambda v: op.matvec(v.to(dtype)).to(work),
-                           matmat=lambda vs: op.matmat(vs.to(dtype)).to(work),
-                           size=op.size, rows=None if op.rows is None else (lambda k: op.rows(k).to(work)))
-
-
 def _reduced(op: HessianOperator, reduce: Reduce) -> HessianOperator:
     return HessianOperator(matvec=lambda v: reduce(op.matvec(v)),
                            matmat=lambda v: reduce(op.matmat(v)),
@@ -150,7 +115,8 @@ def implicit_hypergradient(inner_obj: Objective,
         reduce: reduction over data shards (see the module docstring), or ``None``.
 
     Returns:
-        A :class:`Hypergradient` shaped like ``out_params``, with the solve's stats.
+        A :class:`Hypergradient` shaped like ``out_params``, with the solve's stats; its
+        tensors never require grad (see "Autograd" in the module docstring).
 
     Raises:
         NonFiniteHypergradientError: naming the term that went NaN/inf (``v`` and ``∂g/∂φ``
@@ -160,6 +126,7 @@ def implicit_hypergradient(inner_obj: Objective,
             bfloat16 work), on the meta device, or mixing dtypes/devices.
     """
     in_params, out_params = check_params(in_params, out_params)
+    in_params, out_params = tuple(t.detach() for t in in_params), tuple(t.detach() for t in out_params)
     inner_obj = _scalar_objective(inner_obj, "inner_obj")
     outer_obj = _scalar_objective(outer_obj, "outer_obj")
     dtype = in_params[0].dtype
@@ -170,7 +137,7 @@ def implicit_hypergradient(inner_obj: Objective,
     grad_phi = params_to_vector(grad_phi).to(work)
     op = linearize(inner_obj, in_params, out_params)
     if work != dtype:
-        op = _in_dtype(op, dtype, work)
+        op = in_dtype(op, dtype, work)
     if reduce is not None:
         v = reduce(v)
         op = _reduced(op, reduce)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from hg_dist import checkpoint
-from hg_dist._checks import check_int
+from hg_dist._checks import SUPPORTED_DTYPES, check_int
 from hg_dist.callbacks import Callback, run_callbacks
 from hg_dist.guards import (NAN_POLICIES, ForwardOutput, NonFiniteLossError, check_update, guarded_outer_step,
                             hypergradient_norm, update_metrics)
@@ -58,6 +58,10 @@ def _checked_module(name: str, module: object) -> nn.Module:
                 "the hyperparameters; wrap tensors in nn.Parameter inside an nn.Module "
                 "(e.g. an nn.Linear, or a module holding nn.Parameter(torch.ones(d)))")
         raise ValueError(f"{name} has no parameters; {name} must hold {hint}")
+    for param_name, param in module.named_parameters():
+        if param.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}.{param_name} has dtype {param.dtype}; the parameters of {name} must be one of "
+                            f"{', '.join(map(str, SUPPORTED_DTYPES))} (convert with {name}.to(torch.float32))")
     return module
 
 
@@ -386,4 +390,14 @@ def _as_args(batch: Any) -> tuple:
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
-from hg_dist.unrolled import BaseUnrolledSolver  # noqa: E402  (re-exported: the seed's import path)
+def __getattr__(name: str) -> Any:
+    """``hg_dist.solver.BaseUnrolledSolver``, the seed's import path, resolved on first use.
+
+    :mod:`hg_dist.unrolled` builds on this module, so this module must not import it
+    while it loads: the import order of the loop's pieces stays one-way (guards,
+    callbacks, checkpoint → solver → unrolled), and either module imports first alone.
+    """
+    if name == "BaseUnrolledSolver":
+        from hg_dist.unrolled import BaseUnrolledSolver
+        return BaseUnrolledSolver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

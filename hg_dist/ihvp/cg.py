@@ -39,7 +39,7 @@ from hg_dist._checks import check_float
 from hg_dist.hessian import HessianOperator, shifted
 from hg_dist.ihvp._errors import (PRODUCTS_HINT, RHS_HINT, IHVPDivergenceError, NonFiniteHypergradientError,
                                   check_on_divergence, report_divergence)
-from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method
+from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method, checks_rhs
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 from hg_dist.ihvp.spectrum import estimate_spectrum
 from hg_dist.registry import Setting
@@ -51,6 +51,7 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
+@checks_rhs
 def cg(op: HessianOperator,
        v: Tensor,
        num_iters: int,

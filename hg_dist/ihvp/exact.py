@@ -12,7 +12,7 @@ from torch import Tensor
 
 from hg_dist.hessian import HessianOperator, shifted
 from hg_dist.ihvp._errors import PRODUCTS_HINT, RHS_HINT, check_finite
-from hg_dist.ihvp._method import DAMPING, Method
+from hg_dist.ihvp._method import DAMPING, Method, checks_rhs
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 
 
@@ -32,6 +32,7 @@ def dense_hessian(op: HessianOperator, like: Tensor, block: int = BLOCK) -> Tens
     return (hessian + hessian.T) / 2
 
 
+@checks_rhs
 def exact(op: HessianOperator, v: Tensor, *, rho: float = 0.0) -> IHVPResult:
     """Solve ``(H + ρI) x = v`` exactly through the dense Hessian.
 
@@ -47,7 +48,7 @@ def exact(op: HessianOperator, v: Tensor, *, rho: float = 0.0) -> IHVPResult:
     if int(info) != 0:
         raise ValueError("the inner Hessian (+ rho·I) is singular; pass rho > 0 to damp it")
     stats = IHVPStats(method="exact", num_hvps=op.size, num_operator_calls=-(-op.size // BLOCK),
-                      residual_norm=float(torch.linalg.vector_norm(matrix @ x - v)))
+                      residual_norm=float(torch.linalg.vector_norm(matrix @ x - v).detach()))
     return IHVPResult(x, stats)
 
 

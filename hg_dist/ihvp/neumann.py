@@ -37,7 +37,7 @@ from torch import Tensor
 from hg_dist.hessian import HessianOperator, shifted
 from hg_dist.ihvp._errors import (PRODUCTS_HINT, RHS_HINT, IHVPDivergenceError, NonFiniteHypergradientError,
                                   check_on_divergence, report_divergence)
-from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method
+from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method, checks_rhs
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 from hg_dist.ihvp.spectrum import estimate_spectrum
 from hg_dist.registry import Setting
@@ -50,6 +50,7 @@ GROWTH_LIMIT = 2.0
 """A term more than this many times the smallest term before it means divergence."""
 
 
+@checks_rhs
 def neumann(op: HessianOperator, v: Tensor, num_iters: int, alpha: float, *, rho: float = 0.0,
             on_divergence: str = "raise") -> IHVPResult:
     """Approximate ``(H + ρI)⁻¹ v`` by ``num_iters`` Neumann terms with step ``alpha``.

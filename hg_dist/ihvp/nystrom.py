@@ -23,7 +23,7 @@ from torch import Tensor
 
 from hg_dist.hessian import HessianOperator, hessian_rows
 from hg_dist.ihvp._errors import PRODUCTS_HINT, RHS_HINT, check_finite
-from hg_dist.ihvp._method import Method
+from hg_dist.ihvp._method import Method, checks_rhs
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 from hg_dist.registry import Setting
 
@@ -48,6 +48,7 @@ def sample_columns(size: int, rank: int, generator: torch.Generator | None, devi
     return torch.randperm(size, generator=generator)[:rank].to(device)
 
 
+@checks_rhs
 def nystrom(op: HessianOperator,
             v: Tensor,
             rank: int,

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from hg_dist.hessian import HessianOperator
 from hg_dist.ihvp._errors import PRODUCTS_HINT, check_finite, check_on_divergence
-from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method
+from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method, checks_rhs
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 from hg_dist.ihvp.cg import cg
 from hg_dist.ihvp.nystrom import RANK, check_rank
@@ -76,6 +76,7 @@ def nystrom_preconditioner(factor: NystromFactor, rho: float):
     return apply
 
 
+@checks_rhs
 def nystrom_pcg(op: HessianOperator,
                 v: Tensor,
                 rank: int,
