@@ -8,12 +8,19 @@ setting they name and the fix they offer. No Ray.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
 
-from hg_dist import ihvp
+from hg_dist import ihvp, make_approx
+from hg_dist.data import full_batch
+from hg_dist.optimizers import diff_sgd
+from hg_dist.solver import BaseImplicitSolver, BaseUnrolledSolver
 from hg_dist.hessian import HessianOperator
 from hg_dist.ihvp.nystrom import NystromPrecisionWarning
 
@@ -77,3 +84,139 @@ def test_nystrom_float64_small_shift_is_accurate_and_quiet():
         warnings.simplefilter("error", NystromPrecisionWarning)
         x = ihvp.nystrom(op, v, rank=30, rho=rho).solution
     assert float((x - reference).norm() / reference.norm()) <= 1e-6
+
+
+# ---- frozen parameters (requires_grad=False) --------------------------------------------------
+
+D = 4
+
+
+class Decays(nn.Module):
+    """Outer parameters: per-feature log-decays (trainable) and a decay scale (frozen by the tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_decay = nn.Parameter(torch.full((D,), -1.0))
+        self.log_scale = nn.Parameter(torch.zeros(1))
+
+
+def _ridge_data():
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, D, generator=gen), torch.randn(D, 1, generator=gen)
+    y = x @ w + 0.5 + 0.1 * torch.randn(50, 1, generator=gen)
+    return x[:30], y[:30], x[30:], y[30:]
+
+
+def _ridge_inner(func, theta, phi, x, y):
+    decay = (phi[0] + phi[1]).exp()
+    return F.mse_loss(func(theta, x), y) / 2 + (decay * theta[0][0] ** 2).sum() / 2
+
+
+def _ridge_outer(func, theta, x, y):
+    return F.mse_loss(func(theta, x), y) / 2
+
+
+class FrozenRidge(BaseImplicitSolver):
+    def inner_forward(self, theta, phi, x, y):
+        return _ridge_inner(self.inner_func, theta, phi, x, y)
+
+    def outer_forward(self, theta, phi, x, y):
+        return _ridge_outer(self.inner_func, theta, x, y)
+
+
+class FrozenRidgeUnrolled(BaseUnrolledSolver):
+    def inner_update(self):
+        x, y = next(self.inner_loader)
+        phi = tuple(self.outer.parameters())
+        loss = _ridge_inner(self.inner_func, self.inner_params, phi, x, y)
+        grads = torch.autograd.grad(loss, self.inner_params, create_graph=True)
+        self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
+                                                                         self.inner_optim_state)
+        return loss
+
+    def outer_update(self):
+        x, y = next(self.outer_loader)
+        loss = _ridge_outer(self.inner_func, self.inner_params, x, y)
+        self.outer_grad = self.unrolled_hypergradient(loss)
+        self.outer_optimizer.step()
+        self.outer.zero_grad(set_to_none=True)
+        return loss
+
+
+def _frozen_ridge(solver_class=FrozenRidge, *, outer_optimizer=None, freeze_bias=True, freeze_scale=True,
+                  approx=None, num_iters=20, **kwargs):
+    x, y, xv, yv = _ridge_data()
+    inner = nn.Linear(D, 1)
+    with torch.no_grad():
+        inner.weight.zero_()
+        inner.bias.fill_(0.3)
+    inner.bias.requires_grad_(not freeze_bias)
+    outer = Decays()
+    outer.log_scale.requires_grad_(not freeze_scale)
+    optimizer = (outer_optimizer or (lambda params: torch.optim.SGD(params, lr=1.0)))(outer.parameters())
+    extra = ({"functorch_requires_grad": True} if solver_class is FrozenRidgeUnrolled else
+             {"approx_ihvp": approx or make_approx({"name": "exact"})})
+    return solver_class(inner, outer, full_batch(TensorDataset(x, y)), full_batch(TensorDataset(xv, yv)),
+                        num_iters=num_iters, unroll_steps=5, outer_optimizer=optimizer,
+                        inner_optimizer=functools.partial(diff_sgd, lr=0.1, momentum=0.9, weight_decay=0.01),
+                        **extra, **kwargs)
+
+
+@pytest.mark.parametrize("solver_class", [FrozenRidge, FrozenRidgeUnrolled])
+@pytest.mark.parametrize("outer_optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.1),
+    lambda params: torch.optim.Adam(params, lr=0.1, weight_decay=0.1)], ids=["sgd", "adam"])
+def test_frozen_parameters_stay_frozen(solver_class, outer_optimizer):
+    solver = _frozen_ridge(solver_class, outer_optimizer=outer_optimizer, num_iters=21)
+    assert solver.frozen_inner == (False, True) and solver.frozen_outer == (False, True)
+    decay_before = solver.outer.log_decay.detach().clone()
+    solver.run()
+    assert solver.inner_params[1].item() == 0.3 and solver.inner.bias.item() == 0.3   # frozen inner bias
+    assert solver.outer.log_scale.item() == 0.0                                          # frozen outer scale
+    assert float(solver.inner_params[0].detach().abs().max()) > 0.1                             # the rest trains
+    assert float((solver.outer.log_decay.detach() - decay_before).abs().max()) > 1e-3
+    assert solver.outer_step == 4
+
+
+def test_frozen_parameters_stay_frozen_in_a_distributed_run():
+    from hg_dist.distributed.collectives import run_threads
+    from hg_dist.distributed.hooks import distribute_solver
+
+    def one_rank(collective):
+        solver = _frozen_ridge(approx=make_approx({"name": "cg", "num_iters": D}), num_iters=11)
+        distribute_solver(solver, collective, seed=0)
+        solver.run()
+        return solver
+    for solver in run_threads(2, one_rank):
+        assert solver.inner_params[1].item() == 0.3 and solver.outer.log_scale.item() == 0.0
+        assert solver.outer_step == 2 and float(solver.inner_params[0].abs().max()) > 0.1
+
+
+def test_frozen_inner_parameters_are_constants_of_the_implicit_hypergradient():
+    """θ*(φ) = argmin over the weights with the frozen bias fixed: compare with autograd through the dense solve."""
+    x, y, xv, yv = _ridge_data()
+    bias = 0.3
+    log_decay = torch.full((D,), -1.0, requires_grad=True)
+
+    def weights(phi):   # ∇_w f = Xᵀ(Xw + b − y)/n + e^φ w = 0
+        return torch.linalg.solve(x.T @ x / 30 + torch.diag(phi.exp()), x.T @ (y - bias) / 30)
+
+    w_star = weights(log_decay)
+    truth, = torch.autograd.grad(F.mse_loss(xv @ w_star + bias, yv) / 2, log_decay)
+    solver = _frozen_ridge(freeze_scale=False)
+    solver.inner_params = (w_star.detach().T.clone(), torch.tensor([bias]))
+    before = solver.outer.log_decay.detach().clone()
+    solver.outer_update()                      # SGD, lr = 1: the step is minus the hypergradient
+    assert torch.allclose(before - solver.outer.log_decay.detach(), truth, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["inner", "outer"])
+def test_all_parameters_frozen_is_refused(which):
+    x, y, xv, yv = _ridge_data()
+    inner, outer = nn.Linear(D, 1), Decays()
+    (inner if which == "inner" else outer).requires_grad_(False)
+    with pytest.raises(ValueError, match=rf"every parameter of {which} has requires_grad=False.*requires_grad=True"):
+        FrozenRidge(inner, outer, full_batch(TensorDataset(x, y)), full_batch(TensorDataset(xv, yv)),
+                    make_approx({"name": "exact"}), num_iters=5, unroll_steps=2,
+                    inner_optimizer=functools.partial(diff_sgd, lr=0.1, momentum=0, weight_decay=0),
+                    outer_optimizer=torch.optim.SGD(outer.parameters(), lr=0.1))
