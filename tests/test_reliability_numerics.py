@@ -17,9 +17,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from hg_dist import ihvp, make_approx
-from hg_dist.data import full_batch
-from hg_dist.optimizers import diff_sgd
+from hg_dist import checkpoint, ihvp, make_approx
+from hg_dist.data import ShardedLoader, full_batch
+from hg_dist.optimizers import diff_adam, diff_sgd
 from hg_dist.solver import BaseImplicitSolver, BaseUnrolledSolver
 from hg_dist.hessian import HessianOperator
 from hg_dist.ihvp.nystrom import NystromPrecisionWarning
@@ -220,3 +220,94 @@ def test_all_parameters_frozen_is_refused(which):
                     make_approx({"name": "exact"}), num_iters=5, unroll_steps=2,
                     inner_optimizer=functools.partial(diff_sgd, lr=0.1, momentum=0, weight_decay=0),
                     outer_optimizer=torch.optim.SGD(outer.parameters(), lr=0.1))
+
+
+# ---- checkpoints: integrity and structure -----------------------------------------------------
+
+def _checkpoint_solver(*, inner_optimizer=None, outer_optimizer=None, batch_size=10, num_iters=12):
+    x, y, xv, yv = _ridge_data()
+    outer = Decays()
+    return FrozenRidge(nn.Linear(D, 1), outer, ShardedLoader(TensorDataset(x, y), batch_size, seed=0),
+                       full_batch(TensorDataset(xv, yv)), make_approx({"name": "exact"}), num_iters=num_iters,
+                       unroll_steps=3,
+                       inner_optimizer=inner_optimizer or functools.partial(diff_sgd, lr=0.1, momentum=0.9,
+                                                                            weight_decay=0),
+                       outer_optimizer=(outer_optimizer or functools.partial(torch.optim.SGD, lr=0.1,
+                                                                             momentum=0.9))(outer.parameters()))
+
+
+def _state_of(solver):
+    return {"inner": [t.clone() for t in solver.inner_params],
+            "outer": {k: v.clone() for k, v in solver.outer.state_dict().items()},
+            "steps": (solver.global_step, solver.outer_step)}
+
+
+def _unchanged(solver, before) -> bool:
+    now = _state_of(solver)
+    return (all(torch.equal(a, b) for a, b in zip(now["inner"], before["inner"]))
+            and all(torch.equal(now["outer"][k], before["outer"][k]) for k in before["outer"])
+            and now["steps"] == before["steps"])
+
+
+def test_checkpoint_with_a_flipped_byte_in_a_tensor_record_is_refused(tmp_path):
+    saved = _checkpoint_solver()
+    saved.run()
+    path = checkpoint.save(saved, tmp_path / "ckpt.pt")
+    weights = saved.inner_params[0].detach().contiguous().numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = data.find(weights)
+    assert at >= 0                                         # the tensor's bytes are stored as they are
+    data[at + 3] ^= 0x01                                   # one bit of one weight
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["inner_params"][0].shape == (1, D)   # torch alone reads it
+    solver = _checkpoint_solver()
+    before = _state_of(solver)
+    with pytest.raises(ValueError, match=r"ckpt\.pt.*do not match the checksum.*damaged.*earlier checkpoint"):
+        checkpoint.load(solver, path)
+    assert _unchanged(solver, before)
+    checkpoint.save(saved, path)                           # the intact file loads
+    checkpoint.load(solver, path)
+    assert torch.equal(solver.inner_params[0], saved.inner_params[0]) and solver.global_step == 12
+
+
+@pytest.mark.parametrize("saved_kwargs, pattern", [
+    ({"outer_optimizer": functools.partial(torch.optim.Adam, lr=0.1)},
+     r"outer_optimizer is 'torch\.optim\.adam\.Adam' in the saved run but 'torch\.optim\.sgd\.SGD' here"),
+    ({"inner_optimizer": functools.partial(diff_adam, lr=0.1)},
+     r"inner_optimizer is 'hg_dist\.optimizers\.diff_adam' in the saved run but 'hg_dist\.optimizers\.diff_sgd'"),
+    ({"batch_size": 15},     # 2 batches an epoch instead of 3: the saved position fits, the batches do not
+     r"batch_size is \{'inner': 15, 'outer': 20\} in the saved run but \{'inner': 10, 'outer': 20\} here "
+     r"\(use the same batch_size \(--batch-size\)"),
+], ids=["adam_into_sgd", "inner_adam_into_sgd", "another_batch_size"])
+def test_checkpoint_of_a_differently_built_solver_is_refused(saved_kwargs, pattern, tmp_path):
+    saved = _checkpoint_solver(num_iters=4, **saved_kwargs)
+    saved.run()
+    path = checkpoint.save(saved, tmp_path / "ckpt.pt")
+    solver = _checkpoint_solver()
+    solver.num_iters = 5
+    solver.run()
+    solver.num_iters = 12
+    before = _state_of(solver)
+    with pytest.raises(ValueError, match=r"ckpt\.pt: the state was written by a differently built solver: "
+                                         + pattern):
+        checkpoint.load(solver, path)
+    assert _unchanged(solver, before)
+    solver.run()                                          # and it runs on from where it was
+    assert solver.global_step == 12
+
+
+def test_checkpoint_checksum_covers_every_tensor_byte_and_value():
+    solver = _checkpoint_solver()
+    solver.run()
+    state = solver.state_dict()
+    assert state["checksum"] == checkpoint.payload_checksum(state)
+    def next_float(s):      # the last bit of one weight
+        w = s["inner_params"][0].view(-1)
+        w[0] = torch.nextafter(w[0], torch.tensor(1.0))
+
+    for edit in (next_float, lambda s: s["counters"].__setitem__("global_step", 11),
+                 lambda s: s["recorder"].__setitem__("history", s["recorder"]["history"][:-1])):
+        edited = solver.state_dict()
+        assert checkpoint.payload_checksum(edited) == state["checksum"]
+        edit(edited)
+        assert checkpoint.payload_checksum(edited) != state["checksum"]
