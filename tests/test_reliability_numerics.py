@@ -311,3 +311,42 @@ def test_checkpoint_checksum_covers_every_tensor_byte_and_value():
         assert checkpoint.payload_checksum(edited) == state["checksum"]
         edit(edited)
         assert checkpoint.payload_checksum(edited) != state["checksum"]
+
+
+# ---- Parquet shards use every row ------------------------------------------------------------
+
+def _parquet_files(tmp_path, sizes=(1000, 10), row_group_size=128):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    paths, start = [], 0
+    for f, size in enumerate(sizes):
+        ids = list(range(start, start + size))
+        table = pa.table({"id": ids, "x": [float(i) / 7 for i in ids], "v": [[float(i), -float(i)] for i in ids]})
+        pq.write_table(table, tmp_path / f"part{f}.parquet", row_group_size=row_group_size)
+        paths.append(tmp_path / f"part{f}.parquet")
+        start += size
+    return paths
+
+
+def test_parquet_shards_of_unequal_files_use_every_row(tmp_path):
+    from hg_dist.distributed import read_parquet_shard
+    paths = _parquet_files(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # 1010 rows split evenly: no warning
+        shards = [read_parquet_shard(paths, ["id", "x", "v"], rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in shards] == [505, 505]
+    ids = torch.cat([s.tensors[0] for s in shards])
+    assert ids.tolist() == list(range(1010))                # every row once, rank 0 first, in file order
+    assert torch.equal(torch.cat([s.tensors[1] for s in shards]), ids.double() / 7)
+    assert torch.equal(shards[1].tensors[2][-1], torch.tensor([1009.0, -1009.0]))
+
+
+def test_parquet_rows_that_do_not_split_evenly_are_named(tmp_path):
+    from hg_dist.distributed import read_parquet_shard
+    paths = _parquet_files(tmp_path, sizes=(1000, 10), row_group_size=1000)
+    with pytest.warns(RuntimeWarning, match=r"the 1010 rows of 2 Parquet file\(s\) do not split equally over "
+                                            r"workers=3; the last 2 row\(s\) are left out.*every worker has 336"):
+        shards = [read_parquet_shard(paths, ["id"], rank=r, world_size=3) for r in range(3)]
+    assert [len(s) for s in shards] == [336, 336, 336]
+    assert torch.cat([s.tensors[0] for s in shards]).tolist() == list(range(1008))
+    with pytest.raises(ValueError, match=r"workers=1011 is more than the 1010 Parquet rows"):
+        read_parquet_shard(paths, ["id"], rank=0, world_size=1011)
