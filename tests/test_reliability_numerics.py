@@ -350,3 +350,83 @@ def test_parquet_rows_that_do_not_split_evenly_are_named(tmp_path):
     assert torch.cat([s.tensors[0] for s in shards]).tolist() == list(range(1008))
     with pytest.raises(ValueError, match=r"workers=1011 is more than the 1010 Parquet rows"):
         read_parquet_shard(paths, ["id"], rank=0, world_size=1011)
+
+
+# ---- ImageFolder: one class, 16-bit images ----------------------------------------------------
+
+def _png_rgb16(path, pixels):
+    """Write ``pixels`` (``uint16 (32, 32, 3)``) as a 16-bit-per-channel RGB PNG (Pillow cannot write these)."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[r].astype(">u2").tobytes() for r in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    assert np.asarray(pixels).dtype == np.uint16
+
+
+def _image_tree(root, classes=("cat", "dog"), write=None):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            (write or (lambda p: Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)))(
+                root / split / name / "0.png")
+    return root
+
+
+def test_image_folder_with_one_class_is_refused(tmp_path):
+    from hg_dist.vision.datasets import load_image_data
+    root = _image_tree(tmp_path / "data", classes=("cat",))
+    with pytest.raises(ValueError, match=r"train has one class folder \(cat/\); a classifier needs at least two "
+                                         r"classes.*add a folder per class"):
+        load_image_data(root)
+    (root / "train" / "dog").mkdir()
+    with pytest.raises(ValueError, match=r"train/dog holds no images"):   # a second, empty class is no class
+        load_image_data(root)
+
+
+def test_image_folder_reads_16_bit_grayscale_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from hg_dist.vision.datasets import load_image_data
+    values = (np.arange(32 * 32, dtype=np.int64).reshape(32, 32) * 64).astype(np.uint16)   # 0 … 65472
+    root = _image_tree(tmp_path / "data", write=lambda p: Image.fromarray(values).save(p))
+    assert Image.open(root / "train" / "cat" / "0.png").mode == "I;16"
+    data = load_image_data(root)
+    expected = torch.from_numpy(np.floor((values.astype(np.int64) * 255 + 32767) / 65535).astype(np.uint8))
+    assert data.train.images.dtype == torch.uint8 and data.train.images.shape == (2, 3, 32, 32)
+    assert torch.equal(data.train.images[0], expected.expand(3, 32, 32))
+    assert int(data.train.images.max()) == 255 and float((data.train.images == 255).double().mean()) < 0.01
+    assert int(data.train.images[0, 0, 16, 0]) == round(16 * 32 * 64 * 255 / 65535)   # mid-grey stays mid-grey
+
+
+def test_image_folder_reads_16_bit_rgb_png(tmp_path):
+    import numpy as np
+
+    from hg_dist.vision.datasets import load_image_data
+    rgb = np.random.default_rng(1).integers(0, 65536, (32, 32, 3)).astype(np.uint16)
+    root = _image_tree(tmp_path / "data", write=lambda p: _png_rgb16(p, rgb))
+    image = load_image_data(root).train.images[0].permute(1, 2, 0).to(torch.int64)
+    assert (image - torch.from_numpy(rgb.astype(np.int64)) / 257).abs().max() <= 1    # the high byte, ±1
+
+
+def test_image_folder_refuses_32_bit_pixels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from hg_dist.vision.datasets import load_image_data
+    root = _image_tree(tmp_path / "data")
+    Image.fromarray(np.full((32, 32), 70000, dtype=np.int32)).save(root / "train" / "cat" / "1.tiff")
+    with pytest.raises(ValueError, match=r"1\.tiff has 32-bit integer pixels.*expected 8- or 16-bit images"):
+        load_image_data(root)
