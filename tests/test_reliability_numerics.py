@@ -430,3 +430,41 @@ def test_image_folder_refuses_32_bit_pixels(tmp_path):
     Image.fromarray(np.full((32, 32), 70000, dtype=np.int32)).save(root / "train" / "cat" / "1.tiff")
     with pytest.raises(ValueError, match=r"1\.tiff has 32-bit integer pixels.*expected 8- or 16-bit images"):
         load_image_data(root)
+
+
+# ---- Neumann with a step far too small --------------------------------------------------------
+
+@pytest.mark.parametrize("lr", [1e-300, 1e-9])
+def test_neumann_step_far_too_small_is_refused_naming_lr_and_the_range(lr):
+    hessian, v = _least_squares_hessian()
+    lam_max = float(torch.linalg.eigvalsh(hessian)[-1])
+    op = HessianOperator(matvec=lambda u: hessian @ u, matmat=lambda u: hessian @ u, size=30)
+    with pytest.raises(ihvp.IHVPDivergenceError, match=rf"made no progress: with lr={lr:g} and 10 products.*"
+                                                       r"converges for lr in \(0, 2/λ_max\(A\)\).*use lr in \(0, "
+                                                       r"[0-9.]+\), e\.g\. lr=") as info:
+        ihvp.neumann(op, v, num_iters=10, alpha=lr)
+    assert "--" not in str(info.value)                                        # the setting, not a CLI flag
+    assert info.value.lambda_max == pytest.approx(lam_max, rel=1e-6)          # Lanczos on 30 dims is exact
+    suggested = float(str(info.value).rsplit("lr=", 1)[1])
+    good = ihvp.neumann(op, v, num_iters=200, alpha=suggested).solution       # and the suggestion works
+    assert float((good - torch.linalg.solve(hessian, v)).norm() / torch.linalg.solve(hessian, v).norm()) < 1e-6
+    with pytest.warns(ihvp.IHVPDivergenceWarning, match="made no progress"):
+        x = ihvp.neumann(op, v, num_iters=10, alpha=lr, on_divergence="warn").solution
+    assert torch.allclose(x, lr * 11 * v, rtol=1e-6)                          # the plain sum, as the warning says
+
+
+def test_neumann_small_but_useful_step_is_accepted():
+    hessian, v = _least_squares_hessian()
+    op = HessianOperator(matvec=lambda u: hessian @ u, matmat=lambda u: hessian @ u, size=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ihvp.neumann(op, v, num_iters=10, alpha=1e-4)       # covers 1e-3 of the way: a scaled identity, allowed
+
+
+def test_solver_with_neumann_lr_1e_300_stops_before_the_outer_step():
+    solver = _frozen_ridge(approx=make_approx({"name": "neumann", "num_iters": 10, "lr": 1e-300}),
+                           freeze_bias=False, freeze_scale=False)
+    before = solver.outer.log_decay.detach().clone()
+    with pytest.raises(ihvp.IHVPDivergenceError, match=r"made no progress: with lr=1e-300.*use lr in \(0, "):
+        solver.run()
+    assert torch.equal(solver.outer.log_decay.detach(), before) and solver.outer_step == 0
