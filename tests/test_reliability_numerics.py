@@ -468,3 +468,62 @@ def test_solver_with_neumann_lr_1e_300_stops_before_the_outer_step():
     with pytest.raises(ihvp.IHVPDivergenceError, match=r"made no progress: with lr=1e-300.*use lr in \(0, "):
         solver.run()
     assert torch.equal(solver.outer.log_decay.detach(), before) and solver.outer_step == 0
+
+
+# ---- resuming a search whose space was edited ------------------------------------------------
+
+def _search_folder(tmp_path, space):
+    import json
+
+    from hg_dist.tune.space_record import describe_space
+    folder = tmp_path / "search"
+    folder.mkdir()
+    (folder / "search.json").write_text(json.dumps({"format": 1, "metric": "outer_loss", "mode": "min",
+                                                    "search": "random", "num_samples": 1,
+                                                    "space": describe_space(space)}))
+    return folder
+
+
+def test_resume_after_the_space_was_edited_is_refused_naming_the_change(tmp_path):
+    pytest.importorskip("ray")
+    from ray import tune
+
+    from hg_dist.tune import SearchExistsError, run_search
+    from hg_dist.tune.search import _check_resumable
+    from hg_dist.tune.storage import SearchStorage
+
+    def space(rho_low=1e-2, ranks=(5, 10), iters=20):
+        return {"approximator": tune.choice([{"name": "nystrom", "rank": tune.choice(list(ranks)),
+                                               "rho": tune.loguniform(rho_low, 1.0)},
+                                              {"name": "cg", "num_iters": 3}]),
+                "outer_optimizer": {"name": "adam", "lr": tune.quniform(0.01, 0.1, 0.01)}, "num_iters": iters}
+
+    folder = _search_folder(tmp_path, space())
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    storage = SearchStorage.parse(folder)
+    assert _check_resumable(storage, True, space=space(), metric="outer_loss")["num_samples"] == 1   # unchanged
+    cases = [(space(rho_low=1e-3), r"space\['approximator'\]\['tune.choice'\]\[0\]\['rho'\]\['tune.float'\]\[0\] "
+                                   r"was 0.01, now 0.001"),
+             (space(ranks=(5, 20)), r"space\['approximator'\]\['tune.choice'\]\[0\]\['rank'\]\['tune.choice'\]\[1\] "
+                                    r"was 10, now 20"),
+             (space(iters=40), r"space\['num_iters'\] was 20, now 40"),
+             ({**space(), "unroll_steps": 5}, r"space\['unroll_steps'\] is new: 5")]
+    for edited, change in cases:
+        with pytest.raises(SearchExistsError, match=r"the search space was changed since the search in .* was "
+                                                    r"started: " + change + r".*runs the space it was started "
+                                                    r"with.*another folder \(--output\)"):
+            run_search(lambda config, rank=0, world_size=1: None, edited, output=folder, resume=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_space_record_tells_every_domain_apart():
+    pytest.importorskip("ray")
+    from ray import tune
+
+    from hg_dist.tune.space_record import describe_space, space_changes
+    domains = [tune.uniform(0, 1), tune.loguniform(0.001, 1), tune.quniform(0, 1, 0.1), tune.quniform(0, 1, 0.2),
+               tune.randint(0, 5), tune.choice([1, 2]), tune.grid_search([1, 2]), tune.randn(0, 1), 0.5, "a"]
+    records = [describe_space({"x": d}) for d in domains]
+    for i, a in enumerate(records):
+        for j, b in enumerate(records):
+            assert (space_changes(a, b) == []) == (i == j), (domains[i], domains[j])
