@@ -72,7 +72,7 @@ def test_nystrom_shift_below_the_float32_noise_floor_warns(rho):
     with pytest.warns(NystromPrecisionWarning, match=r"rho=.*below the rounding noise.*float32.*raise rho") as record:
         ihvp.nystrom(_float32_operator(hessian), v.float(), rank=30, rho=rho)
     message = str(record[0].message)
-    assert f"{floor:.3g}" in message
+    assert f"eps·‖C‖ ≈ {floor:.0e}" in message and f"raise rho above {floor:.0e}" in message
 
 
 def test_nystrom_float64_small_shift_is_accurate_and_quiet():

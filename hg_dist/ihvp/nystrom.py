@@ -87,10 +87,12 @@ def woodbury_solve(rows: Tensor, columns: Tensor, v: Tensor, rho: float) -> Tens
     z = solution[k:]                                      # (T W⁺ Tᵀ + ρI)⁻¹ a
     floor = torch.finfo(rows.dtype).eps * norm_c
     if rho < floor:
+        # One significant digit keeps the text the same from one call to the next, so Python shows it once.
         warnings.warn(f"nystrom: rho={rho:.3g} is below the rounding noise of the Hessian columns in "
-                      f"{str(rows.dtype).removeprefix('torch.')}, eps·‖C‖ ≈ {floor:.3g}, so the solution is "
-                      f"dominated by that noise; raise rho to at least {floor:.2g} (e.g. rho={_suggest(norm_c):.2g}, "
-                      f"1e-3·‖H‖) or compute the products in float64", NystromPrecisionWarning, stacklevel=3)
+                      f"{str(rows.dtype).removeprefix('torch.')}, eps·‖C‖ ≈ {floor:.0e}, so the solution is "
+                      f"dominated by that noise; raise rho above {floor:.0e} (e.g. rho={_suggest(norm_c):.0e}, "
+                      f"about 1e-3·‖H‖) or compute the Hessian products in float64",
+                      NystromPrecisionWarning, stacklevel=3)
     x = q @ z + (v64 - q @ a) / rho                       # Q(TW⁺Tᵀ + ρI)⁻¹a + (I − QQᵀ)v/ρ
     return x.to(v.dtype)
 
