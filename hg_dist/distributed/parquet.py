@@ -66,7 +66,7 @@ def _to_tensor(array: pa.ChunkedArray | pa.Array, float_dtype: torch.dtype) -> t
         values = np.stack([np.asarray(row) for row in array.to_pylist()])
     else:
         values = array.to_numpy()
-    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    tensor = torch.from_numpy(np.require(values, requirements=["C", "W"]))  # a read-only Arrow view is copied
     return tensor.to(float_dtype) if tensor.is_floating_point() else tensor
 
 
