@@ -13,10 +13,27 @@ way a failed load raises ``ValueError`` and leaves the solver exactly as before.
 
 :func:`save` / :func:`load` do the same through a file, written atomically, with
 errors that name the file.
+
+Two records make a state refuse what does not belong to it, before anything is applied:
+
+* ``"structure"`` (:func:`solver_structure`): the optimizers' kinds, the parameter
+  shapes and the loaders' global batch sizes. :func:`load_solver_state` compares it
+  with the solver's and names what differs (an Adam state in an SGD solver, a run
+  with another ``batch_size``), where a load would otherwise succeed and the run
+  then fail or continue with other data.
+* ``"checksum"`` (:func:`payload_checksum`): a SHA-256 over every other entry —
+  each tensor's dtype, shape and bytes, every plain value. :func:`read` (hence
+  :func:`load`) recomputes it, so a file damaged in a tensor record (which
+  ``torch.load`` reads without complaint) is refused, naming the file. A state
+  passed to ``load_state_dict`` directly is not checked against it: it may be an
+  edited or merged state (the distributed layer merges each rank's loader and RNG
+  state into rank 0's), and files are what get damaged.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import os
 import random
@@ -143,8 +160,11 @@ def from_plain(tree: Any, device: torch.device | None = None) -> Any:
 # ---- the solver's state ----------------------------------------------------------------------
 
 def solver_state(solver: "BaseSolver") -> dict[str, Any]:
-    """Everything :func:`load_solver_state` needs to continue ``solver``'s run exactly."""
-    return {"format": STATE_FORMAT,
+    """Everything :func:`load_solver_state` needs to continue ``solver``'s run exactly.
+
+    Also its :func:`solver_structure` and the :func:`payload_checksum` of all of it.
+    """
+    state = {"format": STATE_FORMAT,
             "inner_params": to_plain(tuple(solver.inner_params)),
             "inner_optim_state": to_plain(solver.inner_optim_state),
             "outer": to_plain(dict(solver.outer.state_dict())),
@@ -154,7 +174,97 @@ def solver_state(solver: "BaseSolver") -> dict[str, Any]:
             "loaders": {"inner": solver.inner_loader.state_dict(), "outer": solver.outer_loader.state_dict()},
             "recorder": solver.recorder.state_dict(),
             "generators": [g.get_state() for g in solver.generators()],
-            "rng": rng_state()}
+            "rng": rng_state(),
+            "structure": solver_structure(solver)}
+    state["checksum"] = payload_checksum(state)
+    return state
+
+
+def _kind(function: Any) -> str:
+    """The name of what an optimizer *is*: ``diff_sgd`` for ``partial(diff_sgd, lr=...)``, ``SGD`` for an instance.
+
+    Follows ``functools.partial`` and ``__wrapped__`` (the convention of wrappers such as
+    the distributed layer's gradient allreduce) down to the function or class.
+    """
+    while True:
+        if isinstance(function, functools.partial):
+            function = function.func
+        elif getattr(function, "__wrapped__", None) is not None:
+            function = function.__wrapped__
+        else:
+            break
+    named = function if isinstance(function, type) or callable(function) and hasattr(function, "__qualname__") \
+        else type(function)
+    return f"{named.__module__}.{named.__qualname__}"
+
+
+def _batch_size(loader: Any) -> int | None:
+    """The global batch size of an :class:`~hg_dist.loaders.InfiniteLoader`'s source, if it has one."""
+    size = getattr(loader.source, "batch_size", None)
+    return size if isinstance(size, int) else None
+
+
+def solver_structure(solver: "BaseSolver") -> dict[str, Any]:
+    """What a state must match to load into ``solver``: optimizer kinds, shapes, global batch sizes."""
+    return {"inner_optimizer": _kind(solver.inner_optimizer),
+            "outer_optimizer": _kind(type(solver.outer_optimizer)),
+            "inner_shapes": _shapes(solver.inner_params),
+            "outer_shapes": {k: tuple(v.shape) for k, v in solver.outer.state_dict().items()},
+            "batch_size": {"inner": _batch_size(solver.inner_loader), "outer": _batch_size(solver.outer_loader)}}
+
+
+_STRUCTURE_FIXES = {"inner_optimizer": "build inner_optimizer as in the saved run",
+                    "outer_optimizer": "build outer_optimizer with the same torch.optim class as the saved run",
+                    "inner_shapes": "build the solver with the same inner model",
+                    "outer_shapes": "build the outer module as in the saved run",
+                    "batch_size": "use the same batch_size (--batch-size) and data as the saved run"}
+
+
+def check_structure(solver: "BaseSolver", saved: Any) -> None:
+    """Raise ``ValueError`` naming every entry of ``saved`` (a :func:`solver_structure`) that differs."""
+    if not isinstance(saved, Mapping):
+        raise ValueError("the saved solver structure is malformed; pass what solver.state_dict() returned")
+    now = solver_structure(solver)
+    differences = [f"{key} is {_plain(saved.get(key))!r} in the saved run but {_plain(now[key])!r} here ({fix})"
+                   for key, fix in _STRUCTURE_FIXES.items() if _plain(saved.get(key)) != _plain(now[key])]
+    if differences:
+        raise ValueError("the state was written by a differently built solver: " + "; ".join(differences))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with lists as tuples (a saved structure's shapes, whichever way they were stored)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def payload_checksum(state: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of every entry of ``state`` but ``"checksum"``: tensors by dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != "checksum"})
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, tree: Any) -> None:
+    if isinstance(tree, Tensor):
+        t = tree.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{t.dtype}{tuple(tree.shape)}:".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(tree, Mapping):
+        digest.update(f"D{len(tree)}:".encode())
+        for key, value in tree.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(tree, (tuple, list)):
+        digest.update(f"{'L' if isinstance(tree, list) else 'U'}{len(tree)}:".encode())
+        for value in tree:
+            _feed(digest, value)
+    elif isinstance(tree, float):
+        digest.update(f"F{tree.hex()};".encode())
+    else:
+        digest.update(f"{type(tree).__name__}{tree!r};".encode())
 
 
 def _shapes(tensors: Sequence[Tensor]) -> list[tuple[int, ...]]:
@@ -231,6 +341,8 @@ def _check(solver: "BaseSolver", state: Any) -> dict[str, Any]:
         except Exception as error:  # noqa: BLE001
             raise ValueError(f"the saved IHVP generator state does not fit ({error})") from None
     check_rng_state(state["rng"])
+    if "structure" in state:  # absent from states written before it was recorded
+        check_structure(solver, state["structure"])
     device = solver.inner_params[0].device
     return {"inner_params": solver.as_inner_params(t.to(device) for t in saved),
             "inner_optim_state": from_plain(state["inner_optim_state"], device)}
@@ -303,7 +415,8 @@ def read(path: str | os.PathLike, map_location: str | torch.device | None = "cpu
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable checkpoint (corrupt, truncated, another format), naming it.
+        ValueError: the file is not a readable checkpoint (corrupt, truncated, another format), or its
+            ``"checksum"`` does not match its contents (damaged after writing), naming it.
     """
     path = Path(path)
     if path.is_dir():
@@ -311,10 +424,15 @@ def read(path: str | os.PathLike, map_location: str | torch.device | None = "cpu
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many kinds for a damaged file
         raise ValueError(f"cannot read the checkpoint {str(path)!r}: it is corrupt, truncated or not an "
                          f"hg_dist checkpoint ({type(error).__name__}: {str(error)[:200]})") from None
+    if isinstance(state, Mapping) and "checksum" in state and state["checksum"] != payload_checksum(state):
+        raise ValueError(f"cannot read the checkpoint {str(path)!r}: its contents do not match the checksum "
+                         f"written with them, so the file was damaged after it was written (disk, copy or "
+                         f"transfer); resume from an earlier checkpoint or start the run again")
+    return state
 
 
 def load(solver: "BaseSolver", path: str | os.PathLike) -> None:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from hg_dist import checkpoint
 from hg_dist._checks import SUPPORTED_DTYPES, check_int
 from hg_dist.callbacks import Callback, run_callbacks
+from hg_dist.frozen import frozen_mask, keep_frozen, merge, select
 from hg_dist.guards import (NAN_POLICIES, ForwardOutput, NonFiniteLossError, check_update, guarded_outer_step,
                             hypergradient_norm, update_metrics)
 from hg_dist.loaders import InfiniteLoader
@@ -143,6 +144,8 @@ class BaseSolver(abc.ABC):
             self.inner.to(self.device)
             self.outer.to(self.device)
         self.functorch_requires_grad = bool(functorch_requires_grad)
+        # Frozen (requires_grad=False) parameters, recorded once: updates to them are masked (hg_dist.frozen).
+        self.frozen_inner, self.frozen_outer = frozen_mask(self.inner, "inner"), frozen_mask(self.outer, "outer")
         self.inner_func, params = make_functional(self.inner)
         self.inner_params: Params = self.as_inner_params(params)
         self.inner_optim_state: Any = None
@@ -195,9 +198,14 @@ class BaseSolver(abc.ABC):
         Raises :class:`~hg_dist.NonFiniteHypergradientError` before touching any ``.grad`` on NaN/inf.
         """
         params = tuple(self.outer.parameters())
-        self.recorder.add_many(hypergradient_norm(grads, params))
-        for param, g in zip(params, grads):
-            param.grad = g.detach().to(dtype=param.dtype, device=param.device)
+        metrics = hypergradient_norm(grads, params)
+        if any(self.frozen_outer):  # the norm of what is applied: the trainable parameters' gradients
+            metrics["hypergrad_norm"] = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g.detach().double()) for g in select(grads, self.frozen_outer)])))
+        self.recorder.add_many(metrics)
+        for param, g, frozen in zip(params, grads, self.frozen_outer):
+            # A frozen outer parameter gets no .grad, so torch.optim skips it.
+            param.grad = None if frozen else g.detach().to(dtype=param.dtype, device=param.device)
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -260,6 +268,7 @@ class BaseSolver(abc.ABC):
         self._before_inner_update()
         previous = (self.inner_params, self.inner_optim_state)
         returned = self.inner_update()
+        self.inner_params = keep_frozen(self.inner_params, previous[0], self.frozen_inner)
         self._after_inner_update()
         try:
             self.recorder.add_many(check_update(update_metrics(returned, "inner_loss"), "inner_update",
@@ -364,9 +373,11 @@ class BaseImplicitSolver(BaseSolver):
     def outer_update(self) -> dict[str, Tensor]:
         in_batch = _as_args(next(self.inner_loader))
         out_batch = _as_args(next(self.outer_loader))
-        self.outer_grad = self.approx_ihvp(lambda i, o: self.inner_forward(i, o, *in_batch),
-                                           lambda i, o: self.outer_forward(i, o, *out_batch),
-                                           self.inner_params, self.outer_params())
+        # θ*(φ) is the argmin over the trainable inner parameters; frozen ones enter as constants.
+        full, mask = self.inner_params, self.frozen_inner
+        self.outer_grad = self.approx_ihvp(lambda i, o: self.inner_forward(merge(i, full, mask), o, *in_batch),
+                                           lambda i, o: self.outer_forward(merge(i, full, mask), o, *out_batch),
+                                           select(full, mask), self.outer_params())
         self.outer_optimizer.step()
         self.outer.zero_grad(set_to_none=True)
         with torch.no_grad():

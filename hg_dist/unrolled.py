@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hg_dist.frozen import select
 from hg_dist.solver import BaseSolver
 from hg_dist.utils import Params, detached
 
@@ -38,10 +39,11 @@ class BaseUnrolledSolver(BaseSolver):
         self.inner_optim_state = detached(self.inner_optim_state)
 
     def unrolled_hypergradient(self, outer_loss: Tensor) -> Params:
-        """``d outer_loss / dφ`` through the unrolled inner steps (zeros for unused parameters)."""
+        """``d outer_loss / dφ`` through the unrolled inner steps (zeros for unused and frozen parameters)."""
         params = tuple(self.outer.parameters())
-        grads = torch.autograd.grad(outer_loss, params, allow_unused=True)
-        return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+        grads = iter(torch.autograd.grad(outer_loss, select(params, self.frozen_outer), allow_unused=True))
+        return tuple(torch.zeros_like(p) if frozen else _or_zeros(next(grads), p)
+                     for p, frozen in zip(params, self.frozen_outer))
 
     def next_outer_step(self, i: int) -> int | None:
         """The first step ``j >= i`` that ends with an outer update, or ``None``."""
@@ -58,3 +60,7 @@ class BaseUnrolledSolver(BaseSolver):
 
     def _after_outer_update(self) -> None:
         self.truncate()
+
+
+def _or_zeros(grad: Tensor | None, param: Tensor) -> Tensor:
+    return torch.zeros_like(param) if grad is None else grad

@@ -246,8 +246,8 @@ def test_parquet_shards(tmp_path):
     assert features.shape == (12, 2) and features.dtype == torch.float64
     assert sorted(features[:, 0].tolist()) == sorted([float(10 * f + i) for f in range(2) for i in range(6)])
     assert shards[0].tensors[1].dtype == torch.int64
-    with pytest.raises(ValueError, match="workers=5 is more than the 4 Parquet row groups"):
-        read_parquet_shard(paths, ["a"], rank=0, world_size=5)
+    with pytest.raises(ValueError, match="workers=13 is more than the 12 Parquet rows"):
+        read_parquet_shard(paths, ["a"], rank=0, world_size=13)
 
 
 # ---------------------------------------------------------------------------------------

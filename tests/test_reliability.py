@@ -597,6 +597,7 @@ def _state_with(**changes):
     state = _trained(num_iters=20)
     for key, value in changes.items():
         state[key] = value
+    state["checksum"] = checkpoint.payload_checksum(state)  # as a run that saved such a state would have
     return state
 
 

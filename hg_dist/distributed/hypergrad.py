@@ -92,6 +92,7 @@ class AllreduceGrads:
     def __init__(self, optimizer: Callable[..., Any], reduce: CountingAllreduce) -> None:
         self.optimizer = optimizer
         self.reduce = reduce
+        self.__wrapped__ = optimizer  # checkpoints record the wrapped optimizer's kind (hg_dist.checkpoint)
 
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: Any, *args: Any,
                  **kwargs: Any) -> Any:

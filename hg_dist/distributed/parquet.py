@@ -1,15 +1,23 @@
 """This rank's share of a set of Parquet files, read with pyarrow.
 
-The unit of sharding is the *row group* (a file holds one or more): the row groups
-of all files, in file order, are dealt round-robin to the ``W`` ranks, so each
-worker reads only its own row groups. Row-group sizes come from the files'
-metadata (no data is read to plan), and every shard is cut to the smallest shard's
-size so that all shards are equal (see :mod:`hg_dist.data`). Unlike
+The unit of sharding is the *row*. The ``N`` rows of all files, in file order, are
+cut into ``W`` contiguous ranges of ``n = ⌊N/W⌋`` rows; rank ``r`` takes rows
+``[r·n, (r + 1)·n)`` and reads only the row groups that overlap them (row counts
+come from the files' metadata, so no data is read to plan). Files and row groups
+of any sizes are used whole: a 1000-row and a 10-row file over two workers give
+505 rows to each.
+
+Why equal shards: a data-parallel step averages the ranks' mean gradients, which
+is the gradient of the union batch only when every rank's batch has the same
+size (see :mod:`hg_dist.data`). Shards of equal size make equal local batches
+possible, so the ``N mod W < W`` rows that do not divide evenly (the last ones)
+are left out, with a warning naming them. Unlike
 :class:`~hg_dist.data.ShardedLoader`, a rank's examples depend on the number of workers.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from os import PathLike
 
@@ -25,19 +33,31 @@ Column = str | Sequence[str]
 """A column name, or several scalar columns stacked into one ``(n, m)`` tensor."""
 
 
-def plan_row_groups(paths: Sequence[str | PathLike], world_size: int) -> list[list[tuple[int, int]]]:
-    """``(file index, row group)`` pairs for each rank, dealt round-robin.
+def plan_rows(row_counts: Sequence[Sequence[int]], rank: int, world_size: int) -> list[tuple[int, int, int, int]]:
+    """Rank ``rank``'s pieces of its ``⌊N/W⌋`` rows, given the row counts of every file's row groups.
+
+    Args:
+        row_counts: ``row_counts[f][g]``, the rows of row group ``g`` of file ``f``.
 
     Returns:
-        ``plan[r]``: rank ``r``'s row groups.
+        ``(file, row group, first row in the group, rows)`` for every row group that
+        overlaps the rank's range, in order.
 
     Raises:
-        ValueError: if there are fewer row groups than workers.
+        ValueError: fewer rows ``N`` than workers.
     """
-    units = [(f, g) for f, path in enumerate(paths) for g in range(pq.ParquetFile(path).num_row_groups)]
-    check_shardable(len(units), world_size, what="Parquet row groups (write smaller ones with "
-                                               "pyarrow.parquet.write_table(..., row_group_size=...))")
-    return [units[r::world_size] for r in range(world_size)]
+    total = sum(sum(groups) for groups in row_counts)
+    check_shardable(total, world_size, what="Parquet rows")
+    per_rank = total // world_size
+    start, stop = rank * per_rank, (rank + 1) * per_rank
+    pieces, offset = [], 0
+    for f, groups in enumerate(row_counts):
+        for g, count in enumerate(groups):
+            lo, hi = max(start, offset), min(stop, offset + count)
+            if lo < hi:
+                pieces.append((f, g, lo - offset, hi - lo))
+            offset += count
+    return pieces
 
 
 def _to_tensor(array: pa.ChunkedArray | pa.Array, float_dtype: torch.dtype) -> torch.Tensor:
@@ -46,7 +66,7 @@ def _to_tensor(array: pa.ChunkedArray | pa.Array, float_dtype: torch.dtype) -> t
         values = np.stack([np.asarray(row) for row in array.to_pylist()])
     else:
         values = array.to_numpy()
-    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    tensor = torch.from_numpy(np.require(values, requirements=["C", "W"]))  # a read-only Arrow view is copied
     return tensor.to(float_dtype) if tensor.is_floating_point() else tensor
 
 
@@ -63,19 +83,32 @@ def read_parquet_shard(paths: Sequence[str | PathLike], columns: Sequence[Column
         float_dtype: dtype of floating columns (default: ``torch.get_default_dtype()``).
 
     Returns:
-        ``TensorDataset`` of ``n = min_r (rows of rank r)`` examples, one tensor per
-        entry of ``columns``.
+        ``TensorDataset`` of ``n = ⌊N/W⌋`` examples (``N``: the rows of all files), one
+        tensor per entry of ``columns``: rows ``[rank·n, (rank + 1)·n)`` in file order.
+
+    Raises:
+        ValueError: ``paths`` is empty, or there are fewer rows than workers.
+
+    Warns:
+        RuntimeWarning: ``N`` is not a multiple of ``W``, naming the ``N mod W`` rows left out.
     """
     check_rank(rank, world_size)
     if not paths:
         raise ValueError("paths is empty; pass at least one Parquet file")
     float_dtype = float_dtype or torch.get_default_dtype()
     files = [pq.ParquetFile(path) for path in paths]
-    plan = plan_row_groups(paths, world_size)
-    sizes = [sum(files[f].metadata.row_group(g).num_rows for f, g in units) for units in plan]
-    rows = min(sizes)
+    row_counts = [[file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)] for file in files]
+    pieces = plan_rows(row_counts, rank, world_size)
+    total = sum(map(sum, row_counts))
+    if total % world_size:
+        warnings.warn(f"read_parquet_shard: the {total} rows of {len(paths)} Parquet file(s) do not split equally "
+                      f"over workers={world_size}; the last {total % world_size} row(s) are left out so that every "
+                      f"worker has {total // world_size} (equal shards keep the data-parallel mean exact); write "
+                      f"a multiple of {world_size} rows, or use a worker count that divides {total}",
+                      RuntimeWarning, stacklevel=2)
     names = sorted({name for column in columns for name in ([column] if isinstance(column, str) else column)})
-    table = pa.concat_tables([files[f].read_row_group(g, columns=names) for f, g in plan[rank]]).slice(0, rows)
+    table = pa.concat_tables([files[f].read_row_group(g, columns=names).slice(first, rows)
+                              for f, g, first, rows in pieces])
     tensors = []
     for column in columns:
         if isinstance(column, str):

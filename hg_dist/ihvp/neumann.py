@@ -20,6 +20,15 @@ may be half precision) while a genuinely diverging series, whose terms grow
 geometrically, crosses it within a few terms; a series growing by less than 2×
 over its whole budget has an error of the size of the truncation error anyway.
 
+Stagnation. A step far below ``1/λ`` does not diverge but gets nowhere: after
+``n`` products each eigen-component of the sum is ``α(n + 1)`` times ``v``'s instead
+of ``1/λ`` times, so with ``lr=1e-300`` the result is zero in all but name. The
+first product gives ``ρ_v = ‖Av‖/‖v‖``, a weighted mean of ``A``'s eigenvalues over
+``v``; when ``α (n + 1) ρ_v <`` :data:`MIN_PROGRESS` the series has covered less than
+that fraction of the way to ``A⁻¹v`` along ``v`` and the method raises the same
+:class:`~hg_dist.ihvp.IHVPDivergenceError` (or warns), naming ``lr`` and the range
+``(0, 2/λ_max)`` with an estimate of ``λ_max``.
+
 Synchronisation: the norms stay on the device (one small reduction per term)
 and are read once, at the end — one host–device sync per solve instead of one
 per iteration (checking every ``k`` iterations would still cost ``n/k`` syncs
@@ -30,6 +39,8 @@ operator) are made only when the check fails.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -48,6 +59,13 @@ STEP = Setting("lr", float, 0.1, "Neumann step α; the series converges for α <
 
 GROWTH_LIMIT = 2.0
 """A term more than this many times the smallest term before it means divergence."""
+
+MIN_PROGRESS = 1e-6
+"""``α (n + 1) ‖Av‖/‖v‖`` below this means the step is too small for the series to get anywhere.
+
+Deliberately low: a short series with a small step is ``≈ α(n + 1) v``, a scaled-identity
+approximation of ``A⁻¹`` that some use on purpose with a scale-invariant outer optimizer
+(Adam); a millionth of the way is no approximation at all (and in float32 it underflows)."""
 
 
 @checks_rhs
@@ -78,28 +96,37 @@ def neumann(op: HessianOperator, v: Tensor, num_iters: int, alpha: float, *, rho
     term = v
     total = v
     norms = [torch.linalg.vector_norm(v)]
+    first_product = None
     for _ in range(num_iters):
-        term = term - alpha * a.matvec(term)
+        product = a.matvec(term)
+        if first_product is None:
+            first_product = torch.linalg.vector_norm(product)    # ‖Av‖, for the stagnation check
+        term = term - alpha * product
         total = total + term
         norms.append(torch.linalg.vector_norm(term))
     stats = IHVPStats(method="neumann", num_hvps=num_iters, num_operator_calls=num_iters, iterations=num_iters)
-    _check_terms(a, v, torch.stack(norms), alpha, rho, on_divergence)
+    _check_terms(a, v, torch.stack(norms), first_product, alpha, rho, on_divergence)
     return IHVPResult(alpha * total, stats)
 
 
-def _check_terms(a: HessianOperator, v: Tensor, norms: Tensor, alpha: float, rho: float, on_divergence: str) -> None:
-    """Raise (or warn) if ``v`` is not finite or the terms' ``norms`` grew; one host sync when all is well."""
+def _check_terms(a: HessianOperator, v: Tensor, norms: Tensor, first_product: Tensor, alpha: float, rho: float,
+                 on_divergence: str) -> None:
+    """Raise (or warn) if ``v`` is not finite, the terms' ``norms`` grew or the series stagnated; one host sync."""
     finite = norms.isfinite()
     smallest = torch.cummin(torch.where(finite, norms, torch.full_like(norms, torch.inf)), dim=0).values
     # Below eps·‖v‖ a converged series is rounding noise (subnormals round coarsely): measure growth from there.
     smallest = torch.maximum(smallest, torch.finfo(norms.dtype).eps * norms[0])
     growth = torch.where(finite & (smallest > 0), norms / torch.where(smallest > 0, smallest, 1),
                          torch.ones_like(norms))
-    v_finite, all_finite, max_growth = torch.stack([v.isfinite().all().to(norms.dtype), finite.all().to(norms.dtype),
-                                                    growth.max()]).tolist()
+    v_finite, all_finite, max_growth, v_norm, product_norm = torch.stack(
+        [v.isfinite().all().to(norms.dtype), finite.all().to(norms.dtype), growth.max(), norms[0],
+         first_product.to(norms.dtype)]).tolist()
     if not v_finite:
         raise NonFiniteHypergradientError(f"non-finite values in the right-hand side v (neumann); {RHS_HINT}")
     if all_finite and max_growth <= GROWTH_LIMIT:
+        n = len(norms) - 1
+        if v_norm > 0 and math.isfinite(product_norm) and alpha * (n + 1) * product_norm < MIN_PROGRESS * v_norm:
+            report_divergence(_stagnation_error(a, v, alpha, rho, n, product_norm / v_norm), on_divergence)
         return
     if not all_finite and max_growth <= GROWTH_LIMIT:
         # NaN/inf without visible growth first: a NaN operator, or a term that overflowed at once.
@@ -108,6 +135,24 @@ def _check_terms(a: HessianOperator, v: Tensor, norms: Tensor, alpha: float, rho
             raise NonFiniteHypergradientError(f"non-finite values in the Hessian-vector products (neumann); "
                                               f"{PRODUCTS_HINT}")
     report_divergence(_divergence_error(a, v, norms, alpha, rho, max_growth), on_divergence)
+
+
+def _stagnation_error(a: HessianOperator, v: Tensor, alpha: float, rho: float, n: int,
+                      rayleigh: float) -> IHVPDivergenceError:
+    progress = alpha * (n + 1) * rayleigh
+    head = (f"the Neumann series made no progress: with lr={alpha:g} and {n} products it covers "
+            f"lr·(n+1)·‖Av‖/‖v‖ = {progress:.3g} of the way to A⁻¹v (A = H + ρI, rho={rho:g}), so the result is "
+            f"about {progress:.3g} times the solution (near zero). lr is far too small for this Hessian; the series "
+            f"converges for lr in (0, 2/λ_max(A))")
+    try:
+        lam_min, lam_max, steps = estimate_spectrum(a, v)
+    except (ArithmeticError, RuntimeError):
+        lam_min, lam_max, steps = None, rayleigh, 0
+    if lam_max is None or not lam_max > 0:
+        return IHVPDivergenceError(f"{head}; raise lr towards 1/λ_max(A)", method="neumann")
+    where = f"λ_max(A) ≈ {lam_max:.3g} ({steps} Lanczos products)" if steps else f"‖Av‖/‖v‖ ≈ {lam_max:.3g}"
+    return IHVPDivergenceError(f"{head}; {where}, so use lr in (0, {2 / lam_max:.3g}), e.g. lr={1 / lam_max:.2g}",
+                               method="neumann", lambda_min=lam_min, lambda_max=lam_max)
 
 
 def _divergence_error(a: HessianOperator, v: Tensor, norms: Tensor, alpha: float, rho: float,

@@ -11,12 +11,36 @@ exactly ``(H + ρI)⁻¹ v``. Cost: ``k`` products in one operator call, ``O(pk�
 flops, ``O(pk)`` memory. The single call is what makes the distributed variant
 need a number of communication rounds independent of ``k``.
 
+Precision. In the form above the difference ``v − C(…)`` cancels (exactly so at
+``k = p``, where ``v`` lies in the range of ``C``) and its rounding noise, about
+``ε‖v‖``, is divided by ρ: in float32 the error is ``ε₃₂‖H‖/ρ`` relative, 100% at
+``ρ ≈ 1e-7‖H‖``. The solve therefore splits ``v`` along an orthonormal basis ``Q`` of
+the range of ``C`` (``C = QT``, thin QR), where ``C W⁺ Cᵀ = Q (T W⁺ Tᵀ) Qᵀ``::
+
+    (C W⁺ Cᵀ + ρI)⁻¹ v = Q (T W⁺ Tᵀ + ρI)⁻¹ Qᵀv + (v − Q Qᵀv) / ρ
+    (T W⁺ Tᵀ + ρI)⁻¹ a = z,   where   [T  ρI] [u]   [a]
+                                      [W −Tᵀ] [z] = [0]      (2k×2k)
+
+The block system is Woodbury without its division: eliminating ``z = (a − Tu)/ρ``
+gives ``(ρW + TᵀT) u = Tᵀa``, and ``Wu = Tᵀz`` gives ``z = T⁻ᵀ W u`` when ``T`` is
+invertible. It needs neither ``W⁻¹`` nor a division by ρ (its Schur complement is
+``(ρW + TᵀT)/ρ``, so it is singular exactly when Woodbury's core is). All of it is
+computed in float64 (the rows of a float32 ``C`` are exact in float64): the
+complement ``v − Q Qᵀv`` then carries ``ε₆₄‖v‖`` of noise, not ``ε₃₂‖v‖``. The price
+is a float64 copy of ``C`` (``pk·8`` bytes) for the duration of the solve; the
+result is returned in ``v``'s dtype. What float64 cannot fix is the rounding of the
+products themselves, about ``ε‖C‖`` per entry of ``C``: a shift below that floor
+regularises nothing but noise, and :class:`NystromPrecisionWarning` names ``rho``
+and the floor.
+
 ``C`` is held as its transpose, the rows ``R = Cᵀ = H[K, :]`` (``(k, p)``, contiguous,
 ``pk·4`` bytes in float32), which the operator computes by index
 (:func:`~hg_dist.hessian.hessian_rows`) without a ``p×k`` block of unit vectors.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -32,6 +56,50 @@ RANK = Setting("rank", int, 5, "sampled Hessian columns k (one batched call of k
 
 SHIFT = Setting("rho", float, 0.1, "shift ρ in (C W⁺ Cᵀ + ρI)⁻¹", minimum=0.0, exclusive_minimum=True,
                 hint="Nyström divides by rho; use e.g. rho=0.1")
+
+
+class NystromPrecisionWarning(RuntimeWarning):
+    """``rho`` is below the rounding noise ``ε‖C‖`` of the Hessian columns (see the module docstring)."""
+
+
+def woodbury_solve(rows: Tensor, columns: Tensor, v: Tensor, rho: float) -> Tensor:
+    """``(C W⁺ Cᵀ + ρI)⁻¹ v`` from ``rows = Cᵀ`` (``(k, p)``) and ``W = C[columns]``, in float64.
+
+    See the module docstring for the split along ``Q`` and why it is computed in
+    float64. Warns (:class:`NystromPrecisionWarning`) when ``rho < ε‖C‖₂`` in
+    ``rows``' dtype. Returns a ``(p,)`` tensor in ``v``'s dtype.
+    """
+    r = rows.to(torch.float64)
+    v64 = v.to(torch.float64)
+    q, t = torch.linalg.qr(r.T)                           # C = Q T: Q (p, k), T (k, k)
+    w = r[:, columns]                                     # (k, k): W = H[K, K]
+    w = (w + w.T) / 2
+    a = q.T @ v64                                         # (k,): Qᵀv
+    k = a.numel()
+    eye = torch.eye(k, dtype=torch.float64, device=v.device)
+    block = torch.cat([torch.cat([t, rho * eye], dim=1), torch.cat([w, -t.T], dim=1)])  # (2k, 2k)
+    rhs = torch.cat([a, torch.zeros_like(a)])
+    solution, info = torch.linalg.solve_ex(block, rhs)
+    norm_c = torch.linalg.matrix_norm(t, ord=2)           # ‖C‖₂ = ‖T‖₂
+    info, norm_c = int(info), float(norm_c)               # one host sync
+    if info != 0:
+        solution = torch.linalg.pinv(block) @ rhs
+    z = solution[k:]                                      # (T W⁺ Tᵀ + ρI)⁻¹ a
+    floor = torch.finfo(rows.dtype).eps * norm_c
+    if rho < floor:
+        # One significant digit keeps the text the same from one call to the next, so Python shows it once.
+        warnings.warn(f"nystrom: rho={rho:.3g} is below the rounding noise of the Hessian columns in "
+                      f"{str(rows.dtype).removeprefix('torch.')}, eps·‖C‖ ≈ {floor:.0e}, so the solution is "
+                      f"dominated by that noise; raise rho above {floor:.0e} (e.g. rho={_suggest(norm_c):.0e}, "
+                      f"about 1e-3·‖H‖) or compute the Hessian products in float64",
+                      NystromPrecisionWarning, stacklevel=3)
+    x = q @ z + (v64 - q @ a) / rho                       # Q(TW⁺Tᵀ + ρI)⁻¹a + (I − QQᵀ)v/ρ
+    return x.to(v.dtype)
+
+
+def _suggest(norm_c: float) -> float:
+    """A shift well above the noise floor: ``1e-3·‖C‖`` (``‖C‖ ≈ ‖H‖`` for a good sample), or 1e-3 if ``C = 0``."""
+    return 1e-3 * norm_c if norm_c > 0 else 1e-3
 
 
 def check_rank(rank: object, size: int, method: str) -> int:
@@ -76,14 +144,7 @@ def nystrom(op: HessianOperator,
     r = hessian_rows(op, columns, v)                      # (k, p): R = H[K, :] = Cᵀ
     check_finite({"the right-hand side v": v, "the Hessian columns C = H[:, K]": r}, "nystrom",
                  {"the right-hand side v": RHS_HINT, "the Hessian columns C = H[:, K]": PRODUCTS_HINT})
-    w = r[:, columns]                                     # (k, k): W = H[K, K]
-    w = (w + w.T) / 2
-    core = rho * w + r @ r.T                              # (k, k): ρW + CᵀC
-    rhs = r @ v                                           # (k,): Cᵀv
-    y, info = torch.linalg.solve_ex(core, rhs)
-    if int(info) != 0:
-        y = torch.linalg.pinv(core, hermitian=True) @ rhs
-    x = (v - y @ r) / rho                                 # (v − C y) / ρ
+    x = woodbury_solve(r, columns, v, rho)
     stats = IHVPStats(method="nystrom", num_hvps=rank, num_operator_calls=1)
     return IHVPResult(x, stats)
 

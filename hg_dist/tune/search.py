@@ -48,6 +48,7 @@ from hg_dist.tune.progress import FINAL, SearchProgress, trial_status
 from hg_dist.tune.results import best_record, best_row, format_table, make_table, solver_reference, table_rows
 from hg_dist.tune.searchers import check_searchable, grid_points, make_searcher
 from hg_dist.tune.space import check_space
+from hg_dist.tune.space_record import describe_space, space_changes
 from hg_dist.tune.storage import MARKER_FILE, SearchStorage
 from hg_dist.tune.trainable import RUN_DIR, TRIAL_CPU, make_trainable, release_workers, trial_demand
 
@@ -129,18 +130,25 @@ def _check_capacity(workers: list[int] | None, cpus_per_worker: float, use_gpu: 
 
 
 def _marker(storage: SearchStorage, *, metric: str, mode: str, search: str, num_samples: int, total: int,
-            build_solver: Callable[..., Any], settings: Mapping[str, Any] | None) -> dict[str, Any]:
+            build_solver: Callable[..., Any], settings: Mapping[str, Any] | None,
+            space: Mapping[str, Any]) -> dict[str, Any]:
     try:
         reference = solver_reference(build_solver)
     except ValueError:
         reference = {"build_solver": None}
     return {"format": 1, "metric": metric, "mode": mode, "search": search, "num_samples": num_samples,
-            "trials": total, **reference, "settings": dict(settings or {}),
+            "trials": total, **reference, "settings": dict(settings or {}), "space": describe_space(space),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _check_resumable(storage: SearchStorage, resume: bool, **expected: Any) -> dict[str, Any] | None:
-    """The recorded marker when resuming; raise :class:`SearchExistsError` for a folder used the wrong way."""
+def _check_resumable(storage: SearchStorage, resume: bool, *, space: Mapping[str, Any] | None = None,
+                     **expected: Any) -> dict[str, Any] | None:
+    """The recorded marker when resuming; raise :class:`SearchExistsError` for a folder used the wrong way.
+
+    When resuming, the recorded ``expected`` settings and the search ``space`` (see
+    :mod:`hg_dist.tune.space_record`) must be the ones given now: ``Tuner.restore``
+    would run the recorded space, whatever the code now says.
+    """
     holds = storage.holds_search()
     where = storage.show()
     if not resume:
@@ -156,6 +164,13 @@ def _check_resumable(storage: SearchStorage, resume: bool, **expected: Any) -> d
             raise SearchExistsError(f"the search in {where} was started with {key}={record[key]!r}, not {value!r}; "
                                     f"resume it with the same settings, or start a new search with another "
                                     f"--output")
+    changes = space_changes(record["space"], describe_space(space)) if space is not None and "space" in record \
+        else []
+    if changes:
+        raise SearchExistsError(f"the search space was changed since the search in {where} was started: "
+                                f"{'; '.join(changes)}. A resumed search runs the space it was started with, so "
+                                f"the change would be ignored: restore the space to resume, or start a new search "
+                                f"with the changed space in another folder (--output)")
     return record
 
 
@@ -248,7 +263,8 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     base = ExperimentConfig() if base is None else base
     storage = SearchStorage.parse(output)
     total = num_samples * len(grid_points(space))
-    marker = _check_resumable(storage, resume, metric=metric, mode=mode, search=search, num_samples=num_samples)
+    marker = _check_resumable(storage, resume, space=space, metric=metric, mode=mode, search=search,
+                              num_samples=num_samples)
 
     started_here = not ray.is_initialized()
     connect()  # a local Ray when none runs, else RAY_ADDRESS; an unreachable address fails fast, named
@@ -259,7 +275,8 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
         _check_capacity(workers, cpus_per_worker, base.use_gpu)
     if not marker:  # a new search (or one whose marker was lost): say what is searched here
         storage.write_json(_marker(storage, metric=metric, mode=mode, search=search, num_samples=num_samples,
-                                   total=total, build_solver=build_solver, settings=settings), MARKER_FILE)
+                                   total=total, build_solver=build_solver, settings=settings, space=space),
+                           MARKER_FILE)
 
     trials_dir = storage.trials_dir
     if trials_dir is not None:

@@ -18,8 +18,12 @@ Formats (:func:`load_image_data` tells them apart):
   dtypes), so a doctored file cannot run code.
 * **ImageFolder** (torchvision's layout): ``train/<class>/*.png`` and
   ``test/<class>/*.png`` (any format Pillow reads). Classes are the sorted folder
-  names of ``train/``, label ``i`` for the ``i``-th; ``test/`` may hold a subset.
-  Images must be 32×32; they are converted to RGB.
+  names of ``train/``, label ``i`` for the ``i``-th; ``test/`` may hold a subset;
+  at least two classes (with one, every label is right and accuracy means nothing).
+  Images must be 32×32; they are converted to 8-bit RGB. 16-bit images (grayscale
+  PNG or TIFF, Pillow's modes ``I;16*``) are scaled to 8 bits, ``round(v·255/65535)``,
+  not clipped at 255; 32-bit integer or float images other than a PNG's have no
+  fixed range and are refused (a 16-bit RGB PNG Pillow already reduces to 8 bits).
 
 Every problem with a folder raises ``ValueError`` naming the file or folder and what
 was expected, in one line.
@@ -228,10 +232,24 @@ def _read_image(path: Path) -> Tensor:
             if size != (IMAGE_SIZE, IMAGE_SIZE):
                 raise ValueError(f"{path} is {size[0]}×{size[1]} pixels; expected {IMAGE_SIZE}×{IMAGE_SIZE} images "
                                  f"(resize the data set first)")
+            if image.mode.startswith("I;16") or image.mode == "I" and image.format == "PNG":
+                return _sixteen_bit(image)
+            if image.mode in ("I", "F"):
+                raise ValueError(f"{path} has 32-bit {'integer' if image.mode == 'I' else 'float'} pixels, whose "
+                                 f"range is not known; expected 8- or 16-bit images (convert the data set first)")
             pixels = image.convert("RGB").tobytes()
     except (OSError, UnidentifiedImageError, SyntaxError) as error:
         raise ValueError(f"{path} is not a readable image ({error})") from None
     return torch.frombuffer(bytearray(pixels), dtype=torch.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1)
+
+
+def _sixteen_bit(image: Any) -> Tensor:
+    """A 16-bit grayscale image as ``uint8 (3, 32, 32)``: ``round(v · 255 / 65535)`` in every channel."""
+    import numpy as np
+
+    values = torch.from_numpy(np.asarray(image).astype(np.int64))
+    gray = torch.div(values.clamp(0, 65535) * 255 + 32767, 65535, rounding_mode="floor").to(torch.uint8)
+    return gray.expand(3, IMAGE_SIZE, IMAGE_SIZE).contiguous()
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -261,8 +279,9 @@ def load_image_folder(root: str | Path) -> ImageData:
     """Read an ImageFolder tree ``root/train/<class>/*`` and ``root/test/<class>/*`` of 32×32 images.
 
     Raises:
-        ValueError: a split or class folder is missing or empty, an image is unreadable or
-            not 32×32, or ``test/`` has a class ``train/`` lacks.
+        ValueError: a split or class folder is missing or empty, ``train/`` has fewer than two
+            classes, an image is unreadable, not 32×32 or of 32-bit pixels, or ``test/`` has a
+            class ``train/`` lacks.
     """
     try:
         importlib.import_module("PIL.Image")
@@ -277,8 +296,13 @@ def load_image_folder(root: str | Path) -> ImageData:
     classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")))
     if not classes:
         raise ValueError(f"{root / 'train'} has no class folders; expected {root}/train/<class>/*.png")
-    return ImageData(train=_read_split(root / "train", classes, every_class=True),
+    data = ImageData(train=_read_split(root / "train", classes, every_class=True),
                      test=_read_split(root / "test", classes, every_class=False), classes=classes)
+    if len(classes) < 2:
+        raise ValueError(f"{root / 'train'} has one class folder ({classes[0]}/); a classifier needs at least two "
+                         f"classes (with one, every prediction is right and the accuracy means nothing): add a "
+                         f"folder per class, {root}/train/<class>/*.png")
+    return data
 
 
 # ---- splits and synthetic data -----------------------------------------------------------
