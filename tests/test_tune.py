@@ -31,7 +31,13 @@ from hg_dist.outer_optimizers import make_outer_optimizer  # noqa: E402
 from hg_dist.solver import BaseImplicitSolver  # noqa: E402
 from hg_dist.tune import (SearchExistsError, SolveReporter, TrialDivergedError, check_space,  # noqa: E402
                           load_best, rerun_best, run_search, to_experiment_config, trial_settings)
+from hg_dist.tune.search import SearchOptions, default_scheduler  # noqa: E402
 from hg_dist.tune.trainable import trial_resources  # noqa: E402
+
+
+def at(folder: Path) -> tune.RunConfig:
+    """The run config of a search in ``folder``."""
+    return tune.RunConfig(storage_path=str(folder.parent), name=folder.name)
 
 # Ray workers cannot import this test module by name: ship its functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -266,7 +272,7 @@ def test_bad_grid_value_is_refused_before_ray_starts(tmp_path):
     """rank: tune.grid_search([-1, 5]) fails in run_search before Ray is touched and before any file."""
     space = {**SPACE, "approximator": {"name": "nystrom", "rank": tune.grid_search([-1, 5]), "rho": 0.1}}
     with pytest.raises(ValueError, match=r"rank must be >= 1, got -1 \(nystrom\)"):
-        run_search(build_tiny, space, output=tmp_path / "search")
+        run_search(build_tiny, space, run_config=at(tmp_path / "search"))
     assert not (tmp_path / "search").exists()
 
 
@@ -511,8 +517,9 @@ def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
         "num_iters": 30,
         "unroll_steps": 5,
     }
-    result = run_search(build_tiny, space, output=tmp_path / "search", metric="outer_loss", mode="min",
-                        scheduler=FIFOScheduler(), cpus_per_worker=0.5, checkpoint_every=2)
+    result = run_search(build_tiny, space, run_config=at(tmp_path / "search"),
+                        tune_config=tune.TuneConfig(metric="outer_loss", mode="min", scheduler=FIFOScheduler()),
+                        options=SearchOptions(cpus_per_worker=0.5, checkpoint_every=2))
     rows = result.table.to_pylist()
     assert len(rows) == 5 and not result.interrupted
     bad = next(row for row in rows if row["workers"] == 0)
@@ -555,7 +562,7 @@ def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
     assert (result.output / "best_rerun" / "result.json").exists()
     # the folder now holds a search: a new one there is refused, naming both ways on
     with pytest.raises(SearchExistsError, match=r"--resume.*--output"):
-        run_search(build_tiny, space, output=tmp_path / "search")
+        run_search(build_tiny, space, run_config=at(tmp_path / "search"))
 
 
 def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tmp_path):
@@ -571,9 +578,10 @@ def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tm
         "num_iters": 46,
         "unroll_steps": 5,
     }
-    result = run_search(build_tiny, space, output=tmp_path / "asha", metric="score", mode="max",
-                        grace_period=3, reduction_factor=2, max_concurrent_trials=1, cpus_per_worker=0.5,
-                        print_table=False)
+    result = run_search(build_tiny, space, run_config=at(tmp_path / "asha"),
+                        tune_config=tune.TuneConfig(metric="score", mode="max", max_concurrent_trials=1,
+                                                    scheduler=default_scheduler(grace_period=3, reduction_factor=2)),
+                        options=SearchOptions(cpus_per_worker=0.5, print_table=False))
     rows = {json.loads(row["config"])["extra"]["quality"]: row for row in result.table.to_pylist()}
     assert rows[1.0]["status"] == "completed" and rows[1.0]["outer_steps"] == 9
     stopped = rows[0.1]
@@ -601,9 +609,13 @@ def test_optuna_search_to_a_file_uri(ray_session, tmp_path):
         {"name": "cg", "num_iters": tune.choice([3, 5]), "lr": 1.0}]),
         "extra": {"fail_once_at": 3, "marker": str(tmp_path / "failed_once")}}
     uri = f"file://{tmp_path / 'uri'}"
-    result = run_search(build_tiny, space, output=uri, search="optuna", num_samples=3, metric="outer_loss",
-                        mode="min", scheduler=FIFOScheduler(), cpus_per_worker=0.5, checkpoint_every=2,
-                        max_failures=1, print_table=False)
+    result = run_search(build_tiny, space,
+                        tune_config=tune.TuneConfig(metric="outer_loss", mode="min", num_samples=3,
+                                                    scheduler=FIFOScheduler()),
+                        run_config=tune.RunConfig(storage_path=f"file://{tmp_path}", name="uri",
+                                                  failure_config=tune.FailureConfig(max_failures=1)),
+                        options=SearchOptions(search="optuna", cpus_per_worker=0.5, checkpoint_every=2,
+                                              print_table=False))
     assert result.output == uri
     root = tmp_path / "uri"
     table = pq.read_table(root / "results.parquet").to_pylist()
@@ -612,7 +624,7 @@ def test_optuna_search_to_a_file_uri(ray_session, tmp_path):
         _check_nested(sampled)
     resumed = []
     for row in table:
-        files = root / "tune" / row["trial"] / "run"
+        files = root / row["trial"] / "run"
         record = _result_json(files)
         assert record["status"] == "completed"
         resumed.append(record.get("resumed_from_outer_step"))
@@ -728,7 +740,7 @@ def test_main_job_interrupt_then_resume(tmp_path):
                                                                                              "pending"}
     kept = {name: _fingerprint(output / "trials" / name) for name in finished}
     # (a trial may have ended its solve just before Tune, stopping, could note it: it says so itself)
-    checkpointed = {name for name in unfinished if list((output / "tune" / name).glob("checkpoint_*"))
+    checkpointed = {name for name in unfinished if list((output / name).glob("checkpoint_*"))
                     and (output / "trials" / name / "result.json").exists()
                     and _result_json(output / "trials" / name)["status"] == "interrupted"}
 
