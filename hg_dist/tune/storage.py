@@ -77,6 +77,10 @@ class SearchStorage:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"output must be a folder or a URI, got {output!r}")
         if "://" in text:
+            uri = text.rstrip("/")
+            if "/" not in uri.split("://", 1)[1].strip("/"):
+                raise ValueError(f"output {text!r}: name a folder inside the bucket (e.g. {uri}/search); the search "
+                                 f"folder is Tune's experiment folder, which needs a parent")
             try:
                 filesystem, root = pyarrow.fs.FileSystem.from_uri(text)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as error:
@@ -84,10 +88,6 @@ class SearchStorage:
                 raise ValueError(f"output {text!r}: pyarrow cannot open {scheme}:// URIs here ({error}); use a "
                                  f"local folder or a URI such as s3://bucket/path, gs://bucket/path or "
                                  f"file:///abs/path") from None
-            uri = text.rstrip("/")
-            if "/" not in uri.split("://", 1)[1].strip("/"):
-                raise ValueError(f"output {text!r}: name a folder inside the bucket (e.g. {uri}/search); the search "
-                                 f"folder is Tune's experiment folder, which needs a parent")
             return cls(uri=uri, filesystem=filesystem, root=root.rstrip("/") or "/", local=False)
         path = Path(text).expanduser().resolve()
         if path.exists() and not path.is_dir():
