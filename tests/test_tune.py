@@ -588,6 +588,7 @@ def _result_json(folder: Path) -> dict:
     return json.loads((folder / "result.json").read_text())
 
 
+@pytest.mark.ray
 def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
     """5 trials, one per grid point (CG on 2 workers). The Neumann one diverges on purpose; the last one
     gets a bad value (workers=0) through tune.sample_from, which no check before Ray can see. Both fail
@@ -683,6 +684,7 @@ def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
         run_search(build_tiny, space, run_config=at(tmp_path / "search"))
 
 
+@pytest.mark.ray
 def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tmp_path):
     """A constructed case: score = quality · outer_step, trials one at a time, best first. ASHA stops the
     2-worker trial at its first rung (outer step 3); its history (written by rank 0 inside the Train run)
@@ -718,6 +720,7 @@ def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tm
     assert held == [], held
 
 
+@pytest.mark.ray
 def test_optuna_search_to_a_file_uri(ray_session, tmp_path):
     """--search optuna with --output file://...: Tune's storage is the URI; the tables, best config, plot
     and each trial's files (synced by Tune) are there. One trial fails once at outer step 3 and, with
