@@ -11,7 +11,7 @@ function                   Ray internal it uses                             why 
 bootstrap_address          ``ray._private.services``                        ``ray.init`` resolves ``None``/``"auto"`` but   2.60
                            ``.canonicalize_bootstrap_address``              connects at once: a dead address cannot be
                                                                             checked first
-started_local_head         ``ray._private.worker._global_node.head``        nothing public says "this process started      2.60
+started_local_head         ``ray._private.worker._global_node.head``        nothing public says "this process started       2.60
                                                                             the Ray it is connected to"
 gcs_client                 ``ray._private.worker.global_worker``            the two autoscaler v2 calls below need the      2.60
                            ``.gcs_client``                                  connected driver's GCS client
@@ -24,7 +24,7 @@ v2_demand                  ``GcsClient.get_cluster_status`` and             ``ra
                            ``.GetClusterStatusReply``                       needed here
 v1_autoscaler_status       ``ray.experimental.internal_kv``                 what ``ray status`` prints for autoscaler v1    2.60
                            ``._internal_kv_get`` of                         has no API (``ray.autoscaler.sdk`` only
-                           ``ray._private.ray_constants``                    requests resources)
+                           ``ray._private.ray_constants``                   requests resources)
                            ``.DEBUG_AUTOSCALING_STATUS``
 replace_restored_callback  ``Tuner._local_tuner._run_config``               ``Tuner.restore`` takes no ``run_config``; the  2.60
                                                                             restored callbacks are unpickled copies that
