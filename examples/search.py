@@ -12,8 +12,10 @@ scikit-learn), or on the cluster ``RAY_ADDRESS`` names::
 
 Outputs in ``--output`` (default ``runs/search``; a URI such as ``s3://bucket/search``
 works too): ``results.parquet`` and ``results.txt`` (one row per trial),
-``best_config.json``, ``search.png``, and each trial's logs under ``trials/``
-(``tensorboard --logdir runs/search/trials``). Ctrl-C stops the search (exit 130) and
+``best_config.json``, ``search.png``, each trial's logs under ``trials/``
+(``tensorboard --logdir runs/search/trials``), and Ray Tune's experiment state and trial
+checkpoints (the folder is Tune's experiment folder: ``ray.tune.ExperimentAnalysis`` and
+``Tuner.restore`` read it, given its absolute path). Ctrl-C stops the search (exit 130) and
 prints the command that continues it. Re-run the best settings with
 ``python -m hg_dist.tune.rerun runs/search/best_config.json``.
 """
@@ -38,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # data_hypercleaning, 
 import data_hypercleaning  # noqa: E402
 
 from hg_dist.experiment import ExperimentConfig  # noqa: E402
-from hg_dist.tune import SearchExistsError, SearchInterrupted, check_space, run_search  # noqa: E402
+from hg_dist.tune import (SearchExistsError, SearchInterrupted, SearchOptions, check_space,  # noqa: E402
+                          default_scheduler, run_search)
 from hg_dist.tune.launch import ClusterUnreachableError, start_ray  # noqa: E402
 from hg_dist.tune.searchers import SEARCHERS, check_searchable  # noqa: E402
 from hg_dist.tune.storage import MARKER_FILE, SearchStorage  # noqa: E402
@@ -165,12 +168,16 @@ def main(argv: list[str] | None = None):
     settings = {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
     tic = time.perf_counter()
     try:
-        result = run_search(data_hypercleaning.build_solver, space, base=base, num_samples=args.num_samples,
-                            metric="val_acc", mode="max", output=args.output, search=args.search,
-                            grace_period=2, reduction_factor=2, cpus_per_worker=args.cpus_per_worker,
-                            checkpoint_every=args.checkpoint_every, max_failures=args.max_failures,
-                            resume=args.resume, fixed_cluster=started_here, seed=args.seed,
-                            progress_interval=args.progress_interval, settings=settings)
+        result = run_search(
+            data_hypercleaning.build_solver, space, base=base,
+            tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=args.num_samples,
+                                        scheduler=default_scheduler(grace_period=2, reduction_factor=2)),
+            run_config=tune.RunConfig(storage_path=storage.tune_parent, name=storage.tune_name,
+                                      failure_config=tune.FailureConfig(max_failures=args.max_failures)),
+            options=SearchOptions(search=args.search, seed=args.seed, cpus_per_worker=args.cpus_per_worker,
+                                  checkpoint_every=args.checkpoint_every, fixed_cluster=started_here,
+                                  progress_interval=args.progress_interval),
+            resume=args.resume, settings=settings)
     except (SearchExistsError, TypeError, ValueError) as error:  # refused before any trial started
         ray.shutdown()
         parser.error(str(error))

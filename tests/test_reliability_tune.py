@@ -22,7 +22,7 @@ pytest.importorskip("ray")
 
 from ray import tune  # noqa: E402
 
-from hg_dist.tune import SearchExistsError, run_search  # noqa: E402
+from hg_dist.tune import SearchExistsError, SearchOptions, run_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH_PY = ROOT / "examples" / "search.py"
@@ -127,37 +127,60 @@ def test_search_cli_resume_refuses_different_settings(fake_search, capsys):
 def test_run_search_refuses_a_choice_value_out_of_range(tmp_path):
     space = {**SPACE, "approximator": {"name": "nystrom", "rank": 3, "rho": tune.choice([0.0, 0.1])}}
     with pytest.raises(ValueError, match=r"rho must be > 0, got 0.0 \(nystrom\)"):
-        run_search(_build, space, output=tmp_path / "s")
+        run_search(_build, space, run_config=_at(tmp_path / "s"))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_run_search_refuses_what_optuna_cannot_sample(tmp_path):
     space = {**SPACE, "extra": tune.sample_from(lambda spec: {"noise": 0.1})}
     with pytest.raises(ValueError, match=r"space\['extra'\] is a tune.sample_from"):
-        run_search(_build, space, output=tmp_path / "s", search="optuna")
+        run_search(_build, space, run_config=_at(tmp_path / "s"), options=SearchOptions(search="optuna"))
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"mode": "maximize"}, ValueError, "mode must be 'max' or 'min'"),
-    ({"search": "grid"}, ValueError, "search must be one of"),
-    ({"max_failures": -2}, ValueError, "max_failures must be an int >= 0"),
-    ({"checkpoint_every": 0}, ValueError, "checkpoint_every must be an int >= 1"),
-    ({"num_samples": 0}, ValueError, "num_samples must be an int >= 1"),
-    ({"output": "foo://bucket/x"}, ValueError, "cannot open foo:// URIs"),
+def _at(folder: Path) -> tune.RunConfig:
+    return tune.RunConfig(storage_path=str(folder.parent), name=folder.name)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: {"tune_config": tune.TuneConfig(mode="maximize")}, ValueError, "mode must be 'max' or 'min'"),
+    (lambda: {"options": SearchOptions(search="grid")}, ValueError, "search must be one of"),
+    (lambda: {"run_config": tune.RunConfig(failure_config=tune.FailureConfig(max_failures=-2))}, ValueError,
+     "max_failures must be an int >= 0"),
+    (lambda: {"options": SearchOptions(checkpoint_every=0)}, ValueError, "checkpoint_every must be an int >= 1"),
+    (lambda: {"options": SearchOptions(cpus_per_worker=0)}, ValueError, "cpus_per_worker must be a number > 0"),
+    (lambda: {"tune_config": tune.TuneConfig(num_samples=0)}, ValueError, "num_samples must be an int >= 1"),
+    (lambda: {"run_config": tune.RunConfig(storage_path="foo://bucket", name="x")}, ValueError,
+     "cannot open foo:// URIs"),
+    (lambda: {"run_config": tune.RunConfig(name="a/b")}, ValueError, "run_config.name must be one folder name"),
+    (lambda: {"tune_config": tune.TuneConfig(trial_name_creator=str)}, ValueError, "hg_dist names each trial"),
+    (lambda: {"run_config": {"name": "x"}}, TypeError, "run_config must be a ray.tune"),
 ])
-def test_run_search_refuses_bad_arguments(kwargs, error, message, tmp_path):
+def test_run_search_refuses_bad_arguments(make, error, message, tmp_path):
     with pytest.raises(error, match=message):
-        run_search(_build, SPACE, **{"output": tmp_path / "s", **kwargs})
+        run_search(_build, SPACE, **{"run_config": _at(tmp_path / "s"), **make()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_search_takes_at_most_ten_parameters_and_no_tune_setting_of_its_own():
+    """Tune's settings come in Tune's objects: none of Tune's names is a parameter of run_search."""
+    import inspect
+
+    parameters = inspect.signature(run_search).parameters
+    assert len(parameters) <= 10, list(parameters)
+    tune_names = {"scheduler", "max_concurrent_trials", "metric", "mode", "max_failures", "verbose", "num_samples",
+                  "search_alg", "storage_path", "name"}
+    assert not tune_names & set(parameters)
+    assert parameters["tune_config"].annotation in (tune.TuneConfig, "tune.TuneConfig | None")
+    assert parameters["run_config"].annotation in (tune.RunConfig, "tune.RunConfig | None")
 
 
 def test_run_search_refuses_to_mix_two_searches(fake_search):
     before = _snapshot(fake_search)
     with pytest.raises(SearchExistsError, match=r"continue it with --resume.*another folder with --output"):
-        run_search(_build, SPACE, output=fake_search)
+        run_search(_build, SPACE, run_config=_at(fake_search))
     with pytest.raises(SearchExistsError, match="started with metric='val_acc', not 'outer_loss'"):
-        run_search(_build, SPACE, output=fake_search, resume=True)
+        run_search(_build, SPACE, run_config=_at(fake_search), resume=True)
     assert _snapshot(fake_search) == before
 
 

@@ -167,14 +167,14 @@ def test_a_v1_autoscaler_that_has_not_named_node_types_is_no_verdict(monkeypatch
 
     reports = iter([{}, {}, {"autoscaler_report": {"node_type_mapping": {"ab12": "node_ab12"}}}])
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
-    monkeypatch.setattr(resources, "_started_here", lambda: False)
-    monkeypatch.setattr(resources, "_cluster_config_bounds", lambda: None)
+    monkeypatch.setattr(resources.ray_internals, "started_local_head", lambda: False)
+    monkeypatch.setattr(resources.ray_internals, "cluster_config_bounds", lambda: None)
     monkeypatch.setattr(resources, "_autoscaler_version", lambda: "v1")
-    monkeypatch.setattr(resources, "_v1_status", lambda: next(reports))
+    monkeypatch.setattr(resources.ray_internals, "v1_autoscaler_status", lambda: next(reports))
     monkeypatch.setattr(resources.time, "sleep", lambda seconds: None)
     cluster = resources.inspect_cluster(status_wait_s=10)
     assert cluster.autoscaling is False and "no node types to add" in cluster.how
-    monkeypatch.setattr(resources, "_v1_status", lambda: {})
+    monkeypatch.setattr(resources.ray_internals, "v1_autoscaler_status", lambda: {})
     undecided = resources.inspect_cluster(status_wait_s=0)
     assert undecided.autoscaling is None and "not reported node types yet" in undecided.how
     check_demand(2, GPU1, undecided)          # no verdict, no error: the wait decides

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,13 @@ from hg_dist.outer_optimizers import make_outer_optimizer  # noqa: E402
 from hg_dist.solver import BaseImplicitSolver  # noqa: E402
 from hg_dist.tune import (SearchExistsError, SolveReporter, TrialDivergedError, check_space,  # noqa: E402
                           load_best, rerun_best, run_search, to_experiment_config, trial_settings)
+from hg_dist.tune.search import SearchOptions, default_scheduler  # noqa: E402
 from hg_dist.tune.trainable import trial_resources  # noqa: E402
+
+
+def at(folder: Path) -> tune.RunConfig:
+    """The run config of a search in ``folder``."""
+    return tune.RunConfig(storage_path=str(folder.parent), name=folder.name)
 
 # Ray workers cannot import this test module by name: ship its functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -266,7 +273,7 @@ def test_bad_grid_value_is_refused_before_ray_starts(tmp_path):
     """rank: tune.grid_search([-1, 5]) fails in run_search before Ray is touched and before any file."""
     space = {**SPACE, "approximator": {"name": "nystrom", "rank": tune.grid_search([-1, 5]), "rho": 0.1}}
     with pytest.raises(ValueError, match=r"rank must be >= 1, got -1 \(nystrom\)"):
-        run_search(build_tiny, space, output=tmp_path / "search")
+        run_search(build_tiny, space, run_config=at(tmp_path / "search"))
     assert not (tmp_path / "search").exists()
 
 
@@ -375,6 +382,100 @@ def test_trial_history_has_every_outer_step_when_the_process_is_killed(tmp_path)
     assert all(math.isfinite(row["outer_loss"]) for row in rows)
     events = list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def _scalars(folder: Path) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in the TensorBoard event files of ``folder``."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    points = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at + 12 <= len(data):                 # TFRecord: length, crc, payload, crc
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[at + 12:at + 12 + length])
+            points += [(value.tag, event.step, value.simple_value) for value in event.summary.value]
+            at += 12 + length + 4
+    return points
+
+
+def test_trial_history_gives_tensorboard_one_point_per_metric_per_outer_step(tmp_path):
+    """Every history row repeats the latest value of every metric (the solver's own rows every log_freq = 5
+    steps, the trial's row at each outer step): TensorBoard still gets outer_loss once per outer step
+    (at that step, with the history's value) and no tag twice at one step. The history carries the solve's
+    clock, wall_time_s, increasing."""
+    from hg_dist.tune import TrialHistory
+
+    config = ExperimentConfig(approximator={"name": "cg", "num_iters": 3}, num_iters=20, unroll_steps=5,
+                              output=str(tmp_path / "run"))
+    solver = build_tiny(config)
+    solver.log_dir, solver.log_freq = config.output, 5
+    solver.callbacks = (TrialHistory(config.output),)
+    solver.run()
+    rows = _rows(tmp_path / "run" / "history.parquet")
+    outer_rows: dict[int, dict] = {}
+    for row in rows:                                 # the row of each outer step: the first that counts it
+        if row["outer_step"]:
+            outer_rows.setdefault(int(row["outer_step"]), row)
+    points = _scalars(tmp_path / "run" / "tb")
+    pairs = [(tag, step) for tag, step, _ in points]
+    assert len(pairs) == len(set(pairs)), sorted(pairs)
+    loss = [(step, value) for tag, step, value in points if tag == "outer_loss"]
+    assert len(rows) > len(outer_rows) == 3          # rows at steps 5, 10, 15 repeat the latest outer_loss
+    assert [step for step, _ in loss] == [outer_rows[k]["step"] for k in sorted(outer_rows)] == [6, 11, 16]
+    for (_, value), k in zip(loss, sorted(outer_rows)):
+        assert value == pytest.approx(outer_rows[k]["outer_loss"], rel=1e-6)
+    clock = [outer_rows[k]["wall_time_s"] for k in sorted(outer_rows)]
+    assert all(0 < a < b for a, b in zip(clock, clock[1:]))
+
+
+def test_result_tracker_separates_startup_from_solving():
+    """wall_time_s is the solver's clock (the metric the trial's history records); startup_s the rest
+    of the trial's time, both carried through the tracker's state."""
+    import time
+
+    from hg_dist.tune.trainable import ResultTracker
+
+    tracker = ResultTracker("outer_loss", "min")
+    tracker.start = time.time() - 10.0               # the trial started 10 s ago
+    result = tracker.update({"outer_loss": 1.0, "wall_time_s": 2.5}, 1)
+    assert result["wall_time_s"] == 2.5 and result["startup_s"] == pytest.approx(7.5, abs=0.5)
+    resumed = ResultTracker("outer_loss", "min")
+    resumed.load_state_dict(tracker.state_dict())
+    resumed.start = time.time() - 4.0                 # a resumed trial: 4 s more, 1 s of it solving
+    result = resumed.update({"outer_loss": 0.5, "wall_time_s": 3.5}, 2)
+    assert result["wall_time_s"] == 3.5 and result["startup_s"] == pytest.approx(10.5, abs=0.5)
+    assert ResultTracker("outer_loss", "min").update({"outer_loss": 1.0}, 1)["startup_s"] == pytest.approx(0.0, abs=0.1)
+
+
+def test_end_history_at_cuts_after_the_stopped_outer_step(tmp_path):
+    from hg_dist.recording import write_parquet
+    from hg_dist.tune.trainable import end_history_at
+
+    rows = [{"step": 3, "inner_loss": 1.0}, {"step": 5, "outer_step": 1, "outer_loss": 2.0},
+            {"step": 8, "outer_step": 1, "inner_loss": 0.5}, {"step": 10, "outer_step": 2, "outer_loss": 1.5},
+            {"step": 15, "outer_step": 3, "outer_loss": 1.2}]
+    write_parquet(tmp_path / "history.parquet", rows)
+    assert end_history_at(tmp_path, 2)
+    assert [row["step"] for row in _rows(tmp_path / "history.parquet")] == [3, 5, 8, 10]
+    assert not end_history_at(tmp_path, 2)           # nothing more to cut: the file is left alone
+    assert not end_history_at(tmp_path / "missing", 1)
+
+
+def test_the_search_folder_is_tunes_experiment_folder(tmp_path):
+    from hg_dist.tune.storage import SearchStorage
+
+    local = SearchStorage.parse(tmp_path / "runs" / "search")
+    assert (local.tune_parent, local.tune_name) == (str(tmp_path / "runs"), "search")
+    assert local.tune_path == str(tmp_path / "runs" / "search")
+    remote = SearchStorage.parse(f"file://{tmp_path}/runs/search/")
+    assert (remote.tune_parent, remote.tune_name, remote.tune_path) == (f"file://{tmp_path}/runs", "search",
+                                                                        f"file://{tmp_path}/runs/search")
+    with pytest.raises(ValueError, match="name a folder inside the bucket"):
+        SearchStorage.parse("s3://bucket")
 
 
 def test_progress_lines_and_status():
@@ -488,6 +589,7 @@ def _result_json(folder: Path) -> dict:
     return json.loads((folder / "result.json").read_text())
 
 
+@pytest.mark.ray
 def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
     """5 trials, one per grid point (CG on 2 workers). The Neumann one diverges on purpose; the last one
     gets a bad value (workers=0) through tune.sample_from, which no check before Ray can see. Both fail
@@ -512,8 +614,9 @@ def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
         "num_iters": 30,
         "unroll_steps": 5,
     }
-    result = run_search(build_tiny, space, output=tmp_path / "search", metric="outer_loss", mode="min",
-                        scheduler=FIFOScheduler(), cpus_per_worker=0.5, checkpoint_every=2)
+    result = run_search(build_tiny, space, run_config=at(tmp_path / "search"),
+                        tune_config=tune.TuneConfig(metric="outer_loss", mode="min", scheduler=FIFOScheduler()),
+                        options=SearchOptions(cpus_per_worker=0.5, checkpoint_every=2))
     rows = result.table.to_pylist()
     assert len(rows) == 5 and not result.interrupted
     bad = next(row for row in rows if row["workers"] == 0)
@@ -541,6 +644,29 @@ def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
         assert sorted(set(outer)) == [1, 2, 3, 4, 5]
         assert json.loads(row["config"])["output"] == str(folder)
     assert rows["cg"]["hvps"] == 5 * json.loads(rows["cg"]["config"])["approximator"]["num_iters"]
+    # one meaning per timing field: the table, the trial's result.json and its history agree on wall_time_s
+    # (solving); startup_s (the 2-worker trial's Train workers starting, among others) is apart
+    for name in ("nystrom", "cg", "nystrom_pcg"):
+        row, folder = rows[name], trials / rows[name]["trial"]
+        record = _result_json(folder)
+        assert record["wall_time_s"] == pytest.approx(row["wall_time_s"]), name
+        assert record["startup_s"] == pytest.approx(row["startup_s"]) and row["startup_s"] >= 0, name
+        clock = [r["wall_time_s"] for r in _rows(folder / "history.parquet") if r.get("wall_time_s") is not None]
+        assert max(clock) == pytest.approx(row["wall_time_s"]), name
+    assert rows["cg"]["startup_s"] > 1.0
+    # Ray's own tools read the search folder: it is Tune's experiment folder; the completed trials'
+    # checkpoints (the best one's included) are Tune's
+    analysis = tune.ExperimentAnalysis(str(result.output))
+    assert {Path(trial.path).name for trial in analysis.trials} == {row["trial"] for row in result.table.to_pylist()}
+    assert tune.Tuner.can_restore(str(result.output))
+    for trial in analysis.trials:
+        if Path(trial.path).name in {rows[name]["trial"] for name in ("nystrom", "cg", "nystrom_pcg")}:
+            checkpoint = analysis.get_best_checkpoint(trial, metric="outer_loss", mode="min")
+            assert checkpoint is not None and os.listdir(checkpoint.path), trial
+    best = next(r for r in result.result_grid if Path(r.path).name == result.best["trial"])
+    assert best.checkpoint is not None
+    if result.best["workers"] == 1:
+        assert (Path(best.checkpoint.path) / "solver.pt").exists()
     on_disk = pq.read_table(result.output / "results.parquet")
     assert on_disk.num_rows == 5 and on_disk.column_names == result.table.column_names
     assert "best_outer_loss" in str(result) and (result.output / "results.txt").exists()
@@ -556,9 +682,10 @@ def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
     assert (result.output / "best_rerun" / "result.json").exists()
     # the folder now holds a search: a new one there is refused, naming both ways on
     with pytest.raises(SearchExistsError, match=r"--resume.*--output"):
-        run_search(build_tiny, space, output=tmp_path / "search")
+        run_search(build_tiny, space, run_config=at(tmp_path / "search"))
 
 
+@pytest.mark.ray
 def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tmp_path):
     """A constructed case: score = quality · outer_step, trials one at a time, best first. ASHA stops the
     2-worker trial at its first rung (outer step 3); its history (written by rank 0 inside the Train run)
@@ -572,9 +699,10 @@ def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tm
         "num_iters": 46,
         "unroll_steps": 5,
     }
-    result = run_search(build_tiny, space, output=tmp_path / "asha", metric="score", mode="max",
-                        grace_period=3, reduction_factor=2, max_concurrent_trials=1, cpus_per_worker=0.5,
-                        print_table=False)
+    result = run_search(build_tiny, space, run_config=at(tmp_path / "asha"),
+                        tune_config=tune.TuneConfig(metric="score", mode="max", max_concurrent_trials=1,
+                                                    scheduler=default_scheduler(grace_period=3, reduction_factor=2)),
+                        options=SearchOptions(cpus_per_worker=0.5, print_table=False))
     rows = {json.loads(row["config"])["extra"]["quality"]: row for row in result.table.to_pylist()}
     assert rows[1.0]["status"] == "completed" and rows[1.0]["outer_steps"] == 9
     stopped = rows[0.1]
@@ -582,8 +710,9 @@ def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tm
     folder = result.output / "trials" / stopped["trial"]
     assert _result_json(folder)["status"] == "stopped"
     outer = sorted({r["outer_step"] for r in _rows(folder / "history.parquet") if r["outer_step"] is not None})
-    assert outer[:3] == [1, 2, 3] and outer == list(range(1, len(outer) + 1))
-    assert len(outer) >= stopped["outer_steps"]
+    assert outer == list(range(1, stopped["outer_steps"] + 1))   # it ends where Tune stopped the trial
+    pairs = [(tag, step) for tag, step, _ in _scalars(folder / "tb")]
+    assert pairs and len(pairs) == len(set(pairs))                  # one TensorBoard point per metric and step
     assert sum(f.stat().st_size for f in (folder / "tb").glob("events.out.tfevents.*")) > 100
     assert not (folder / ".train_placement_group").exists()
     import ray.util
@@ -592,6 +721,7 @@ def test_asha_stops_a_multi_worker_trial_which_keeps_its_history(ray_session, tm
     assert held == [], held
 
 
+@pytest.mark.ray
 def test_optuna_search_to_a_file_uri(ray_session, tmp_path):
     """--search optuna with --output file://...: Tune's storage is the URI; the tables, best config, plot
     and each trial's files (synced by Tune) are there. One trial fails once at outer step 3 and, with
@@ -602,9 +732,13 @@ def test_optuna_search_to_a_file_uri(ray_session, tmp_path):
         {"name": "cg", "num_iters": tune.choice([3, 5]), "lr": 1.0}]),
         "extra": {"fail_once_at": 3, "marker": str(tmp_path / "failed_once")}}
     uri = f"file://{tmp_path / 'uri'}"
-    result = run_search(build_tiny, space, output=uri, search="optuna", num_samples=3, metric="outer_loss",
-                        mode="min", scheduler=FIFOScheduler(), cpus_per_worker=0.5, checkpoint_every=2,
-                        max_failures=1, print_table=False)
+    result = run_search(build_tiny, space,
+                        tune_config=tune.TuneConfig(metric="outer_loss", mode="min", num_samples=3,
+                                                    scheduler=FIFOScheduler()),
+                        run_config=tune.RunConfig(storage_path=f"file://{tmp_path}", name="uri",
+                                                  failure_config=tune.FailureConfig(max_failures=1)),
+                        options=SearchOptions(search="optuna", cpus_per_worker=0.5, checkpoint_every=2,
+                                              print_table=False))
     assert result.output == uri
     root = tmp_path / "uri"
     table = pq.read_table(root / "results.parquet").to_pylist()
@@ -613,7 +747,7 @@ def test_optuna_search_to_a_file_uri(ray_session, tmp_path):
         _check_nested(sampled)
     resumed = []
     for row in table:
-        files = root / "tune" / row["trial"] / "run"
+        files = root / row["trial"] / "run"
         record = _result_json(files)
         assert record["status"] == "completed"
         resumed.append(record.get("resumed_from_outer_step"))
@@ -730,7 +864,7 @@ def test_main_job_interrupt_then_resume(tmp_path):
                                                                                              "pending"}
     kept = {name: _fingerprint(output / "trials" / name) for name in finished}
     # (a trial may have ended its solve just before Tune, stopping, could note it: it says so itself)
-    checkpointed = {name for name in unfinished if list((output / "tune" / name).glob("checkpoint_*"))
+    checkpointed = {name for name in unfinished if list((output / name).glob("checkpoint_*"))
                     and (output / "trials" / name / "result.json").exists()
                     and _result_json(output / "trials" / name)["status"] == "interrupted"}
 

@@ -21,7 +21,7 @@ Autoscaling or fixed is read from the cluster itself (:func:`inspect_cluster`), 
 order:
 
 1. a Ray instance this process started (``ray.init()`` without an address): fixed;
-2. the cluster config in the GCS (``ray._private.state.state.get_cluster_config()``,
+2. the cluster config in the GCS (see :mod:`hg_dist.distributed.ray_internals`,
    published by managed autoscalers such as KubeRay's; the same source Ray Train
    checks): autoscaling when a node group can grow, bounded by
    ``get_max_resources_from_cluster_config()``;
@@ -37,6 +37,8 @@ order:
 
 :func:`connect` is ``ray.init`` that checks the address first, so that an unreachable
 one fails within seconds, naming it, rather than after Ray's minutes of retries.
+
+The Ray internals this needs are in :mod:`hg_dist.distributed.ray_internals`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+from hg_dist.distributed import ray_internals
 
 __all__ = ["CLUSTER_MAX_FAILURES", "Cluster", "ClusterError", "ClusterUnreachableError",
            "DEFAULT_RESOURCE_TIMEOUT_S", "InsufficientResourcesError", "ResourceTimeoutError", "check_demand",
@@ -194,15 +198,13 @@ def connect(address: str | None = None, *, connect_timeout_s: float = 10.0, **in
 
     if ray.is_initialized():
         return
-    from ray._private.services import canonicalize_bootstrap_address
-
     source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "address"
     given = os.environ.get("RAY_ADDRESS") or address
     if given and given.startswith(("http://", "https://")):
         ray.init(address=given, **init_kwargs)      # Ray's own error says what to do
         return
     try:
-        resolved = given if given and given.startswith("ray://") else canonicalize_bootstrap_address(given)
+        resolved = given if given and given.startswith("ray://") else ray_internals.bootstrap_address(given)
     except ValueError:  # Ray's "Invalid address format"
         resolved = given
     except ConnectionError as error:  # "auto" with no cluster to find
@@ -264,60 +266,18 @@ class Cluster:
         return f"{format_resources(shown)} in all ({count} node{'s' if count != 1 else ''})"
 
 
-def _started_here() -> bool:
-    import ray._private.worker
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    return bool(node is not None and node.head)
-
-
-def _gcs_client():
-    import ray._private.worker
-
-    return ray._private.worker.global_worker.gcs_client
-
-
-def _cluster_config_bounds() -> tuple[bool, dict[str, float]] | None:
-    """(can grow, max resources) from the GCS cluster config, or ``None`` if the cluster publishes none."""
-    from ray._private.state import state
-
-    try:
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - an older GCS without the key: no config
-        return None
-    if not config or not config.node_group_configs:
-        return None
-    grows = any(group.max_count == -1 or group.max_count > group.min_count
-                for group in config.node_group_configs if group.resources and group.max_count != 0)
-    bounds = state.get_max_resources_from_cluster_config() or {}
-    return grows, {key: float(value) for key, value in bounds.items() if value < sys.maxsize}
-
-
 def _autoscaler_version() -> str | None:
-    from ray.autoscaler.v2.utils import is_autoscaler_v2
-
     try:
-        if is_autoscaler_v2(fetch_from_server=True, gcs_client=_gcs_client()):
+        if ray_internals.autoscaler_v2_enabled():
             return "v2"
     except Exception:  # noqa: BLE001 - no answer: try v1's status below
         pass
-    return "v1" if _v1_status() is not None else None
-
-
-def _v1_status() -> dict[str, Any] | None:
-    import ray._private.ray_constants as ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    try:
-        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        return json.loads(raw) if raw else None
-    except Exception:  # noqa: BLE001 - unreadable status: as good as none
-        return None
+    return "v1" if ray_internals.v1_autoscaler_status() is not None else None
 
 
 def _v1_node_types() -> dict[str, str]:
     """Node id → node type of a v1 autoscaler's latest report (empty until it has reported one)."""
-    return ((_v1_status() or {}).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return ((ray_internals.v1_autoscaler_status() or {}).get("autoscaler_report") or {}).get("node_type_mapping") or {}
 
 
 def inspect_cluster(status_wait_s: float = 10.0) -> Cluster:
@@ -334,9 +294,9 @@ def inspect_cluster(status_wait_s: float = 10.0) -> Cluster:
     def cluster(autoscaling: bool | None, how: str, **more: Any) -> Cluster:
         return Cluster(nodes=nodes, autoscaling=autoscaling, how=how, **more)
 
-    if _started_here():
+    if ray_internals.started_local_head():
         return cluster(False, "a local Ray instance that this process started: no autoscaler")
-    bounds = _cluster_config_bounds()
+    bounds = ray_internals.cluster_config_bounds()
     if bounds is not None:
         grows, maximum = bounds
         return cluster(grows, "the cluster config in the GCS " + ("lets node groups grow" if grows
@@ -472,22 +432,18 @@ class _StatusLine:
 
 def _autoscaler_news(pg_hex: str) -> tuple[bool, str]:
     """(the v2 autoscaler reports the placement group infeasible, what it is doing, in words)."""
-    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
-
-    reply = GetClusterStatusReply()
-    reply.ParseFromString(_gcs_client().get_cluster_status(timeout_s=5))
-    state = reply.autoscaling_state
-    infeasible = any(request.details.startswith(pg_hex) for request in state.infeasible_gang_resource_requests)
-    launching = sum(request.count for request in state.pending_instance_requests) + len(state.pending_instances)
+    demand = ray_internals.v2_demand(timeout_s=5)
+    infeasible = any(details.startswith(pg_hex) for details in demand.infeasible)
+    launching = demand.launching
     words = [f"{launching} node{'s' if launching != 1 else ''} starting"] if launching else []
-    if state.failed_instance_requests:
-        failed = state.failed_instance_requests[-1]
-        words.append(f"last launch failed: {failed.ray_node_type_name}: {failed.reason[:120]}")
+    if demand.last_failure is not None:
+        node_type, reason = demand.last_failure
+        words.append(f"last launch failed: {node_type}: {reason[:120]}")
     return infeasible, "; ".join(words)
 
 
 def _v1_news() -> str:
-    report = (_v1_status() or {}).get("autoscaler_report") or {}
+    report = (ray_internals.v1_autoscaler_status() or {}).get("autoscaler_report") or {}
     launching = sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or [])
     return f"{launching} node{'s' if launching != 1 else ''} starting" if launching else ""
 

@@ -20,7 +20,7 @@
 Example::
 
     from ray import tune
-    from hg_dist.tune import run_search
+    from hg_dist.tune import SearchOptions, run_search
     from examples.data_hypercleaning import build_solver
 
     space = {
@@ -31,17 +31,23 @@ Example::
         "outer_optimizer": {"name": "adam", "lr": tune.loguniform(1e-3, 1e-1)},
         "workers": tune.grid_search([1, 2]),
     }
-    result = run_search(build_solver, space, num_samples=3, metric="val_acc", mode="max")
+    result = run_search(build_solver, space,
+                        tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=3),
+                        run_config=tune.RunConfig(storage_path="runs", name="search"),
+                        options=SearchOptions(cpus_per_worker=0.5))
+    # runs/search is Tune's experiment folder too:
+    # tune.ExperimentAnalysis(os.path.abspath("runs/search")).get_best_checkpoint(...)
 """
 
 from hg_dist.tune.results import format_table, load_best, rerun_best, resolve_solver, solver_reference
-from hg_dist.tune.search import SearchExistsError, SearchInterrupted, SearchResult, run_search
+from hg_dist.tune.search import (SearchExistsError, SearchInterrupted, SearchOptions, SearchResult, default_scheduler,
+                                 run_search)
 from hg_dist.tune.searchers import SEARCHERS, define_by_run
 from hg_dist.tune.space import check_space, search_columns, to_experiment_config, trial_settings
 from hg_dist.tune.trainable import (SolveReporter, TrialDivergedError, TrialHistory, make_trainable,
                                     trial_resources)
 
-__all__ = ["SEARCHERS", "SearchExistsError", "SearchInterrupted", "SearchResult", "SolveReporter",
-           "TrialDivergedError", "TrialHistory", "check_space", "define_by_run", "format_table", "load_best",
+__all__ = ["SEARCHERS", "SearchExistsError", "SearchInterrupted", "SearchOptions", "SearchResult", "SolveReporter",
+           "TrialDivergedError", "TrialHistory", "check_space", "default_scheduler", "define_by_run", "format_table", "load_best",
            "make_trainable", "rerun_best", "resolve_solver", "run_search", "search_columns", "solver_reference",
            "to_experiment_config", "trial_resources", "trial_settings"]

@@ -3,7 +3,7 @@
 Three panels, from each trial's reported results (Tune's ``Result.metrics_dataframe``):
 
 1. per method, the best ``metric`` reached by any of its trials within ``t`` seconds of
-   their own start (``wall_time_s``, worker start-up included), against ``t``;
+   solving (``wall_time_s``; worker start-up, ``startup_s``, left out), against ``t``;
 2. the same against Hessian-vector products spent (``hvps_total``);
 3. every trial's ``metric`` against its outer step, coloured by method.
 

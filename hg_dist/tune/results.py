@@ -8,7 +8,9 @@ early by the scheduler —; ``failed``; ``interrupted`` — the search was stopp
 first, ``--resume`` continues it —; ``pending``), the settings the trial used
 (:func:`~hg_dist.tune.space.search_columns`, from the method registries; null where
 its methods do not take one), ``best_metric``, ``last_metric``, ``outer_steps``,
-``wall_time_s`` (solving time, over resumes), ``hvps`` (Hessian-vector products),
+``wall_time_s`` (seconds solving, over resumes), ``startup_s`` (the rest of the trial's
+time: Ray Train's workers starting, the solver being built and restored; see
+:mod:`hg_dist.tune.trainable`), ``hvps`` (Hessian-vector products),
 ``error`` and ``config`` (the trial's whole :class:`~hg_dist.experiment.ExperimentConfig`
 as JSON, so any row can be re-run).
 
@@ -51,7 +53,8 @@ def table_schema() -> pa.Schema:
     settings = [(column, kinds[column]) for column in search_columns()]
     return pa.schema([("trial", pa.string()), ("status", pa.string()), *settings,
                       ("best_metric", pa.float64()), ("last_metric", pa.float64()), ("outer_steps", pa.int64()),
-                      ("wall_time_s", pa.float64()), ("hvps", pa.int64()), ("error", pa.string()),
+                      ("wall_time_s", pa.float64()), ("startup_s", pa.float64()),
+                      ("hvps", pa.int64()), ("error", pa.string()),
                       ("config", pa.string())])
 
 
@@ -120,7 +123,8 @@ def table_rows(result_grid: Any, *, metric: str, base: ExperimentConfig, statuse
             "trial": name, "status": status, **settings,
             "best_metric": _number(values.get("best_metric")), "last_metric": _number(values.get(metric)),
             "outer_steps": _number(values.get("outer_step"), int) or 0,
-            "wall_time_s": _number(values.get("wall_time_s")), "hvps": _number(values.get("hvps_total"), int),
+            "wall_time_s": _number(values.get("wall_time_s")),
+            "startup_s": _number(values.get("startup_s")), "hvps": _number(values.get("hvps_total"), int),
             "error": error, "config": config,
         })
     return rows

@@ -1,10 +1,15 @@
 """``run_search``: a Ray Tune search whose trials are whole bilevel solves, resumable, with live progress.
 
-Layout of ``output``: see :mod:`hg_dist.tune.storage`.
+Tune's settings come in as Tune's own objects (``ray.tune.TuneConfig``, ``ray.tune.RunConfig``);
+what hg_dist adds is :class:`SearchOptions`. The search folder is ``RunConfig``'s
+``storage_path/name`` and is Tune's experiment folder: ``ray.tune.ExperimentAnalysis(folder)``
+and ``ray.tune.Tuner.restore(folder, trainable)`` read it (give an absolute path or a URI).
+Its layout: see :mod:`hg_dist.tune.storage`.
 
-* **Searchers**: ``search="random"`` (Tune's random/grid generator) or ``"optuna"``
+* **Searchers**: ``SearchOptions(search="random")`` (Tune's random/grid generator) or ``"optuna"``
   (Ray's ``OptunaSearch``, define-by-run over the same nested space, see
-  :mod:`hg_dist.tune.searchers`); ASHA stops bad trials early with either.
+  :mod:`hg_dist.tune.searchers`), or a Tune searcher of your own in ``TuneConfig.search_alg``;
+  ASHA (:func:`default_scheduler`) stops bad trials early with any of them.
 * **Concurrency by resources**: no limit is derived from the cluster: trials start as
   Tune's resource queue admits them (a one-worker trial asks for
   ``cpus_per_worker``, a multi-worker one for :data:`~hg_dist.tune.trainable.TRIAL_CPU`
@@ -37,22 +42,24 @@ import pyarrow as pa
 import ray
 from ray import tune
 from ray.tune.experiment import Trial
-from ray.tune.result_grid import ResultGrid
+from ray.tune import ResultGrid
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.sample import Categorical
 
+from hg_dist.distributed.ray_internals import replace_restored_callback
 from hg_dist.distributed.resources import connect, inspect_cluster
 from hg_dist.experiment import RESULT_FILE, ExperimentConfig, read_result, update_result
 from hg_dist.tune.plots import plot_search
 from hg_dist.tune.progress import FINAL, SearchProgress, trial_status
 from hg_dist.tune.results import best_record, best_row, format_table, make_table, solver_reference, table_rows
-from hg_dist.tune.searchers import check_searchable, grid_points, make_searcher
+from hg_dist.tune.searchers import SEARCHERS, check_searchable, grid_points, make_searcher
 from hg_dist.tune.space import check_space
 from hg_dist.tune.space_record import describe_space, space_changes
 from hg_dist.tune.storage import MARKER_FILE, SearchStorage
-from hg_dist.tune.trainable import RUN_DIR, TRIAL_CPU, make_trainable, release_workers, trial_demand
+from hg_dist.tune.trainable import (RUN_DIR, TRIAL_CPU, end_history_at, make_trainable, release_workers,
+                                    trial_demand)
 
-__all__ = ["SearchExistsError", "SearchInterrupted", "SearchResult", "run_search"]
+__all__ = ["SearchExistsError", "SearchInterrupted", "SearchOptions", "SearchResult", "default_scheduler", "run_search"]
 
 
 class SearchExistsError(ValueError):
@@ -174,73 +181,147 @@ def _check_resumable(storage: SearchStorage, resume: bool, *, space: Mapping[str
     return record
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """What hg_dist adds to a Tune search (Tune's own settings go in ``TuneConfig``/``RunConfig``).
+
+    Attributes:
+        search: the searcher hg_dist builds over the nested space when
+            ``TuneConfig.search_alg`` is ``None``: ``"random"`` (Tune's random/grid
+            generator) or ``"optuna"`` (see :mod:`hg_dist.tune.searchers`).
+        seed: seeds the sampling of the space (``None``: unseeded).
+        cpus_per_worker: CPUs per solving process (a one-worker trial, or each Train worker).
+        checkpoint_every: outer steps between trial checkpoints.
+        fixed_cluster: the cluster cannot grow (no autoscaler): a trial that can never
+            fit fails at once; ``None``: decided from the cluster
+            (:func:`hg_dist.distributed.resources.inspect_cluster`; a Ray this call starts is fixed).
+        progress: print a line per ended trial and a status line every ``progress_interval`` seconds.
+        progress_interval: seconds between status lines.
+        print_table: print the results table at the end.
+        plot: write ``search.png`` (needs matplotlib).
+    """
+
+    search: str = "random"
+    seed: int | None = 0
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 5
+    fixed_cluster: bool | None = None
+    progress: bool = True
+    progress_interval: float = 30.0
+    print_table: bool = True
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        if self.search not in SEARCHERS:
+            raise ValueError(f"search must be one of {', '.join(map(repr, SEARCHERS))}, got {self.search!r}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be an int >= 1 (outer steps), got {self.checkpoint_every!r}")
+        if isinstance(self.cpus_per_worker, bool) or not isinstance(self.cpus_per_worker, (int, float)) \
+                or not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker must be a number > 0, got {self.cpus_per_worker!r}")
+        if not (isinstance(self.progress_interval, (int, float)) and self.progress_interval >= 0):
+            raise ValueError(f"progress_interval must be a number of seconds >= 0, got {self.progress_interval!r}")
+
+
+DEFAULT_STORAGE_PATH = "runs"
+DEFAULT_NAME = "search"
+"""``RunConfig(storage_path=..., name=...)`` when left out: the search folder is ``runs/search``."""
+
+
+def default_scheduler(grace_period: int = 2, reduction_factor: int = 2) -> TrialScheduler:
+    """The scheduler when ``TuneConfig.scheduler`` is ``None``: ASHA over outer steps. ``max_t=10**6``:
+    it stops trials early, never at a step limit."""
+    return ASHAScheduler(time_attr="outer_step", grace_period=grace_period, reduction_factor=reduction_factor,
+                         max_t=10**6)
+
+
+def _output_of(run_config: tune.RunConfig) -> str:
+    """The search folder: ``storage_path/name`` of the run config (defaults ``runs`` and ``search``)."""
+    if run_config.storage_filesystem is not None:
+        raise ValueError("run_config.storage_filesystem is not supported by run_search; give the storage as a "
+                         "URI in run_config.storage_path (s3://bucket/path, gs://..., file:///abs/path)")
+    storage_path = os.fspath(run_config.storage_path or DEFAULT_STORAGE_PATH)
+    name = run_config.name or DEFAULT_NAME
+    if "/" in name or name in (".", ".."):
+        raise ValueError(f"run_config.name must be one folder name (the search folder inside storage_path), "
+                         f"got {name!r}")
+    return f"{storage_path.rstrip('/')}/{name}" if "://" in storage_path else str(Path(storage_path) / name)
+
+
+def _check_tune_config(config: tune.TuneConfig, options: SearchOptions) -> tuple[str, str]:
+    """``(metric, mode)`` of ``config`` (defaults ``outer_loss``, ``min``); a ``ValueError`` for what
+    hg_dist cannot honour."""
+    metric = config.metric or "outer_loss"
+    mode = config.mode or "min"
+    if mode not in ("max", "min"):
+        raise ValueError(f"tune_config.mode must be 'max' or 'min', got {mode!r}")
+    if isinstance(config.num_samples, bool) or not isinstance(config.num_samples, int) or config.num_samples < 1:
+        raise ValueError(f"tune_config.num_samples must be an int >= 1, got {config.num_samples!r}")
+    if config.trial_name_creator is not None or config.trial_dirname_creator is not None:
+        raise ValueError("tune_config.trial_name_creator / trial_dirname_creator: hg_dist names each trial "
+                         "<method>_<trial id> (its folder in trials/ and in Tune's experiment); leave them None")
+    if config.search_alg is not None and options.search != "random":
+        raise ValueError(f"tune_config.search_alg is set and options.search={options.search!r}: give one "
+                         f"searcher (options.search builds hg_dist's over the nested space)")
+    return metric, mode
+
+
+def _max_failures(run_config: tune.RunConfig) -> int:
+    failures = run_config.failure_config.max_failures if run_config.failure_config is not None else 0
+    if isinstance(failures, bool) or not isinstance(failures, int) or failures < -1:
+        raise ValueError(f"max_failures must be an int >= 0 (or -1 for unlimited retries), got {failures!r}")
+    return failures
+
+
 def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
                space: Mapping[str, Any],
                *,
-               output: str | Path = "runs/search",
-               num_samples: int = 1,
-               metric: str = "outer_loss",
-               mode: str = "min",
+               tune_config: tune.TuneConfig | None = None,
+               run_config: tune.RunConfig | None = None,
                base: ExperimentConfig | None = None,
-               search: str = "random",
-               scheduler: TrialScheduler | None = None,
-               grace_period: int = 2,
-               reduction_factor: int = 2,
-               max_concurrent_trials: int | None = None,
-               cpus_per_worker: float = 1.0,
-               checkpoint_every: int = 5,
-               max_failures: int = 0,
+               options: SearchOptions | None = None,
                resume: bool = False,
-               fixed_cluster: bool | None = None,
-               seed: int | None = 0,
-               verbose: int = 0,
-               progress: bool = True,
-               progress_interval: float = 30.0,
-               print_table: bool = True,
-               plot: bool = True,
                settings: Mapping[str, Any] | None = None,
                ) -> SearchResult:
     """Search ``space`` with Ray Tune, one whole bilevel solve per trial; write and print the results.
+
+    Tune's settings are Tune's objects; hg_dist adds :class:`SearchOptions`.
 
     Args:
         build_solver: ``build_solver(config, rank, world_size) -> solver`` (module-level,
             e.g. ``examples.data_hypercleaning.build_solver``).
         space: a nested search space (see :mod:`hg_dist.tune.space`); ``workers`` in it
             (or in ``base``) makes trials ``W``-worker Ray Train runs.
-        output: the search folder: a path, or a URI pyarrow opens (``s3://``, ``gs://``,
-            ``file://``), which becomes Tune's storage (see :mod:`hg_dist.tune.storage`).
-        num_samples: samples of the space (times the number of points of its grid).
-        metric, mode: the outer metric the solver records (``"outer_loss"``, which every
-            solver records, or one its ``outer_update`` returns, e.g. ``"val_acc"``) and
-            whether higher (``"max"``) or lower (``"min"``) is better.
+        tune_config: ``ray.tune.TuneConfig``. Used: ``metric`` (default ``"outer_loss"``,
+            which every solver records, or one its ``outer_update`` returns, e.g.
+            ``"val_acc"``), ``mode`` (default ``"min"``), ``num_samples`` (samples of the
+            space, times the points of its grid), ``scheduler`` (default
+            :func:`default_scheduler`: ASHA over outer steps; ``FIFOScheduler()`` runs every
+            trial to the end), ``search_alg`` (default: ``options.search``; a searcher of
+            your own is used over ``space`` as given), ``max_concurrent_trials`` (default
+            none: Tune's resource queue decides), ``time_budget_s``. hg_dist names the
+            trials and decides ``reuse_actors`` (never with multi-worker trials).
+        run_config: ``ray.tune.RunConfig`` (not ``ray.train.RunConfig``). The search
+            folder is ``storage_path/name`` (default ``runs/search``; ``storage_path`` may
+            be a URI pyarrow opens, ``s3://``, ``gs://``, ``file://``, see
+            :mod:`hg_dist.tune.storage`); it is Tune's experiment folder, so
+            ``ExperimentAnalysis(folder)`` and ``Tuner.restore(folder, ...)`` read it.
+            ``failure_config.max_failures`` (default 0): Tune retries of a failed trial
+            (from its last checkpoint), and the worker-group restarts of a multi-worker
+            trial's Train run. ``checkpoint_config`` (default ``num_to_keep=4``),
+            ``verbose`` (default 0: Tune prints nothing; hg_dist prints its progress),
+            ``stop`` and ``callbacks`` (run beside hg_dist's) are passed on.
         base: values of the :class:`ExperimentConfig` fields the space leaves out
             (``use_gpu=True`` there gives every solving process a GPU).
-        search: ``"random"`` or ``"optuna"`` (see :mod:`hg_dist.tune.searchers`).
-        scheduler: a Tune scheduler; default ASHA over outer steps
-            (``ASHAScheduler(time_attr="outer_step", grace_period, reduction_factor,
-            max_t=10**6)``: it stops trials early, never at a step limit). Pass
-            ``tune.schedulers.FIFOScheduler()`` to run every trial to the end.
-        max_concurrent_trials: an explicit cap; default none (Tune's resource queue decides).
-        cpus_per_worker: CPUs per solving process (a one-worker trial, or each Train worker).
-        checkpoint_every: outer steps between trial checkpoints.
-        max_failures: Tune retries of a failed trial (from its last checkpoint), and the
-            worker-group restarts of a multi-worker trial's Train run.
-        resume: continue the search in ``output`` (see the module docs).
-        fixed_cluster: the cluster cannot grow (no autoscaler): a trial that can never
-            fit fails at once; default: when this call starts Ray itself, or when the
-            cluster says it has no autoscaler (:func:`hg_dist.distributed.resources.inspect_cluster`).
-        seed: seeds the sampling of the space (``None``: unseeded).
-        verbose: Tune's own console verbosity (0 silent … 2 every result).
-        progress, progress_interval: print a line per ended trial and a status line
-            every ``progress_interval`` seconds.
-        print_table: print the results table at the end.
-        plot: write ``search.png`` (needs matplotlib).
+        options: hg_dist's own settings (:class:`SearchOptions`).
+        resume: continue the search in the folder (see the module docs).
         settings: the caller's settings (e.g. command-line flags), recorded in
             ``search.json`` for ``--resume``.
 
     Raises:
         ValueError / TypeError: a bad argument or space, before Ray starts anything.
-        SearchExistsError: ``output`` holds a search and ``resume`` is false, or
+        SearchExistsError: the folder holds a search and ``resume`` is false, or
             ``resume`` is true and it holds none.
         SearchInterrupted: Ctrl-C stopped the search (its partial results are written
             and attached).
@@ -248,20 +329,26 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     Failing trials (an exception, or a NaN / infinite outer metric) are recorded as
     ``failed`` with their error; the search goes on.
     """
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < -1:
-        raise ValueError(f"max_failures must be an int >= 0 (or -1 for unlimited retries), got {max_failures!r}")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be an int >= 1 (outer steps), got {checkpoint_every!r}")
-    if not cpus_per_worker > 0:
-        raise ValueError(f"cpus_per_worker must be > 0, got {cpus_per_worker!r}")
+    options = SearchOptions() if options is None else options
+    tune_config = tune.TuneConfig() if tune_config is None else tune_config
+    run_config = tune.RunConfig() if run_config is None else run_config
+    for name, value, kind in (("tune_config", tune_config, tune.TuneConfig), ("run_config", run_config, tune.RunConfig),
+                              ("options", options, SearchOptions)):
+        if not isinstance(value, kind):
+            raise TypeError(f"{name} must be a {kind.__module__}.{kind.__qualname__}, got {type(value).__name__}"
+                            + ("; ray.train.RunConfig is Ray Train's, pass ray.tune.RunConfig"
+                               if name == "run_config" else ""))
+    metric, mode = _check_tune_config(tune_config, options)
+    max_failures = _max_failures(run_config)
+    num_samples, search, checkpoint_every = tune_config.num_samples, options.search, options.checkpoint_every
+    cpus_per_worker = options.cpus_per_worker
     check_space(space)
-    check_searchable(space, search)
+    if tune_config.search_alg is None:
+        check_searchable(space, search)
+    else:
+        search = type(tune_config.search_alg).__name__
     base = ExperimentConfig() if base is None else base
-    storage = SearchStorage.parse(output)
+    storage = SearchStorage.parse(_output_of(run_config))
     total = num_samples * len(grid_points(space))
     marker = _check_resumable(storage, resume, space=space, metric=metric, mode=mode, search=search,
                               num_samples=num_samples)
@@ -269,6 +356,7 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     started_here = not ray.is_initialized()
     connect()  # a local Ray when none runs, else RAY_ADDRESS; an unreachable address fails fast, named
     workers = _workers_candidates(space, base)
+    fixed_cluster = options.fixed_cluster
     if fixed_cluster is None:  # decided from the cluster itself (hg_dist.distributed.resources)
         fixed_cluster = started_here or inspect_cluster().autoscaling is False
     if fixed_cluster:
@@ -288,47 +376,52 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
                                upload_to=None if storage.local else storage.tune_path)
 
     def output_of(name: str) -> str:
-        return str(trials_dir / name) if trials_dir is not None else storage.show("tune", name, RUN_DIR)
+        return str(trials_dir / name) if trials_dir is not None else storage.show(name, RUN_DIR)
 
     def record_end(trial: Trial, status: str, error: str | None) -> None:
         _record_status(storage, trial, output_of(str(trial)), status, error)  # first: the trial sees it
         if trials_dir is not None and status != "completed":
             release_workers(output_of(str(trial)))
+        if trials_dir is not None and status == "stopped":
+            _end_history_at_stop(trial, output_of(str(trial)))
 
-    reporter = SearchProgress(metric, mode, total, interval=progress_interval, on_end=record_end, quiet=not progress)
+    reporter = SearchProgress(metric, mode, total, interval=options.progress_interval, on_end=record_end,
+                              quiet=not options.progress)
 
     # Tune saves its experiment state whenever a trial has checkpointed num_to_keep times since the last
     # save (a small local write) and warns when that happens within 5 s: with trials checkpointing every
     # few outer steps it does, and the warning says nothing actionable here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    search_alg, param_space, samples = make_searcher(search, space, metric="best_metric", mode=mode, seed=seed,
-                                                     num_samples=num_samples)
+    if tune_config.search_alg is None:
+        search_alg, param_space, samples = make_searcher(search, space, metric="best_metric", mode=mode,
+                                                         seed=options.seed, num_samples=num_samples)
+    else:
+        search_alg, param_space, samples = tune_config.search_alg, dict(space), num_samples
     if storage.can_restore() and resume:
         tuner = tune.Tuner.restore(storage.tune_path, trainable, resume_unfinished=True, resume_errored=False,
                                    param_space=param_space or None)
-        _install_callback(tuner, reporter)
+        replace_restored_callback(tuner, SearchProgress, reporter)
     else:
-        if scheduler is None:
-            scheduler = ASHAScheduler(time_attr="outer_step", grace_period=grace_period,
-                                      reduction_factor=reduction_factor, max_t=10**6)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=samples, scheduler=scheduler, search_alg=search_alg,
-                max_concurrent_trials=max_concurrent_trials,
+            tune_config=dataclasses.replace(
+                tune_config, metric=metric, mode=mode, num_samples=samples, search_alg=search_alg,
+                scheduler=tune_config.scheduler or default_scheduler(),
                 # A reused trial actor is not killed when ASHA stops its trial, and neither is the Train run
                 # it started: reuse actors only when no trial starts one.
                 reuse_actors=workers is not None and max(workers) == 1,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(
-                name="tune", storage_path=storage.uri, verbose=verbose,
+            run_config=dataclasses.replace(
+                run_config, name=storage.tune_name, storage_path=storage.tune_parent,
+                verbose=0 if run_config.verbose is None else run_config.verbose,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-                sync_config=tune.SyncConfig(sync_artifacts=not storage.local),
-                callbacks=[reporter]),
+                checkpoint_config=run_config.checkpoint_config or tune.CheckpointConfig(num_to_keep=4),
+                sync_config=dataclasses.replace(run_config.sync_config or tune.SyncConfig(),
+                                                sync_artifacts=not storage.local),
+                callbacks=[*(run_config.callbacks or []), reporter]),
         )
-    if progress:
+    if options.progress:
         reporter.print(f"{'resuming' if resume else 'starting'} a {search} search of {total} trials in "
                        f"{storage.show()}")
     result_grid = tuner.fit()
@@ -344,15 +437,17 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
             _record_status(storage, trial, output_of(str(trial)), "interrupted", None)
             if trials_dir is not None:
                 release_workers(output_of(str(trial)))
+        elif status == "stopped" and trials_dir is not None:  # its workers are gone by now
+            _end_history_at_stop(trial, output_of(str(trial)))
         statuses[str(trial)] = status
     interrupted = len(trials) < total or any(t.status not in FINAL for t in trials)
 
     rows = table_rows(result_grid, metric=metric, base=base, statuses=statuses, output_of=output_of)
     table = make_table(rows, metric, mode)
     result = _write_outputs(storage, table, result_grid, build_solver=build_solver, metric=metric, mode=mode,
-                            plot=plot and not interrupted, interrupted=interrupted)  # Ctrl-C: no time to draw
+                            plot=options.plot and not interrupted, interrupted=interrupted)  # Ctrl-C: no time to draw
     text = format_table(table)
-    if print_table:
+    if options.print_table:
         print(text)
         if result.best is not None:
             print(f"best: {result.best['trial']} {metric}={result.best['best_metric']:.4g}; re-run with "
@@ -369,23 +464,21 @@ def _saved_trials(storage: SearchStorage) -> list[Trial]:
     from ray.tune import ExperimentAnalysis
 
     try:
-        return list(ExperimentAnalysis(storage.path("tune"), storage_filesystem=storage.filesystem).trials)
+        return list(ExperimentAnalysis(storage.path(), storage_filesystem=storage.filesystem).trials)
     except Exception:  # noqa: BLE001 - fall back to the trials the progress callback saw
         return []
 
 
-def _install_callback(tuner: tune.Tuner, reporter: SearchProgress) -> None:
-    """Put ``reporter`` in place of the progress callback restored from the saved run config.
-
-    ``Tuner.restore`` unpickles the run config it was started with; its callbacks are
-    copies that print nowhere and record nothing here.
-    """
-    run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
-    if run_config is None:  # pragma: no cover - a Ray that restores differently: progress is lost, not results
+def _end_history_at_stop(trial: Trial, output: str) -> None:
+    """Cut a stopped trial's history at the outer step Tune last received from it (see
+    :func:`~hg_dist.tune.trainable.end_history_at`); never fails the search."""
+    last = (trial.last_result or {}).get("outer_step")
+    if last is None:
         return
-    run_config.callbacks = [reporter if isinstance(cb, SearchProgress) else cb for cb in (run_config.callbacks or [])]
-    if reporter not in run_config.callbacks:
-        run_config.callbacks.append(reporter)
+    try:
+        end_history_at(output, int(last))
+    except (OSError, ValueError):
+        pass
 
 
 def _record_status(storage: SearchStorage, trial: Trial, output: str, status: str, error: str | None) -> None:
@@ -410,6 +503,7 @@ def _record_status(storage: SearchStorage, trial: Trial, output: str, status: st
             current["error_while_stopped"], current["error"] = current.get("error"), None
         current.update(fields)
         current.setdefault("metrics", last)
+        current.update({key: last[key] for key in ("wall_time_s", "startup_s") if key in last})  # as in the table
         return current
 
     last = {k: v for k, v in (trial.last_result or {}).items() if isinstance(v, (int, float, str, bool))}

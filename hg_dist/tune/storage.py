@@ -1,27 +1,34 @@
 """Where a search keeps its files: a local folder, or any URI pyarrow opens (``s3://``, ``gs://``, ``file://`` ...).
 
-Layout under the search's ``output``::
+The search folder is Tune's experiment folder (``RunConfig(storage_path=parent, name=folder)``),
+so Ray's tools read it as they read any Tune experiment::
+
+    ExperimentAnalysis("/abs/runs/search")          # an absolute path, or a URI
+    Tuner.restore("/abs/runs/search", trainable)
+
+Layout under the search folder::
 
     search.json         what was searched (metric, mode, searcher, samples, build_solver, the
                         command's settings): marks the folder as holding a search, read by --resume
     results.parquet     one row per trial (hg_dist.tune.results)
     results.txt         the same table as printed
     best_config.json    the best trial's config and build_solver as "module:function"
-    search.png          best metric against wall time and HVPs per method; each trial's curve
-    tune/               Ray Tune's experiment state (Tuner.restore reads it), trial checkpoints
+    search.png          best metric against solving time and HVPs per method; each trial's curve
+    experiment_state-*.json, tuner.pkl, ...   Ray Tune's experiment state (Tuner.restore reads it)
+    <trial>/            Tune's trial folder: its results, checkpoints (checkpoint_*)
     trials/<trial>/     each trial's history.parquet, tb/ and result.json   (local output)
-    tune/<trial>/       the same files, synced by Tune                      (URI output)
+    <trial>/run/        the same files, synced by Tune                      (URI output)
 
 A plain path is used in place: every trial writes its files straight into
 ``trials/<trial>`` (so they are on disk at every outer step, whatever ends the
-trial). A URI becomes Tune's ``storage_path``; the trials then write into their
+trial). A URI becomes Tune's storage; the trials then write into their
 Tune working directories, which Tune uploads (``SyncConfig(sync_artifacts=True)``)
 with every trial checkpoint and at the end, and the search's own files are
 uploaded through the URI's pyarrow filesystem. Rank 0 of a multi-worker trial writes
 its files on its own node: they reach the URI when that is the trial's node (Ray
 places the Train controller there; the workers may go elsewhere on a multi-node
-cluster, where such trials need a shared folder as ``output``). Their Train
-checkpoints go to ``<output>/train/<trial>`` on the URI itself.
+cluster, where such trials need a shared folder as the storage). Their Train
+checkpoints go to ``<folder>/train/<trial>`` on the URI itself.
 """
 
 from __future__ import annotations
@@ -39,7 +46,6 @@ import pyarrow.fs
 __all__ = ["MARKER_FILE", "SearchStorage"]
 
 MARKER_FILE = "search.json"
-TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 
 
@@ -71,6 +77,10 @@ class SearchStorage:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"output must be a folder or a URI, got {output!r}")
         if "://" in text:
+            uri = text.rstrip("/")
+            if "/" not in uri.split("://", 1)[1].strip("/"):
+                raise ValueError(f"output {text!r}: name a folder inside the bucket (e.g. {uri}/search); the search "
+                                 f"folder is Tune's experiment folder, which needs a parent")
             try:
                 filesystem, root = pyarrow.fs.FileSystem.from_uri(text)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as error:
@@ -78,7 +88,7 @@ class SearchStorage:
                 raise ValueError(f"output {text!r}: pyarrow cannot open {scheme}:// URIs here ({error}); use a "
                                  f"local folder or a URI such as s3://bucket/path, gs://bucket/path or "
                                  f"file:///abs/path") from None
-            return cls(uri=text.rstrip("/"), filesystem=filesystem, root=root.rstrip("/") or "/", local=False)
+            return cls(uri=uri, filesystem=filesystem, root=root.rstrip("/") or "/", local=False)
         path = Path(text).expanduser().resolve()
         if path.exists() and not path.is_dir():
             raise ValueError(f"output {str(path)!r} is a file; pass a folder for the search")
@@ -96,8 +106,18 @@ class SearchStorage:
 
     @property
     def tune_path(self) -> str:
-        """Tune's experiment folder (``tune/``), as a path or URI Tune accepts."""
-        return self.show(TUNE_DIR)
+        """Tune's experiment folder (the search folder itself), as a path or URI Tune accepts."""
+        return self.show()
+
+    @property
+    def tune_parent(self) -> str:
+        """``RunConfig.storage_path`` of the search: the folder (or URI) that holds the search folder."""
+        return str(Path(self.root).parent) if self.local else self.uri.rsplit("/", 1)[0]
+
+    @property
+    def tune_name(self) -> str:
+        """``RunConfig.name`` of the search: the search folder's name."""
+        return Path(self.root).name if self.local else self.uri.rsplit("/", 1)[1]
 
     @property
     def trials_dir(self) -> Path | None:
@@ -147,13 +167,10 @@ class SearchStorage:
 
     def holds_search(self) -> bool:
         """Whether a search was started here (its marker or Tune's experiment state is present)."""
-        from ray import tune
-
-        return self.exists(MARKER_FILE) or tune.Tuner.can_restore(self.path(TUNE_DIR),
-                                                                  storage_filesystem=self.filesystem)
+        return self.exists(MARKER_FILE) or self.can_restore()
 
     def can_restore(self) -> bool:
         """Whether Tune saved an experiment state here that ``Tuner.restore`` can continue."""
         from ray import tune
 
-        return tune.Tuner.can_restore(self.path(TUNE_DIR), storage_filesystem=self.filesystem)
+        return tune.Tuner.can_restore(self.path(), storage_filesystem=self.filesystem)

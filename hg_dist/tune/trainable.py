@@ -29,8 +29,19 @@ the step is reported. An ASHA stop, an error, Ctrl-C or a killed process thus le
 scheduler), ``failed`` (a process that died) or ``interrupted`` for the others.
 
 Every result carries, besides the solver's metrics, ``outer_step``, ``hvps_total``
-(Hessian-vector products so far), ``best_metric`` and ``wall_time_s`` (all carried
-over a resume). A non-finite outer metric raises :class:`TrialDivergedError`; Tune
+(Hessian-vector products so far), ``best_metric`` and two timings, all carried over a
+resume, with one meaning wherever they appear (Tune's results, the results table, the
+trial's ``result.json``, its history):
+
+* ``wall_time_s``: seconds the solver spent solving (inside ``solver.run()``, clocked
+  by :class:`TrialHistory` at every outer step), summed over resumes;
+* ``startup_s``: the rest of the trial's time: Ray Train's worker group starting,
+  the solver being built and restored, and work a failure threw away.
+
+The trial's last result carries a checkpoint that Tune keeps
+(``ResultGrid.get_best_result().checkpoint``, ``ExperimentAnalysis.get_best_checkpoint``):
+a one-worker trial's solver state (:func:`trial_checkpoint`), or a multi-worker trial's
+final Ray Train checkpoint. A non-finite outer metric raises :class:`TrialDivergedError`; Tune
 records the trial as failed, with that error, and the search goes on.
 """
 
@@ -39,10 +50,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,11 +66,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from hg_dist import checkpoint as solver_checkpoint
 from hg_dist.callbacks import HistoryWriter
 from hg_dist.experiment import ExperimentConfig, read_result, run_local, update_result, write_json
+from hg_dist.recording import write_parquet
 from hg_dist.solver import BaseSolver
 from hg_dist.tune.space import to_experiment_config
 
 __all__ = ["ERROR_KEY", "ResultTracker", "SolveReporter", "TRIAL_CPU", "TrainToTune", "TrialDivergedError",
-           "TrialHistory", "TrialSolver", "attach_callback", "make_trainable", "release_workers", "trial_demand", "trial_resources",
+           "TrialHistory", "TrialSolver", "attach_callback", "end_history_at", "make_trainable", "release_workers",
+           "trial_demand", "trial_resources",
            "update_result", "upload_run_files"]
 
 BuildSolver = Callable[..., Any]
@@ -91,13 +105,19 @@ class TrialDivergedError(RuntimeError):
     """The outer metric became NaN or infinite: the trial diverged."""
 
 
+SOLVE_TIME = "wall_time_s"
+"""The solver's clock: seconds inside ``solver.run()`` so far, over resumes (see the module docs)."""
+
+
 class ResultTracker:
     """Turns the solver's metrics after each outer step into a Tune result.
 
     Adds ``outer_step``, ``hvps_total`` (sum of the per-step ``ihvp_num_hvps``),
-    ``best_metric`` (best ``metric`` so far) and ``wall_time_s`` (solving time of the
-    trial, over resumes), and keeps only numbers. :meth:`state_dict` /
-    :meth:`load_state_dict` carry the counters through a trial checkpoint.
+    ``best_metric`` (best ``metric`` so far), ``wall_time_s`` (solving time: the
+    solver's own ``wall_time_s`` metric, see :class:`TrialHistory`) and ``startup_s``
+    (the trial's time since it started, over resumes, less the solving time), and
+    keeps only numbers. :meth:`state_dict` / :meth:`load_state_dict` carry the
+    counters through a trial checkpoint.
 
     Args:
         metric: the key of the outer metric in the solver's metrics, e.g. ``"outer_loss"``.
@@ -109,8 +129,9 @@ class ResultTracker:
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.metric = metric
         self.mode = mode
-        self.start = time.perf_counter()
-        self.elapsed_before = 0.0
+        self.start = time.time()   # wall clock: the tracker may be pickled to another process (TrainToTune)
+        self.trial_time_before = 0.0
+        self.solve_time: float | None = None
         self.hvps_total = 0
         self.best = math.nan
 
@@ -123,7 +144,7 @@ class ResultTracker:
         """
         if self.metric not in metrics:
             raise KeyError(f"metric={self.metric!r} is not among the solver's metrics {sorted(metrics)}; "
-                           f"pass metric= one of them to run_search")
+                           f"pass tune_config=TuneConfig(metric=...) one of them to run_search")
         value = float(metrics[self.metric])
         if not math.isfinite(value):
             raise TrialDivergedError(f"{self.metric} = {value} at outer step {outer_step}: the solve diverged; "
@@ -131,33 +152,43 @@ class ResultTracker:
         self.hvps_total += int(metrics.get("ihvp_num_hvps", 0))
         if math.isnan(self.best) or (value > self.best if self.mode == "max" else value < self.best):
             self.best = value
-        result = {key: float(val) for key, val in metrics.items()
-                  if isinstance(val, (int, float)) and not isinstance(val, bool)}
-        result.update(outer_step=int(outer_step), hvps_total=self.hvps_total, best_metric=self.best,
-                      wall_time_s=self.wall_time())
-        return result
+        return self._result(metrics, outer_step)
 
     def final(self, metrics: Mapping[str, Any], outer_step: int) -> dict[str, float]:
         """The result after the solve ran to its end: its final metrics (``evaluate()``'s included),
         the counters as they are, and ``solve_completed = 1`` (what tells a completed trial from one
         the scheduler stopped: Tune marks both ``done``)."""
+        return {**self._result(metrics, outer_step), "solve_completed": 1.0}
+
+    def _result(self, metrics: Mapping[str, Any], outer_step: int) -> dict[str, float]:
         result = {key: float(val) for key, val in metrics.items()
                   if isinstance(val, (int, float)) and not isinstance(val, bool)}
+        if SOLVE_TIME in result and math.isfinite(result[SOLVE_TIME]):
+            self.solve_time = result[SOLVE_TIME]
         result.update(outer_step=int(outer_step), hvps_total=self.hvps_total, best_metric=self.best,
-                      wall_time_s=self.wall_time(), solve_completed=1.0)
+                      **self.timings())
         return result
 
-    def wall_time(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.start
+    def trial_time(self) -> float:
+        """Seconds since the trial started, over resumes."""
+        return self.trial_time_before + time.time() - self.start
+
+    def timings(self) -> dict[str, float]:
+        """``wall_time_s`` and ``startup_s`` now (a solver that reports no clock: all is solving time)."""
+        total = self.trial_time()
+        solve = total if self.solve_time is None else self.solve_time
+        return {"wall_time_s": solve, "startup_s": max(0.0, total - solve)}
 
     def state_dict(self) -> dict[str, float]:
-        return {"hvps_total": self.hvps_total, "best": self.best, "wall_time_s": self.wall_time()}
+        return {"hvps_total": self.hvps_total, "best": self.best, "trial_time_s": self.trial_time(),
+                "wall_time_s": self.solve_time}
 
     def load_state_dict(self, state: Mapping[str, float]) -> None:
         self.hvps_total = int(state["hvps_total"])
         self.best = float(state["best"])
-        self.elapsed_before = float(state["wall_time_s"])
-        self.start = time.perf_counter()
+        self.trial_time_before = float(state["trial_time_s"])
+        self.solve_time = None if state.get("wall_time_s") is None else float(state["wall_time_s"])
+        self.start = time.time()
 
 
 class TrialHistory(HistoryWriter):
@@ -168,12 +199,35 @@ class TrialHistory(HistoryWriter):
     row at every outer step (the solver's own rows come every ``log_freq`` inner
     steps). Among a solver's callbacks it replaces the standard writer. Attach it
     before the reporter, so a reported step is on disk first.
+
+    * It clocks the solve: at every outer step it records the solver metric
+      ``wall_time_s`` (seconds inside ``solver.run()``, carried over a resume by the
+      solver's own recorder state), which the reports carry to Tune.
+    * TensorBoard gets one point per value a metric was given: an outer metric once
+      per outer step, however many rows repeat it (every row holds the latest value
+      of every metric).
+    * Once the search has recorded the trial as ``stopped`` (its ``result.json``), it
+      writes nothing more: a multi-worker trial's workers can run a step or two past
+      the step at which Tune stopped the trial.
     """
 
     def __init__(self, log_dir: str | os.PathLike) -> None:
         super().__init__(log_dir, flush_interval=0.0)
+        self._clock_start = time.perf_counter()
+        self._solved_before = 0.0
+        self._values_written: dict[str, int] = {}
+        self._last_tb_step: dict[str, int] = {}
+
+    def on_run_start(self, solver: BaseSolver) -> None:
+        super().on_run_start(solver)
+        archive = solver.recorder.archive
+        self._solved_before = archive[SOLVE_TIME][-1] if archive.get(SOLVE_TIME) else 0.0
+        self._clock_start = time.perf_counter()
+        self._values_written = {name: len(values) for name, values in archive.items()}
+        self._last_tb_step = {}
 
     def on_outer_step(self, solver: BaseSolver, metrics: dict[str, float]) -> None:
+        solver.recorder.add(SOLVE_TIME, self._solved_before + time.perf_counter() - self._clock_start)
         history = solver.recorder.history
         if history and history[-1]["step"] == solver.global_step:
             return
@@ -181,10 +235,51 @@ class TrialHistory(HistoryWriter):
         self.on_row(solver, solver.global_step, solver.recorder.log_row(solver.global_step))
 
     def on_row(self, solver: BaseSolver, step: int, row: Mapping[str, float]) -> None:
+        if self._parquet is None or read_result(self.log_dir).get("status") == "stopped":
+            return
         rows = self._parquet.rows
         if rows and rows[-1]["step"] == step:  # the run's final row repeats its last outer step: keep the later
             rows.pop()
-        super().on_row(solver, step, row)
+        self._parquet.write(step, row)
+        counts = {name: len(values) for name, values in solver.recorder.archive.items()}
+        fresh = {name: value for name, value in row.items()
+                 if counts.get(name, 0) > self._values_written.get(name, 0) and self._last_tb_step.get(name) != step}
+        self._tensorboard.write(step, fresh)
+        self._values_written.update((name, counts.get(name, 0)) for name in row)
+        self._last_tb_step.update((name, step) for name in fresh)
+        self.flush()
+
+    def on_run_end(self, solver: BaseSolver, error: BaseException | None) -> None:
+        if self._parquet is not None and read_result(self.log_dir).get("status") == "stopped":
+            self._parquet = None   # the search may have cut the file at the stop: leave it as it is
+            self._tensorboard.close()
+            self._tensorboard = None
+            return
+        super().on_run_end(solver, error)
+
+
+def end_history_at(output: str | os.PathLike, outer_step: int) -> bool:
+    """Cut ``output/history.parquet`` after the row of outer step ``outer_step`` (the step Tune last
+    received from a trial it stopped); returns whether rows were dropped.
+
+    Rows are kept up to the first one whose ``outer_step`` is ``outer_step``; without
+    such a row, those whose ``outer_step`` is at most ``outer_step``.
+    """
+    import pyarrow.parquet as pq
+
+    from hg_dist.callbacks import HISTORY_FILE
+
+    path = Path(output) / HISTORY_FILE
+    if not path.exists():
+        return False
+    rows = pq.read_table(path).to_pylist()
+    end = next((k + 1 for k, row in enumerate(rows) if row.get("outer_step") == outer_step), None)
+    kept = rows[:end] if end is not None else [
+        row for row in rows if row.get("outer_step") is None or row["outer_step"] <= outer_step]
+    if len(kept) == len(rows):
+        return False
+    write_parquet(path, [{key: value for key, value in row.items() if value is not None} for row in kept])
+    return True
 
 
 def attach_callback(solver: Any, callback: Any) -> Any:
@@ -229,7 +324,8 @@ class SolveReporter:
         self.checkpoint_every = checkpoint_every
 
     def __call__(self, solver: Any, metrics: dict[str, float]) -> None:
-        result = self.tracker.update(metrics, solver.outer_step)
+        clock = solver.recorder.archive.get(SOLVE_TIME)  # added by TrialHistory after ``metrics`` was taken
+        result = self.tracker.update({**metrics, SOLVE_TIME: clock[-1]} if clock else metrics, solver.outer_step)
         if self.checkpoint_every and solver.outer_step % self.checkpoint_every == 0:
             with trial_checkpoint(solver, self.tracker) as checkpoint:
                 self.report(result, checkpoint=checkpoint)
@@ -238,7 +334,8 @@ class SolveReporter:
 
 
 PLACEMENT_GROUP_FILE = ".train_placement_group"
-"""Where rank 0 of a multi-worker trial records its worker group's placement group (hex id)."""
+"""Where rank 0 of a multi-worker trial records its worker group's placement group (pickled
+``ray.util.placement_group.PlacementGroup``)."""
 
 
 @dataclass(frozen=True)
@@ -261,7 +358,7 @@ class TrialSolver:
             group = ray.util.get_current_placement_group()
             if group is not None:
                 Path(config.output).mkdir(parents=True, exist_ok=True)
-                (Path(config.output) / PLACEMENT_GROUP_FILE).write_text(group.id.hex())
+                (Path(config.output) / PLACEMENT_GROUP_FILE).write_bytes(pickle.dumps(group))
         return solver
 
 
@@ -279,11 +376,10 @@ def release_workers(output: str | os.PathLike) -> bool:
     path = Path(output) / PLACEMENT_GROUP_FILE
     if not path.exists():
         return False
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
     try:
-        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(path.read_text().strip())))
+        remove_placement_group(pickle.loads(path.read_bytes()))
     except Exception:  # noqa: BLE001 - already removed, or Ray is shutting down: nothing held any more
         pass
     path.unlink(missing_ok=True)
@@ -370,16 +466,21 @@ def trial_demand(workers: int, cpus_per_worker: float = 1.0) -> float:
 # ---- the trial -----------------------------------------------------------------------------------
 
 def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str, mode: str,
-                checkpoint_every: int) -> tuple[ResultTracker, dict[str, Any], dict[str, Any]]:
-    """One-worker trial: :func:`~hg_dist.experiment.run_local` with a history, a reporter and checkpoints."""
+                checkpoint_every: int) -> tuple[ResultTracker, dict[str, Any], dict[str, Any], Callable[[], Any]]:
+    """One-worker trial: :func:`~hg_dist.experiment.run_local` with a history, a reporter and checkpoints.
+
+    Returns the tracker, the final metrics, what ``result.json`` gets, and a context manager
+    giving the final trial checkpoint."""
     reporter = SolveReporter(metric, mode, tune.report, checkpoint_every)
     resumed: dict[str, Any] = {}
+    built: list[BaseSolver] = []
 
     def build_trial_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> BaseSolver:
         solver = build_solver(config, rank=rank, world_size=world_size)
         attach_callback(solver, TrialHistory(config.output))
         attach_callback(solver, reporter)
         solver.progress = False
+        built.append(solver)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             restore_trial(checkpoint, solver, reporter.tracker)
@@ -388,13 +489,16 @@ def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str
         return solver
 
     final = run_local(build_trial_solver, config)
-    return reporter.tracker, final, {"resumed_from_outer_step": resumed.get("resumed_from_outer_step")}
+    return (reporter.tracker, final, {"resumed_from_outer_step": resumed.get("resumed_from_outer_step")},
+            lambda: trial_checkpoint(built[-1], reporter.tracker))
 
 
 def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metric: str, mode: str, *,
                       cpus_per_worker: float, checkpoint_every: int, max_failures: int,
-                      train_storage: str | None) -> tuple[ResultTracker, dict[str, Any], dict[str, Any]]:
-    """Multi-worker trial: the distributed layer's Train run, its reports forwarded to Tune."""
+                      train_storage: str | None) -> tuple[ResultTracker, dict[str, Any], dict[str, Any], Callable[[], Any]]:
+    """Multi-worker trial: the distributed layer's Train run, its reports forwarded to Tune.
+
+    Returns as :func:`_solve_here`; the final checkpoint is the Train run's."""
     from hg_dist.distributed.runner import fit
     from hg_dist.distributed.settings import TrainSettings
 
@@ -420,7 +524,8 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
     tracker = ResultTracker(metric, mode)
     if latest is not None:
         tracker.load_state_dict(latest)
-    return tracker, dict(result.metrics or {}), {"resumed_from_outer_step": resumed}
+    return (tracker, dict(result.metrics or {}), {"resumed_from_outer_step": resumed},
+            lambda: nullcontext(result.checkpoint))
 
 
 def _error_text(error: BaseException) -> str:
@@ -468,10 +573,11 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
         raise
     try:
         if experiment.workers == 1:
-            tracker, final, info = _solve_here(build_solver, experiment, metric, mode, checkpoint_every)
+            tracker, final, info, final_checkpoint = _solve_here(build_solver, experiment, metric, mode,
+                                                                 checkpoint_every)
         else:
             storage = None if train_storage is None else f"{train_storage.rstrip('/')}/{trial_name}"
-            tracker, final, info = _solve_on_workers(
+            tracker, final, info, final_checkpoint = _solve_on_workers(
                 build_solver, experiment, metric, mode, cpus_per_worker=cpus_per_worker,
                 checkpoint_every=checkpoint_every, max_failures=max_failures, train_storage=storage)
     except Exception as error:
@@ -479,22 +585,30 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
             update_result(output, status="failed", error=_error_text(error), config=experiment.to_dict())
         _upload_ending(output, destination)
         raise
-    update_result(output, status="completed", error=None, **info)
+    last = tracker.final(final, int(final.get("outer_step", 0)))
+    update_result(output, status="completed", error=None, wall_time_s=last["wall_time_s"],
+                  startup_s=last["startup_s"], **info)
     _upload_ending(output, destination)   # before the last report: Tune may stop the trial on it
-    tune.report(tracker.final(final, int(final.get("outer_step", 0))))
+    with final_checkpoint() as checkpoint:   # Tune keeps it: the best trial's checkpoint is reachable there
+        tune.report(last, checkpoint=checkpoint)
 
 
 def _working_dir() -> Path:
     """This trial's Tune working directory: what Tune uploads to the storage with each trial checkpoint.
 
-    Not ``tune.get_context().get_trial_dir()``: on the driver's node that is the driver's
-    staging copy of the trial folder, which the driver uploads with its experiment state,
-    last, over what the trial uploaded (a retried trial's ``result.json`` then kept the
-    failed attempt's status). Ray has no public accessor for it in 2.60.
-    """
-    from ray.train._internal.session import get_session
+    Tune makes it the trial's current directory (unless ``RAY_CHDIR_TO_TRIAL_DIR=0``), and
+    the trial reads it from there. Not ``tune.get_context().get_trial_dir()``: on the
+    driver's node that is the driver's staging copy of the trial folder, which the driver
+    uploads with its experiment state, last, over what the trial uploaded (a retried
+    trial's ``result.json`` then kept the failed attempt's status).
 
-    return Path(get_session().storage.trial_working_directory)
+    Raises:
+        ValueError: ``RAY_CHDIR_TO_TRIAL_DIR=0`` (a URI output then has no folder to upload).
+    """
+    if os.environ.get("RAY_CHDIR_TO_TRIAL_DIR", "1") == "0":
+        raise ValueError("a search whose output is a URI needs Tune to run each trial in its working directory; "
+                         "unset RAY_CHDIR_TO_TRIAL_DIR=0")
+    return Path.cwd()
 
 
 def _upload_ending(output: str, destination: str | None) -> None:
