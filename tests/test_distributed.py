@@ -29,8 +29,9 @@ from torch.utils.data import TensorDataset
 
 from hg_dist import approx_hypergrad, make_approx
 from hg_dist.callbacks import Callback
-from hg_dist.distributed import (CountingAllreduce, Every, FailAt, ShardedLoader, TrainSettings, check_scaling,
-                                 distribute_solver, distributed_approx, fit, full_batch, read_checkpoint,
+from hg_dist.collective import SingleProcess, use
+from hg_dist.distributed import (CountingAllreduce, Every, FitOptions, ShardedLoader, check_scaling,
+                                 distributed_approx, fit, full_batch, read_checkpoint,
                                  read_parquet_shard, run_experiment, run_threads, shard_indices)
 from hg_dist.distributed.checkpointing import checkpoint_run_id, fingerprint
 from hg_dist.distributed.hypergrad import AllreduceGrads
@@ -70,7 +71,13 @@ class WeightDecay(nn.Module):
 
 
 class LogRegSolver(BaseImplicitSolver):
-    """The seed's example solver: inner = logistic regression, outer = per-feature weight decay."""
+    """The seed's example solver: inner = logistic regression, outer = per-feature weight decay.
+
+    Its own ``inner_update``/``outer_update`` (as seed code writes them): the inner step averages its
+    gradients and loss over the replicas with ``self.mean_gradients``; the hypergradient comes from
+    ``self.approx_ihvp``, which a solver built on several replicas averages; the loop averages the
+    returned outer loss.
+    """
 
     def inner_forward(self, in_params, out_params, x, y):
         loss = F.binary_cross_entropy_with_logits(self.inner_func(in_params, x).squeeze(-1), y)
@@ -82,6 +89,7 @@ class LogRegSolver(BaseImplicitSolver):
     def inner_update(self):
         x, y = next(self.inner_loader)
         grads, loss = grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(), x, y)
+        grads, loss = self.mean_gradients(grads, loss)
         self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
                                                                          self.inner_optim_state)
         return loss
@@ -98,21 +106,46 @@ class LogRegSolver(BaseImplicitSolver):
         return self.outer_forward(self.inner_params, self.outer_params(), out_x, out_y)
 
 
+class LoopAveragedLoss(LogRegSolver):
+    """Overrides that average only what they must: the gradients (``mean_gradients`` without the loss) and,
+    through ``self.approx_ihvp``, the hypergradient. The loop averages every metric they return (the loss,
+    a batch statistic, a validation accuracy) in one round per update."""
+
+    def inner_update(self):
+        x, y = next(self.inner_loader)
+        grads, loss = grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(), x, y)
+        grads, _ = self.mean_gradients(grads)
+        self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
+                                                                         self.inner_optim_state)
+        return {"inner_loss": loss, "positive_fraction": y.mean()}
+
+    def outer_update(self):
+        loss = super().outer_update()
+        out_x, out_y = next(self.outer_loader)
+        logits = self.inner_func(self.inner_params, out_x).squeeze(-1)
+        return {"outer_loss": loss, "val_acc": ((logits > 0).double() == out_y).double().mean()}
+
+
 def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> LogRegSolver:
     """Module-level, as examples define it: this rank's shard of the data, per-worker batch = B / W."""
+    return build(LogRegSolver, config, rank, world_size)
+
+
+def build(solver_class: type, config: ExperimentConfig, rank: int = 0, world_size: int = 1,
+          **kwargs) -> LogRegSolver:
     train, val = make_data(config.extra.get("data_seed", 0), n=config.extra.get("n", N))
     batch = config.extra.get("batch_size", 16)
     inner = nn.Linear(D, 1).double()
     nn.init.zeros_(inner.weight)
     nn.init.zeros_(inner.bias)
     outer = WeightDecay(D)
-    return LogRegSolver(inner, outer,
+    return solver_class(inner, outer,
                         ShardedLoader(train, batch, rank=rank, world_size=world_size, seed=config.seed),
                         full_batch(val, rank, world_size),
                         make_approx(config.approximator, seed=config.seed), config.num_iters, config.unroll_steps,
-                        functools.partial(diff_sgd, lr=0.5, momentum=0.9, weight_decay=0),
+                        functools.partial(diff_sgd, lr=config.extra.get("lr", 0.5), momentum=0.9, weight_decay=0),
                         make_outer_optimizer(config.outer_optimizer, outer.parameters()),
-                        log_freq=4, progress=False)
+                        log_freq=4, progress=False, **kwargs)
 
 
 def config_for(tmp_path: Path, **overrides) -> ExperimentConfig:
@@ -126,8 +159,8 @@ def config_for(tmp_path: Path, **overrides) -> ExperimentConfig:
 def run_in_threads(config: ExperimentConfig, world_size: int) -> list[LogRegSolver]:
     """The distributed run with W threads instead of Ray workers (one uninterrupted run)."""
     def one_rank(collective):
-        solver = build_solver(config, rank=collective.rank, world_size=world_size)
-        distribute_solver(solver, collective, seed=config.seed)
+        with use(collective):
+            solver = build_solver(config, rank=collective.rank, world_size=world_size)
         solver.run()
         return solver
     return run_threads(world_size, one_rank)
@@ -210,6 +243,59 @@ def test_solver_two_workers_equal_one(tmp_path):
     assert replicas[0].recorder.latest()["comm_rounds"] == 3
 
 
+TIMES = ("step_time", "outer_step_time")
+
+
+def recorded(solver) -> dict[str, list[float]]:
+    """Every recorded metric but the timings and the communication counts (which one process has not)."""
+    return {name: values for name, values in solver.recorder.archive.items()
+            if name not in TIMES and not name.startswith("comm_")}
+
+
+@pytest.mark.parametrize("solver_class", [LogRegSolver, LoopAveragedLoss])
+@pytest.mark.parametrize("method", ["nystrom", "cg"])
+def test_overriding_solver_two_workers_equal_one(tmp_path, solver_class, method):
+    """A solver with its own inner_update and outer_update, built with collective= a 2-thread group: its
+    parameters and every recorded metric (inner_loss, batch statistics, accuracies) equal one process's."""
+    config = config_for(tmp_path, approximator={"name": method, **METHODS[method]})
+    single = build(solver_class, config)
+    single.run()
+    assert single.collective.world_size == 1 and single.reductions.inner.total.rounds == 0
+
+    def one_rank(collective):
+        solver = build(solver_class, config, collective.rank, 2, collective=collective)
+        solver.run()
+        return solver
+    first, second = run_threads(2, one_rank)
+    for a, b in zip(first.outer_params() + first.inner_params, single.outer_params() + single.inner_params):
+        assert rel_err(a, b) <= 1e-9
+    expected = recorded(single)
+    assert set(recorded(first)) == set(expected) and "inner_loss" in expected
+    for name, values in expected.items():
+        assert recorded(first)[name] == pytest.approx(values, rel=1e-9, abs=1e-12), name
+    assert recorded(first) == recorded(second)                            # replicas agree bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(first.inner_params, second.inner_params))
+    # One round per inner step when the loss rides with the gradients, two when the loop averages it.
+    rounds_per_step = 1 if solver_class is LogRegSolver else 2
+    assert first.reductions.inner.total.rounds == config.num_iters      # gradients (and loss): one round
+    assert first.reductions.metrics_reduce.total.rounds == (
+        (rounds_per_step - 1) * config.num_iters + first.outer_step)      # + the metrics of each update
+
+
+def test_solver_refuses_what_is_not_a_collective(tmp_path):
+    config = config_for(tmp_path)
+    with pytest.raises(TypeError, match="collective must have rank, world_size and allreduce_sum"):
+        build(LogRegSolver, config, collective="gloo")
+    assert build(LogRegSolver, config, collective=SingleProcess()).collective.world_size == 1
+
+
+def test_worker_loop_refuses_a_solver_built_for_another_group(tmp_path):
+    from hg_dist.distributed.train_loop import check_solver
+
+    with pytest.raises(TypeError, match="world_size=1, but the run has 2 workers"):
+        check_solver(build_solver(config_for(tmp_path)), 2)
+
+
 # ---------------------------------------------------------------------------------------
 # Sharding
 # ---------------------------------------------------------------------------------------
@@ -288,12 +374,12 @@ def test_every_parses_steps_and_durations():
     for bad, match in (("0", "int >= 1"), ("1.5", "int >= 1"), ("soon", "e.g. 30s"), ("-3s", "e.g. 30s")):
         with pytest.raises(ValueError, match=match):
             Every.parse(bad, "report_every")
-    settings = TrainSettings(report_every="45s", checkpoint_every=4)
-    assert settings.report_every == Every(seconds=45.0) and settings.checkpoint_every == Every(steps=4)
+    options = FitOptions(report_every="45s", checkpoint_every=4)
+    assert options.report_every == Every(seconds=45.0) and options.checkpoint_every == Every(steps=4)
     with pytest.raises(TypeError, match="checkpoint_every must be"):
-        TrainSettings(checkpoint_every=2.5)
-    with pytest.raises(ValueError, match="max_failures"):
-        TrainSettings(max_failures=-2)
+        FitOptions(checkpoint_every=2.5)
+    with pytest.raises(TypeError, match="precheck must be a bool"):
+        FitOptions(precheck="no")
 
 
 class RecordingReporter(Reporter):
@@ -311,13 +397,13 @@ def test_ranks_agree_on_rank_zeros_time_based_decisions(tmp_path):
     and the recorded metrics are the means over the ranks."""
     config = config_for(tmp_path, num_iters=30, unroll_steps=2)            # 14 outer steps
     ticks = {0: 0.4, 1: 100.0}                                            # seconds per clock reading
-    settings = TrainSettings(report_every="1s", checkpoint_every=5)
+    options = FitOptions(report_every="1s", checkpoint_every=5)
 
     def one_rank(collective):
-        solver = build_solver(config, rank=collective.rank, world_size=2)
-        hooks = distribute_solver(solver, collective, seed=config.seed)
+        with use(collective):
+            solver = build_solver(config, rank=collective.rank, world_size=2)
         readings = iter(range(10 ** 6))
-        reporter = RecordingReporter(collective.rank, hooks, settings,
+        reporter = RecordingReporter(collective.rank, options,
                                      clock=lambda: ticks[collective.rank] * next(readings))
         reporter.made = []
         solver.callbacks = (*solver.callbacks, reporter)
