@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -465,37 +466,80 @@ def test_run_fingerprint_ignores_only_the_output_folder(tmp_path):
     assert fingerprint(build_solver, config) != fingerprint(run_in_threads, config)
 
 
-@pytest.mark.parametrize("raised, status", [(RuntimeError("worker group lost"), "failed"),
-                                            (KeyboardInterrupt(), "interrupted")])
-def test_a_run_that_does_not_complete_says_so_in_result_json(tmp_path, monkeypatch, raised, status):
-    """The driver writes status, error, and the metrics of the run's latest checkpoint (not another run's)."""
+def _raise_after_sigint(self):
+    """What a Ctrl-C during TorchTrainer.fit looks like to its caller: Ray's own SIGINT handler aborts the
+    run, and fit ends in whatever the abort raised (here SystemExit: 1)."""
+    def ray_handler(signum, frame):
+        raise SystemExit(1)
+    signal.signal(signal.SIGINT, ray_handler)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)                                                         # interrupted before this ends
+
+
+def _raise(error):
+    def fit(self):
+        raise error
+    return fit
+
+
+@pytest.mark.parametrize("trainer_fit, status, error", [
+    (_raise(RuntimeError("worker group lost")), "failed", "RuntimeError: worker group lost"),
+    (_raise(KeyboardInterrupt()), "interrupted", "KeyboardInterrupt: "),
+    (_raise_after_sigint, "interrupted", "KeyboardInterrupt: ")])
+def test_a_run_that_does_not_complete_says_so_in_result_json(tmp_path, monkeypatch, trainer_fit, status, error):
+    """The driver writes status, error, and the metrics of the checkpoint a rerun resumes from (the one Ray
+    Train registered, if this run wrote it). Ctrl-C is "interrupted" whatever Ray's abort raised."""
+    from ray.train import Checkpoint
     from ray.train.torch import TorchTrainer
 
+    from hg_dist.distributed import runner
     from hg_dist.distributed.checkpointing import checkpoint_of
 
     config = config_for(tmp_path, workers=2)
-    settings = TrainSettings(precheck=False)
-    storage = Path(settings.storage(config.output)) / settings.name
     solver = build_solver(config)
     solver.num_iters = 9
     solver.run()
-    for name, run_id in (("checkpoint_2026-01-01_00-00-01.000000", fingerprint(build_solver, config)),
-                         ("checkpoint_2026-01-01_00-00-02.000000", "another run")):
+    for name, run_id in (("ours", fingerprint(build_solver, config)), ("theirs", "another run")):
         with checkpoint_of(solver, rank=0, run_id=run_id) as ckpt:
-            shutil.copytree(ckpt.path, storage / name)
-        solver.num_iters = 16
-        solver.run()                                                      # the other run got further
+            shutil.copytree(ckpt.path, tmp_path / name)
+    registered = {}
+    monkeypatch.setattr(runner, "registered_checkpoint",
+                        lambda run_config: Checkpoint.from_directory(str(tmp_path / registered["name"])))
+    monkeypatch.setattr(runner, "prepare_workers", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runner, "default_max_failures", lambda cluster: 0)
+    monkeypatch.setattr(TorchTrainer, "fit", trainer_fit)
+    previous = signal.getsignal(signal.SIGINT)
+    for registered["name"], steps in (("ours", 9), ("theirs", None)):
+        with pytest.raises(RuntimeError if status == "failed" else KeyboardInterrupt):
+            fit(build_solver, config, options=FitOptions(precheck=False))
+        assert signal.getsignal(signal.SIGINT) is previous                # Ctrl-C works as before afterwards
+        written = json.loads((Path(config.output) / "result.json").read_text())
+        assert written["status"] == status and written["error"] == error
+        assert written["global_step"] == steps
+        if steps is None:                                                 # another run's checkpoint: not ours
+            assert written["last_checkpoint"] is None and written["metrics"] == {}
+        else:
+            assert written["last_checkpoint"] == str(tmp_path / "ours") and written["outer_steps"] == 4
+            assert written["metrics"]["outer_loss"] > 0 and written["metrics"]["inner_step"] == 9
 
-    def fail(self):
-        raise raised
-    monkeypatch.setattr(TorchTrainer, "fit", fail)
-    with pytest.raises(type(raised)):
-        fit(build_solver, config, settings)
-    written = json.loads((Path(config.output) / "result.json").read_text())
-    assert written["status"] == status and written["global_step"] == 9 and written["outer_steps"] == 4
-    assert written["error"] == f"{type(raised).__name__}: {raised}"
-    assert written["last_checkpoint"].endswith("00-00-01.000000")
-    assert written["metrics"]["outer_loss"] > 0 and written["metrics"]["inner_step"] == 9
+
+def test_checkpoint_folders_of_dead_processes_are_removed(tmp_path):
+    """A worker killed inside ``checkpoint_of`` leaves its temporary folder; the next checkpoint (or the driver
+    after the run) removes it, and leaves those of live processes alone."""
+    import subprocess
+
+    from hg_dist.distributed.checkpointing import TEMP_PREFIX, remove_orphaned_folders
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    orphan = tmp_path / f"{TEMP_PREFIX}{int(dead.stdout)}-abc"
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{TEMP_PREFIX}notapid"
+    for folder in (orphan, live, other):
+        folder.mkdir()
+        (folder / "solver.pt").write_bytes(b"x")
+    assert remove_orphaned_folders(tmp_path) == [orphan]
+    assert not orphan.exists() and live.exists() and other.exists()
 
 
 def test_resumed_local_run_rewrites_history_and_purges_tensorboard(tmp_path):
@@ -562,6 +606,40 @@ def visible_scalars(files: list[list]) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
+class FailOnce(Callback):
+    """Test hook: make ``rank`` fail once, after outer step ``outer_step``.
+
+    ``mode="raise"`` raises an exception; ``mode="kill"`` kills the worker process itself
+    (``SIGKILL``: no exception, no clean-up, as when a machine is lost). ``marker`` is a
+    file every worker sees, written (with the process id) just before the failure, so
+    the restarted worker group does not fail again.
+    """
+
+    def __init__(self, rank: int, outer_step: int, marker: str, mode: str = "raise") -> None:
+        self.rank, self.outer_step, self.marker, self.mode = rank, outer_step, Path(marker), mode
+
+    def on_outer_step(self, solver, metrics):
+        if solver.collective.rank != self.rank or solver.outer_step != self.outer_step or self.marker.exists():
+            return
+        self.marker.write_text(str(os.getpid()))
+        if self.mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected failure on rank {self.rank} after outer step {self.outer_step}")
+
+
+def build_failing_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> LogRegSolver:
+    """build_solver with a :class:`FailOnce` (``config.extra["fail_once"]``)."""
+    return build(LogRegSolver, config, rank, world_size, callbacks=(FailOnce(**config.extra["fail_once"]),))
+
+
+def build_logged_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> LogRegSolver:
+    """build_solver that appends a line to ``config.extra["builds"]`` each time a worker builds it."""
+    with open(config.extra["builds"], "a") as log:
+        log.write(f"{rank}\n")
+    return build_solver(config, rank, world_size)
+
+
+@pytest.mark.ray
 def test_killed_worker_restarts_from_checkpoint_and_ends_as_uninterrupted(tmp_path, ray_session):
     """kill -9 of a Ray Train worker process (rank 1, after outer step 5 of 7); checkpoints every 3 outer
     steps, so the group restarts from outer step 3 (step 7) and redoes steps 8-11. The end equals an
@@ -570,13 +648,20 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_as_uninterrupted(tmp_pa
     import ray.cloudpickle
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])     # workers cannot import tests/
 
-    config = config_for(tmp_path, workers=2)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    from hg_dist.distributed.runner import latest_checkpoint
+    from hg_dist.distributed.train_loop import Job
+
     marker = tmp_path / "killed-once"
+    config = config_for(tmp_path, workers=2, extra={"batch_size": 16, "fail_once": dict(
+        rank=1, outer_step=5, marker=str(marker), mode="kill")})
     # A checkpoint counts once the Train controller has taken its report (it polls every 2 s); the report
     # at outer step 4 waits for that, so the checkpoint of step 3 is in place when rank 1 dies at step 5.
-    settings = TrainSettings(report_every=2, checkpoint_every=3, max_failures=1, resources_per_worker={"CPU": 0.5},
-                             fail_at=FailAt(rank=1, outer_step=5, marker=str(marker), mode="kill"))
-    result = fit(build_solver, config, settings)
+    run_config = RunConfig(name="killed", storage_path=str(tmp_path / "ray"),
+                           failure_config=FailureConfig(max_failures=1))
+    result = fit(build_failing_solver, config, options=FitOptions(report_every=2, checkpoint_every=3),
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}), run_config=run_config)
 
     assert result.error is None and marker.exists()
     killed = int(marker.read_text())
@@ -606,3 +691,29 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_as_uninterrupted(tmp_pa
     assert [step for step, _ in scalars["outer_loss"]] == [4, 8, 12, 16]
     assert [value for _, value in scalars["outer_loss"]] == pytest.approx(history["outer_loss"], rel=1e-6)
     assert result.metrics["comm_rounds"] == 3 and result.metrics["outer_step"] == 7
+    # What result.json would name after an interruption is the checkpoint Ray resumes from: the final one.
+    assert latest_checkpoint(Job(build_failing_solver, config), run_config) == result.checkpoint.path
+
+
+@pytest.mark.ray
+def test_a_diverging_run_ends_at_once_without_restarts(tmp_path, ray_session):
+    """The inner loss goes to inf (a huge inner step) on 2 workers allowed 2 restarts: the workers agree,
+    end the run at once (each built its solver once: no restart), result.json says why, fit raises."""
+    import ray.cloudpickle
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    from hg_dist.distributed import RunFailedError
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    builds = tmp_path / "builds"
+    config = config_for(tmp_path, workers=2, extra={"batch_size": 16, "lr": 1e100, "builds": str(builds)})
+    with pytest.raises(RunFailedError, match=r"NonFiniteLossError: .*not retried"):
+        fit(build_logged_solver, config, options=FitOptions(precheck=False),
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(name="diverges", storage_path=str(tmp_path / "ray"),
+                                 failure_config=FailureConfig(max_failures=2)))
+    assert sorted(builds.read_text().split()) == ["0", "1"]               # one attempt, no restart
+    written = json.loads((Path(config.output) / "result.json").read_text())
+    assert written["status"] == "failed" and written["retried"] is False and written["workers"] == 2
+    assert written["error"].startswith("NonFiniteLossError: ") and "inner" in written["error"]
+    assert 0 < written["global_step"] < config.num_iters

@@ -220,7 +220,7 @@ def fit(build_solver: Callable[..., Any], config: Any, *,
                 # Ray's handler turns Ctrl-C into an aborted run that ends in whatever the abort raises
                 # (SystemExit, an actor error): the signal itself says what happened.
                 if interrupted() or isinstance(error, KeyboardInterrupt):
-                    write_ending(job, run_config, workers, "interrupted", error,
+                    write_ending(job, run_config, workers, "interrupted", KeyboardInterrupt(),
                                  wall_time_s=time.perf_counter() - tic)
                     raise KeyboardInterrupt from error
                 write_ending(job, run_config, workers, "failed", error, wall_time_s=time.perf_counter() - tic)
@@ -278,20 +278,25 @@ def read_result_of(job: Job) -> dict[str, Any]:
     return written if written.get("attempt") == job.attempt else {}
 
 
-def latest_checkpoint(job: Job, run_config: "ray.train.RunConfig") -> str | None:
-    """The checkpoint a rerun of ``job`` resumes from: Ray Train's latest registered checkpoint of the
-    run (``ray.train.Result.from_path``), if this run wrote it; ``None`` otherwise.
+def registered_checkpoint(run_config: "ray.train.RunConfig") -> "ray.train.Checkpoint | None":
+    """The checkpoint Ray Train resumes the run in ``<storage_path>/<name>`` from: the latest one its
+    controller registered (``ray.train.Result.from_path``); ``None`` before any.
 
-    A checkpoint folder whose report the Train controller never took (Ctrl-C during a
-    report) is in storage but is not the one Ray resumes from, so folders are not scanned.
+    A checkpoint folder whose report the controller never took (Ctrl-C during a report)
+    is in storage too, but Ray does not resume from it, so folders are not scanned.
     """
     from ray.train import Result
 
     try:
-        result = Result.from_path(run_folder(run_config), storage_filesystem=run_config.storage_filesystem)
-        checkpoint = result.checkpoint
+        return Result.from_path(run_folder(run_config), storage_filesystem=run_config.storage_filesystem).checkpoint
     except (RuntimeError, OSError, ValueError):
         return None
+
+
+def latest_checkpoint(job: Job, run_config: "ray.train.RunConfig") -> str | None:
+    """The path of the checkpoint a rerun of ``job`` resumes from (:func:`registered_checkpoint`), if this
+    run wrote it (its ``run.json`` holds ``job.run_id``); ``None`` otherwise."""
+    checkpoint = registered_checkpoint(run_config)
     if checkpoint is None:
         return None
     try:
