@@ -29,13 +29,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from hg_dist.collective import reduced_approx
 from hg_dist.distributed.counting import CountingAllreduce
 from hg_dist.hypergradient import Hypergradient
-from hg_dist.utils import params_to_vector, vector_to_params
 
 
 def distributed_approx(approx: Callable[..., Hypergradient], reduce: CountingAllreduce, *,
@@ -71,17 +69,3 @@ class AllreduceGrads:
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: Any, *args: Any,
                  **kwargs: Any) -> Any:
         return self.optimizer(params, self.reduce.params(grads), state, *args, **kwargs)
-
-    def step_with_loss(self, params: Sequence[Tensor], grads: Sequence[Tensor], loss: Tensor,
-                       state: Any) -> tuple[Any, Any, Tensor]:
-        """The step, with this rank's scalar ``loss`` averaged in the same round as the gradients.
-
-        Returns:
-            ``(params, state, mean_r loss_r)``: for equal shards, the mean loss is the
-            loss one process computes on the whole global batch.
-        """
-        grads = tuple(grads)
-        flat = torch.cat([params_to_vector(grads), loss.detach().reshape(1).to(grads[0])])
-        mean = self.reduce(flat)
-        params, state = self.optimizer(params, vector_to_params(mean[:-1], grads), state)
-        return params, state, mean[-1]
