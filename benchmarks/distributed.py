@@ -357,7 +357,9 @@ def overhead_case(args) -> dict:
     import ray
     import ray.cloudpickle
 
-    from hg_dist.distributed import TrainSettings, fit
+    from ray.train import ScalingConfig
+
+    from hg_dist.distributed import FitOptions, fit
 
     spec = importlib.util.spec_from_file_location("bench_logistic_regression",
                                                   ROOT / "examples" / "logistic_regression.py")
@@ -370,8 +372,7 @@ def overhead_case(args) -> dict:
         ray.init(address="local", num_cpus=4, include_dashboard=False, dashboard_port=_free_port(),
                  log_to_driver=False, configure_logging=False)
     resources = {"GPU": 1} if args.use_gpu else {"CPU": 1}
-    modes = {"before": TrainSettings(report_every=1, checkpoint_every=10, resources_per_worker=resources),
-             "after": TrainSettings(resources_per_worker=resources)}
+    modes = {"before": FitOptions(report_every=1, checkpoint_every=10), "after": FitOptions()}
     runs, profiles = [], {}
     try:
         with tempfile.TemporaryDirectory(prefix="hg_dist-bench-") as folder:
@@ -384,7 +385,9 @@ def overhead_case(args) -> dict:
                         profiler = ThreadWithResult(profile_worker, Path(config.output) / "tb", args.profile,
                                                     Path(folder) / f"profile_{mode}.txt")
                     tic_wall, tic = time.time(), time.perf_counter()
-                    fit(example.build_solver, config, settings)
+                    fit(example.build_solver, config, options=settings,
+                        scaling_config=ScalingConfig(num_workers=2, use_gpu=args.use_gpu,
+                                                     resources_per_worker=resources))
                     total = time.perf_counter() - tic
                     if profiler is not None:
                         profiles[mode] = profiler.result()

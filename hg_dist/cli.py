@@ -7,9 +7,11 @@ An example is a ``build_solver(config, rank, world_size)`` plus its own flags; i
         return cli.main(build_solver, __doc__, DEFAULTS, add_arguments, argv)
 
 Besides the common flags of :func:`hg_dist.experiment.add_common_args`, every
-example takes the Ray Train flags of :func:`add_train_args` (``--max-failures``,
-``--report-every``, ``--checkpoint-every``, ``--resource-timeout``), which apply when
-``--workers > 1``.
+example takes the Ray Train flags of :func:`add_train_args`, which apply when
+``--workers > 1``: ``--workers``/``--use-gpu`` make the ``ray.train.ScalingConfig``,
+``--max-failures`` the ``ray.train.FailureConfig`` of the ``ray.train.RunConfig``
+(storage in ``<output>/ray``), and ``--report-every``, ``--checkpoint-every``,
+``--resource-timeout`` the :class:`~hg_dist.distributed.FitOptions`.
 
 This module sits with the entry points (it starts Ray runs through
 :func:`hg_dist.distributed.run_experiment`), above the core and the distributed layer.
@@ -20,18 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from hg_dist.distributed import run_experiment
+from hg_dist.distributed import RunFailedError, run_experiment
 from hg_dist.distributed.resources import DEFAULT_RESOURCE_TIMEOUT_S, ClusterError, parse_duration
-from hg_dist.distributed.settings import CHECKPOINT_EVERY, REPORT_EVERY, Every, TrainSettings
+from hg_dist.distributed.runner import run_config_for
+from hg_dist.distributed.settings import CHECKPOINT_EVERY, REPORT_EVERY, Every, FitOptions
 from hg_dist.experiment import ExperimentConfig, SolverBuilder, add_common_args, exit_on_error, parse_config
 
-__all__ = ["add_train_args", "main", "make_parser", "parse", "train_settings_from_args"]
+__all__ = ["TrainArgs", "add_train_args", "main", "make_parser", "parse", "train_args_from_args"]
 
-TRAIN_FLAGS = {"max_failures": "max_failures", "report_every": "report_every",
-               "checkpoint_every": "checkpoint_every", "resource_timeout": "resource_timeout_s"}
-"""Train flag (its ``argparse`` dest) → the :class:`TrainSettings` field it sets."""
+OPTION_FLAGS = {"report_every": "report_every", "checkpoint_every": "checkpoint_every",
+                "resource_timeout": "resource_timeout_s"}
+"""Train flag (its ``argparse`` dest) → the :class:`~hg_dist.distributed.FitOptions` field it sets."""
 
 
 def _every(name: str) -> Callable[[str], Every]:
@@ -93,21 +97,38 @@ def make_parser(description: str | None, defaults: ExperimentConfig,
     return parser
 
 
-def train_settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    """The :class:`TrainSettings` the Train flags choose; removes them from ``args``."""
-    values = {field: vars(args).pop(flag) for flag, field in TRAIN_FLAGS.items() if flag in vars(args)}
-    return TrainSettings(**values)
+@dataclass(frozen=True)
+class TrainArgs:
+    """What the Train flags chose: ``--max-failures`` (``None``: the cluster's default) and the
+    :class:`~hg_dist.distributed.FitOptions`."""
+
+    max_failures: int | None
+    options: FitOptions
+
+    def run_config(self, config: ExperimentConfig) -> Any:
+        """The ``ray.train.RunConfig`` for ``--max-failures`` (``None`` when it is not given: ``fit`` then
+        picks the cluster's default); outputs in ``<output>/ray/hg_dist``."""
+        if self.max_failures is None:
+            return None
+        return run_config_for(config, None, max_failures=self.max_failures,
+                              resource_timeout_s=self.options.resource_timeout_s)
+
+
+def train_args_from_args(args: argparse.Namespace) -> TrainArgs:
+    """The :class:`TrainArgs` the Train flags choose; removes them from ``args``."""
+    values = {field: vars(args).pop(flag) for flag, field in OPTION_FLAGS.items() if flag in vars(args)}
+    return TrainArgs(vars(args).pop("max_failures", None), FitOptions(**values))
 
 
 def parse(parser: argparse.ArgumentParser,
-          argv: Sequence[str] | None = None) -> tuple[ExperimentConfig, TrainSettings]:
-    """``argv`` → the config and the Train settings; a bad value is a usage error (exit 2)."""
+          argv: Sequence[str] | None = None) -> tuple[ExperimentConfig, TrainArgs]:
+    """``argv`` → the config and the Train flags' choices; a bad value is a usage error (exit 2)."""
     args = parser.parse_args(argv)
     try:
-        settings = train_settings_from_args(args)
+        train = train_args_from_args(args)
     except (TypeError, ValueError) as error:
         parser.error(str(error))
-    return parse_config(parser, args=args), settings
+    return parse_config(parser, args=args), train
 
 
 def main(build_solver: SolverBuilder, description: str | None, defaults: ExperimentConfig,
@@ -118,11 +139,12 @@ def main(build_solver: SolverBuilder, description: str | None, defaults: Experim
     NaN/inf (:func:`hg_dist.experiment.exit_on_error`), or a cluster that cannot run it, ends with one
     line on stderr and exit status 1."""
     parser = make_parser(description, defaults, add_arguments)
-    config, settings = parse(parser, argv)
+    config, train = parse(parser, argv)
     with exit_on_error(parser):
         try:
-            metrics = run_experiment(build_solver, config, settings)
-        except ClusterError as error:  # the cluster cannot run it: the message is the whole story
-            parser.exit(1, f"{parser.prog}: error: {error}\n")
+            run_config = train.run_config(config) if config.workers > 1 else None
+            metrics = run_experiment(build_solver, config, run_config=run_config, options=train.options)
+        except (ClusterError, RunFailedError) as error:  # the cluster cannot run it, or the workers ended the
+            parser.exit(1, f"{parser.prog}: error: {error}\n")   # run on an error: the message says it all
     print(json.dumps(metrics, indent=2))
     return metrics

@@ -155,7 +155,8 @@ def guarded_outer_step(solver: "BaseSolver", i: int) -> bool:
             parameters are NaN).
     """
     try:
-        values = check_update(update_metrics(solver.outer_update(), "outer_loss"), "outer_update", i)
+        values = check_update(solver.mean_metrics(update_metrics(solver.outer_update(), "outer_loss")),
+                              "outer_update", i)
         if not all_finite(list(solver.outer.parameters())):
             raise NonFiniteLossError(
                 f"the outer parameters became NaN/inf in outer_update at step {i}; assign the "

@@ -40,12 +40,13 @@ from torch import Tensor, nn
 from hg_dist import checkpoint
 from hg_dist._checks import SUPPORTED_DTYPES, check_int
 from hg_dist.callbacks import Callback, run_callbacks
+from hg_dist.collective import Collective, Reductions, agreed_seed, check_collective, current, reduced_approx
 from hg_dist.frozen import frozen_mask, keep_frozen, merge, select
 from hg_dist.guards import (NAN_POLICIES, ForwardOutput, NonFiniteLossError, check_update, guarded_outer_step,
                             hypergradient_norm, update_metrics)
 from hg_dist.loaders import InfiniteLoader
 from hg_dist.recording import Recorder
-from hg_dist.utils import Params, detached, make_functional
+from hg_dist.utils import Params, detached, make_functional, params_to_vector, vector_to_params
 
 __all__ = ["BaseImplicitSolver", "BaseSolver", "BaseUnrolledSolver", "ForwardOutput", "InfiniteLoader",
            "NAN_POLICIES", "NonFiniteLossError", "Recorder"]
@@ -126,6 +127,12 @@ class BaseSolver(abc.ABC):
         nan_policy: ``"raise"`` or ``"skip_outer"`` (drop a non-finite outer step).
         callbacks: :class:`~hg_dist.callbacks.Callback` objects, or functions ``callback(solver, metrics)``
             called after every outer step.
+        collective: the group of data-parallel replicas this solver is one of
+            (:class:`hg_dist.collective.Collective`; ``None``: :func:`hg_dist.collective.current`,
+            which is :class:`~hg_dist.collective.SingleProcess` outside a distributed worker).
+            With ``W = collective.world_size > 1`` the loop records the mean over the
+            replicas of what ``inner_update``/``outer_update`` return (:meth:`mean_metrics`),
+            and user updates average their gradients with :meth:`mean_gradients`.
     """
 
     def __init__(self, inner: nn.Module, outer: nn.Module, inner_loader: Iterable, outer_loader: Iterable,
@@ -133,7 +140,7 @@ class BaseSolver(abc.ABC):
                  outer_patience_iters: int = 0, logger: logging.Logger | None = None, log_freq: int = 100,
                  functorch_requires_grad: bool = False, device: torch.device | str | None = None, *,
                  log_dir: str | os.PathLike | None = None, progress: bool | None = None, nan_policy: str = "raise",
-                 callbacks: Iterable[Callback | Callable] = ()) -> None:
+                 callbacks: Iterable[Callback | Callable] = (), collective: Collective | None = None) -> None:
         self.num_iters, self.unroll_steps, self.outer_patience_iters, self.log_freq = _check_schedule(
             num_iters, unroll_steps, outer_patience_iters, log_freq)
         self.inner = _checked_module("inner", inner)
@@ -156,6 +163,9 @@ class BaseSolver(abc.ABC):
         self.logger, self.log_dir, self.progress, self.nan_policy = logger, log_dir, progress, nan_policy
         self.recorder = Recorder()
         self.global_step = self.inner_step = self.outer_step = self.skipped_outer_steps = 0
+        self.collective = check_collective(current() if collective is None else collective)
+        self.reductions = Reductions(self.collective)
+        self._reduced_loss: Tensor | None = None    # the loss mean_gradients averaged in this inner step
 
     # ---- what users write -------------------------------------------------------------
 
@@ -185,6 +195,49 @@ class BaseSolver(abc.ABC):
     def outer_params(self) -> Params:
         """``φ``: the outer parameters, detached (for hypergradient functions)."""
         return tuple(p.detach() for p in self.outer.parameters())
+
+    # ---- communication with the other replicas (identities for one process) ----------
+
+    def allreduce_mean(self, tensor: Tensor) -> Tensor:
+        """``(1/W) Σ_r tensor_r`` over ``self.collective`` (one round; ``tensor`` itself for ``W = 1``)."""
+        return self.reductions.inner(tensor)
+
+    def mean_gradients(self, grads: Sequence[Tensor],
+                       loss: Tensor | None = None) -> tuple[Params, Tensor | None]:
+        """``(mean_r grads_r, mean_r loss_r)`` in one round: what an ``inner_update`` steps with.
+
+        For equal shards the mean of the replicas' gradients is the gradient of the
+        whole global batch, so every replica takes the same step (as one process on
+        the union of the shards). Return the averaged loss from ``inner_update``: the
+        loop then records it as it is, without another round. ``loss=None`` gives
+        ``(grads, None)``.
+        """
+        grads = tuple(grads)
+        if self.collective.world_size == 1:
+            return grads, loss
+        flat = params_to_vector(grads)
+        if loss is not None:
+            flat = torch.cat([flat, loss.detach().reshape(1).to(flat)])
+        mean = self.reductions.inner(flat)
+        if loss is None:
+            return vector_to_params(mean, grads), None
+        self._reduced_loss = mean[-1].to(loss.dtype)
+        return vector_to_params(mean[:-1], grads), self._reduced_loss
+
+    def mean_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``{name: mean_r value_r}`` over the replicas in one round (unchanged for ``W = 1``).
+
+        The loop applies it to what ``inner_update`` and ``outer_update`` return, so the
+        recorded ``inner_loss``, ``outer_loss`` and accuracies are those of the global
+        batch and every replica sees the same values (a NaN on one replica is a NaN on
+        all). A loss already averaged by :meth:`mean_gradients` is not sent again.
+        """
+        if self.collective.world_size == 1:
+            return metrics
+        done = {name: value for name, value in metrics.items() if value is self._reduced_loss}
+        mean = self.reductions.mean_metrics({n: v for n, v in metrics.items() if n not in done},
+                                            self.inner_params[0].device)
+        return {name: done[name] if name in done else mean[name] for name in metrics}
 
     @property
     def outer_grad(self) -> tuple[Tensor | None, ...]:
@@ -267,11 +320,13 @@ class BaseSolver(abc.ABC):
     def _inner_step(self) -> None:
         self._before_inner_update()
         previous = (self.inner_params, self.inner_optim_state)
+        self._reduced_loss = None
         returned = self.inner_update()
         self.inner_params = keep_frozen(self.inner_params, previous[0], self.frozen_inner)
         self._after_inner_update()
         try:
-            self.recorder.add_many(check_update(update_metrics(returned, "inner_loss"), "inner_update",
+            metrics = self.mean_metrics(update_metrics(returned, "inner_loss"))
+            self.recorder.add_many(check_update(metrics, "inner_update",
                                                 self.global_step, outer_steps=self.outer_step,
                                                 after_outer_step=self.is_outer_step(self.global_step - 1)))
         except NonFiniteLossError:
@@ -283,6 +338,8 @@ class BaseSolver(abc.ABC):
         tic = time.perf_counter()
         if guarded_outer_step(self, i):
             self.outer_step += 1
+        if self.collective.world_size > 1:
+            self.recorder.add_many(self.reductions.hypergradient_step())
         self._after_outer_update()
         self.post_outer_update()
         self.sync_inner()
@@ -327,7 +384,14 @@ class BaseImplicitSolver(BaseSolver):
       outer batch (``outer_loss`` by default).
 
     The inner state is detached after every inner update, so no graph outlives a
-    step. ``approx_ihvp`` is a plain attribute: the distributed layer rebinds it.
+    step.
+
+    On ``W > 1`` replicas (``collective=``), the default ``inner_update`` steps with
+    the replicas' mean gradient (:meth:`~BaseSolver.mean_gradients`), and
+    ``approx_ihvp`` is built with ``reduce=`` the replicas' mean
+    (:func:`hg_dist.collective.reduced_approx`), so ``∂g/∂θ``, every Hessian product
+    and the hypergradient are means over the shards: an ``outer_update`` that calls
+    ``self.approx_ihvp`` (the default, or a user's) gets the global hypergradient.
 
     Args:
         approx_ihvp: ``(inner_obj, outer_obj, in_params, out_params) -> hypergradient``,
@@ -342,9 +406,12 @@ class BaseImplicitSolver(BaseSolver):
         if not callable(approx_ihvp):
             raise TypeError(f"approx_ihvp must be callable, e.g. hg_dist.make_approx({{'name': 'nystrom', "
                             f"'rank': 5, 'rho': 0.1}}); got {type(approx_ihvp).__name__}")
-        self.approx_ihvp = approx_ihvp
         super().__init__(inner, outer, inner_loader, outer_loader, num_iters, unroll_steps, inner_optimizer,
                          outer_optimizer, *args, **kwargs)
+        if self.collective.world_size > 1:
+            approx_ihvp = reduced_approx(approx_ihvp, self.reductions.hypergrad,
+                                         seed=lambda: agreed_seed(self.collective))
+        self.approx_ihvp = approx_ihvp
 
     def inner_forward(self, in_params: Params, out_params: Params, *batch: Any) -> Tensor:
         """``f(θ, φ)`` on an inner batch; define it to use the default updates."""
@@ -366,6 +433,7 @@ class BaseImplicitSolver(BaseSolver):
     def inner_update(self) -> Tensor:
         batch = _as_args(next(self.inner_loader))
         grads, loss = torch.func.grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(), *batch)
+        grads, loss = self.mean_gradients(grads, loss)
         self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
                                                                          self.inner_optim_state)
         return loss

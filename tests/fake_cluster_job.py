@@ -2,7 +2,7 @@
 
 Submitted as a Ray job (``python tests/fake_cluster_job.py OUTPUT``) to the simulated
 cluster; the test kills a worker node while it runs. The run uses the cluster's
-default fault tolerance (``TrainSettings.max_failures`` left unset) and saves the
+default fault tolerance (no ``RunConfig`` given) and saves the
 final solver state, so that the test can compare it with an uninterrupted run.
 """
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `examples` as a package, also on the workers (the job's working_dir)
 
 from examples import logistic_regression  # noqa: E402
-from hg_dist.distributed import TrainSettings, fit, read_checkpoint  # noqa: E402
+from hg_dist.distributed import FitOptions, fit, read_checkpoint  # noqa: E402
 from hg_dist.experiment import ExperimentConfig  # noqa: E402
 
 SETTINGS = dict(approximator={"name": "nystrom", "rank": 5, "rho": 0.1}, outer_optimizer={"name": "adam", "lr": 0.05},
@@ -39,8 +39,8 @@ def config(output: str) -> ExperimentConfig:
 
 
 def main(output: str) -> None:
-    result = fit(build_solver, config(output), TrainSettings(checkpoint_every=CHECKPOINT_EVERY,
-                                                             resource_timeout_s=300))
+    result = fit(build_solver, config(output), options=FitOptions(checkpoint_every=CHECKPOINT_EVERY,
+                                                                  resource_timeout_s=300))
     state = read_checkpoint(result.checkpoint)
     torch.save({"outer": state["outer"], "counters": state["counters"]}, Path(output) / FINAL_STATE)
 

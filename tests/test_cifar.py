@@ -440,7 +440,9 @@ def test_example_main_writes_outputs_on_an_image_folder(folder_dir, tmp_path, ca
 def test_two_ray_train_workers_equal_one_process_on_cifar_batches(cifar_dir, tmp_path, ray_session):
     import ray.cloudpickle
 
-    from hg_dist.distributed import TrainSettings, fit, read_checkpoint
+    from ray.train import ScalingConfig
+
+    from hg_dist.distributed import fit, read_checkpoint
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])     # workers cannot import tests/
     folder, _ = cifar_dir
@@ -451,7 +453,7 @@ def test_two_ray_train_workers_equal_one_process_on_cifar_batches(cifar_dir, tmp
 
     config = dataclasses.replace(config_of(argv + ["--workers", "2"]), output=str(tmp_path / "w2"))
     EXAMPLE.check(config)
-    result = fit(build_float64, config, TrainSettings(resources_per_worker={"CPU": 1}))
+    result = fit(build_float64, config, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}))
     assert result.error is None
     final = read_checkpoint(result.checkpoint)
     assert final["counters"]["outer_step"] == 2

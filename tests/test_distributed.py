@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -29,8 +30,9 @@ from torch.utils.data import TensorDataset
 
 from hg_dist import approx_hypergrad, make_approx
 from hg_dist.callbacks import Callback
-from hg_dist.distributed import (CountingAllreduce, Every, FailAt, ShardedLoader, TrainSettings, check_scaling,
-                                 distribute_solver, distributed_approx, fit, full_batch, read_checkpoint,
+from hg_dist.collective import SingleProcess, use
+from hg_dist.distributed import (CountingAllreduce, Every, FitOptions, ShardedLoader, check_scaling,
+                                 distributed_approx, fit, full_batch, read_checkpoint,
                                  read_parquet_shard, run_experiment, run_threads, shard_indices)
 from hg_dist.distributed.checkpointing import checkpoint_run_id, fingerprint
 from hg_dist.distributed.hypergrad import AllreduceGrads
@@ -70,7 +72,13 @@ class WeightDecay(nn.Module):
 
 
 class LogRegSolver(BaseImplicitSolver):
-    """The seed's example solver: inner = logistic regression, outer = per-feature weight decay."""
+    """The seed's example solver: inner = logistic regression, outer = per-feature weight decay.
+
+    Its own ``inner_update``/``outer_update`` (as seed code writes them): the inner step averages its
+    gradients and loss over the replicas with ``self.mean_gradients``; the hypergradient comes from
+    ``self.approx_ihvp``, which a solver built on several replicas averages; the loop averages the
+    returned outer loss.
+    """
 
     def inner_forward(self, in_params, out_params, x, y):
         loss = F.binary_cross_entropy_with_logits(self.inner_func(in_params, x).squeeze(-1), y)
@@ -82,6 +90,7 @@ class LogRegSolver(BaseImplicitSolver):
     def inner_update(self):
         x, y = next(self.inner_loader)
         grads, loss = grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(), x, y)
+        grads, loss = self.mean_gradients(grads, loss)
         self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
                                                                          self.inner_optim_state)
         return loss
@@ -98,21 +107,46 @@ class LogRegSolver(BaseImplicitSolver):
         return self.outer_forward(self.inner_params, self.outer_params(), out_x, out_y)
 
 
+class LoopAveragedLoss(LogRegSolver):
+    """Overrides that average only what they must: the gradients (``mean_gradients`` without the loss) and,
+    through ``self.approx_ihvp``, the hypergradient. The loop averages every metric they return (the loss,
+    a batch statistic, a validation accuracy) in one round per update."""
+
+    def inner_update(self):
+        x, y = next(self.inner_loader)
+        grads, loss = grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(), x, y)
+        grads, _ = self.mean_gradients(grads)
+        self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
+                                                                         self.inner_optim_state)
+        return {"inner_loss": loss, "positive_fraction": y.mean()}
+
+    def outer_update(self):
+        loss = super().outer_update()
+        out_x, out_y = next(self.outer_loader)
+        logits = self.inner_func(self.inner_params, out_x).squeeze(-1)
+        return {"outer_loss": loss, "val_acc": ((logits > 0).double() == out_y).double().mean()}
+
+
 def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> LogRegSolver:
     """Module-level, as examples define it: this rank's shard of the data, per-worker batch = B / W."""
+    return build(LogRegSolver, config, rank, world_size)
+
+
+def build(solver_class: type, config: ExperimentConfig, rank: int = 0, world_size: int = 1,
+          **kwargs) -> LogRegSolver:
     train, val = make_data(config.extra.get("data_seed", 0), n=config.extra.get("n", N))
     batch = config.extra.get("batch_size", 16)
     inner = nn.Linear(D, 1).double()
     nn.init.zeros_(inner.weight)
     nn.init.zeros_(inner.bias)
     outer = WeightDecay(D)
-    return LogRegSolver(inner, outer,
+    return solver_class(inner, outer,
                         ShardedLoader(train, batch, rank=rank, world_size=world_size, seed=config.seed),
                         full_batch(val, rank, world_size),
                         make_approx(config.approximator, seed=config.seed), config.num_iters, config.unroll_steps,
-                        functools.partial(diff_sgd, lr=0.5, momentum=0.9, weight_decay=0),
+                        functools.partial(diff_sgd, lr=config.extra.get("lr", 0.5), momentum=0.9, weight_decay=0),
                         make_outer_optimizer(config.outer_optimizer, outer.parameters()),
-                        log_freq=4, progress=False)
+                        log_freq=4, progress=False, **kwargs)
 
 
 def config_for(tmp_path: Path, **overrides) -> ExperimentConfig:
@@ -126,8 +160,8 @@ def config_for(tmp_path: Path, **overrides) -> ExperimentConfig:
 def run_in_threads(config: ExperimentConfig, world_size: int) -> list[LogRegSolver]:
     """The distributed run with W threads instead of Ray workers (one uninterrupted run)."""
     def one_rank(collective):
-        solver = build_solver(config, rank=collective.rank, world_size=world_size)
-        distribute_solver(solver, collective, seed=config.seed)
+        with use(collective):
+            solver = build_solver(config, rank=collective.rank, world_size=world_size)
         solver.run()
         return solver
     return run_threads(world_size, one_rank)
@@ -210,6 +244,59 @@ def test_solver_two_workers_equal_one(tmp_path):
     assert replicas[0].recorder.latest()["comm_rounds"] == 3
 
 
+TIMES = ("step_time", "outer_step_time")
+
+
+def recorded(solver) -> dict[str, list[float]]:
+    """Every recorded metric but the timings and the communication counts (which one process has not)."""
+    return {name: values for name, values in solver.recorder.archive.items()
+            if name not in TIMES and not name.startswith("comm_")}
+
+
+@pytest.mark.parametrize("solver_class", [LogRegSolver, LoopAveragedLoss])
+@pytest.mark.parametrize("method", ["nystrom", "cg"])
+def test_overriding_solver_two_workers_equal_one(tmp_path, solver_class, method):
+    """A solver with its own inner_update and outer_update, built with collective= a 2-thread group: its
+    parameters and every recorded metric (inner_loss, batch statistics, accuracies) equal one process's."""
+    config = config_for(tmp_path, approximator={"name": method, **METHODS[method]})
+    single = build(solver_class, config)
+    single.run()
+    assert single.collective.world_size == 1 and single.reductions.inner.total.rounds == 0
+
+    def one_rank(collective):
+        solver = build(solver_class, config, collective.rank, 2, collective=collective)
+        solver.run()
+        return solver
+    first, second = run_threads(2, one_rank)
+    for a, b in zip(first.outer_params() + first.inner_params, single.outer_params() + single.inner_params):
+        assert rel_err(a, b) <= 1e-9
+    expected = recorded(single)
+    assert set(recorded(first)) == set(expected) and "inner_loss" in expected
+    for name, values in expected.items():
+        assert recorded(first)[name] == pytest.approx(values, rel=1e-9, abs=1e-12), name
+    assert recorded(first) == recorded(second)                            # replicas agree bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(first.inner_params, second.inner_params))
+    # One round per inner step when the loss rides with the gradients, two when the loop averages it.
+    rounds_per_step = 1 if solver_class is LogRegSolver else 2
+    assert first.reductions.inner.total.rounds == config.num_iters      # gradients (and loss): one round
+    assert first.reductions.metrics_reduce.total.rounds == (
+        (rounds_per_step - 1) * config.num_iters + first.outer_step)      # + the metrics of each update
+
+
+def test_solver_refuses_what_is_not_a_collective(tmp_path):
+    config = config_for(tmp_path)
+    with pytest.raises(TypeError, match="collective must have rank, world_size and allreduce_sum"):
+        build(LogRegSolver, config, collective="gloo")
+    assert build(LogRegSolver, config, collective=SingleProcess()).collective.world_size == 1
+
+
+def test_worker_loop_refuses_a_solver_built_for_another_group(tmp_path):
+    from hg_dist.distributed.train_loop import check_solver
+
+    with pytest.raises(TypeError, match="world_size=1, but the run has 2 workers"):
+        check_solver(build_solver(config_for(tmp_path)), 2)
+
+
 # ---------------------------------------------------------------------------------------
 # Sharding
 # ---------------------------------------------------------------------------------------
@@ -288,12 +375,12 @@ def test_every_parses_steps_and_durations():
     for bad, match in (("0", "int >= 1"), ("1.5", "int >= 1"), ("soon", "e.g. 30s"), ("-3s", "e.g. 30s")):
         with pytest.raises(ValueError, match=match):
             Every.parse(bad, "report_every")
-    settings = TrainSettings(report_every="45s", checkpoint_every=4)
-    assert settings.report_every == Every(seconds=45.0) and settings.checkpoint_every == Every(steps=4)
+    options = FitOptions(report_every="45s", checkpoint_every=4)
+    assert options.report_every == Every(seconds=45.0) and options.checkpoint_every == Every(steps=4)
     with pytest.raises(TypeError, match="checkpoint_every must be"):
-        TrainSettings(checkpoint_every=2.5)
-    with pytest.raises(ValueError, match="max_failures"):
-        TrainSettings(max_failures=-2)
+        FitOptions(checkpoint_every=2.5)
+    with pytest.raises(TypeError, match="precheck must be a bool"):
+        FitOptions(precheck="no")
 
 
 class RecordingReporter(Reporter):
@@ -311,13 +398,13 @@ def test_ranks_agree_on_rank_zeros_time_based_decisions(tmp_path):
     and the recorded metrics are the means over the ranks."""
     config = config_for(tmp_path, num_iters=30, unroll_steps=2)            # 14 outer steps
     ticks = {0: 0.4, 1: 100.0}                                            # seconds per clock reading
-    settings = TrainSettings(report_every="1s", checkpoint_every=5)
+    options = FitOptions(report_every="1s", checkpoint_every=5)
 
     def one_rank(collective):
-        solver = build_solver(config, rank=collective.rank, world_size=2)
-        hooks = distribute_solver(solver, collective, seed=config.seed)
+        with use(collective):
+            solver = build_solver(config, rank=collective.rank, world_size=2)
         readings = iter(range(10 ** 6))
-        reporter = RecordingReporter(collective.rank, hooks, settings,
+        reporter = RecordingReporter(collective.rank, options,
                                      clock=lambda: ticks[collective.rank] * next(readings))
         reporter.made = []
         solver.callbacks = (*solver.callbacks, reporter)
@@ -379,37 +466,80 @@ def test_run_fingerprint_ignores_only_the_output_folder(tmp_path):
     assert fingerprint(build_solver, config) != fingerprint(run_in_threads, config)
 
 
-@pytest.mark.parametrize("raised, status", [(RuntimeError("worker group lost"), "failed"),
-                                            (KeyboardInterrupt(), "interrupted")])
-def test_a_run_that_does_not_complete_says_so_in_result_json(tmp_path, monkeypatch, raised, status):
-    """The driver writes status, error, and the metrics of the run's latest checkpoint (not another run's)."""
+def _raise_after_sigint(self):
+    """What a Ctrl-C during TorchTrainer.fit looks like to its caller: Ray's own SIGINT handler aborts the
+    run, and fit ends in whatever the abort raised (here SystemExit: 1)."""
+    def ray_handler(signum, frame):
+        raise SystemExit(1)
+    signal.signal(signal.SIGINT, ray_handler)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)                                                         # interrupted before this ends
+
+
+def _raise(error):
+    def fit(self):
+        raise error
+    return fit
+
+
+@pytest.mark.parametrize("trainer_fit, status, error", [
+    (_raise(RuntimeError("worker group lost")), "failed", "RuntimeError: worker group lost"),
+    (_raise(KeyboardInterrupt()), "interrupted", "KeyboardInterrupt: "),
+    (_raise_after_sigint, "interrupted", "KeyboardInterrupt: ")])
+def test_a_run_that_does_not_complete_says_so_in_result_json(tmp_path, monkeypatch, trainer_fit, status, error):
+    """The driver writes status, error, and the metrics of the checkpoint a rerun resumes from (the one Ray
+    Train registered, if this run wrote it). Ctrl-C is "interrupted" whatever Ray's abort raised."""
+    from ray.train import Checkpoint
     from ray.train.torch import TorchTrainer
 
+    from hg_dist.distributed import runner
     from hg_dist.distributed.checkpointing import checkpoint_of
 
     config = config_for(tmp_path, workers=2)
-    settings = TrainSettings(precheck=False)
-    storage = Path(settings.storage(config.output)) / settings.name
     solver = build_solver(config)
     solver.num_iters = 9
     solver.run()
-    for name, run_id in (("checkpoint_2026-01-01_00-00-01.000000", fingerprint(build_solver, config)),
-                         ("checkpoint_2026-01-01_00-00-02.000000", "another run")):
+    for name, run_id in (("ours", fingerprint(build_solver, config)), ("theirs", "another run")):
         with checkpoint_of(solver, rank=0, run_id=run_id) as ckpt:
-            shutil.copytree(ckpt.path, storage / name)
-        solver.num_iters = 16
-        solver.run()                                                      # the other run got further
+            shutil.copytree(ckpt.path, tmp_path / name)
+    registered = {}
+    monkeypatch.setattr(runner, "registered_checkpoint",
+                        lambda run_config: Checkpoint.from_directory(str(tmp_path / registered["name"])))
+    monkeypatch.setattr(runner, "prepare_workers", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runner, "default_max_failures", lambda cluster: 0)
+    monkeypatch.setattr(TorchTrainer, "fit", trainer_fit)
+    previous = signal.getsignal(signal.SIGINT)
+    for registered["name"], steps in (("ours", 9), ("theirs", None)):
+        with pytest.raises(RuntimeError if status == "failed" else KeyboardInterrupt):
+            fit(build_solver, config, options=FitOptions(precheck=False))
+        assert signal.getsignal(signal.SIGINT) is previous                # Ctrl-C works as before afterwards
+        written = json.loads((Path(config.output) / "result.json").read_text())
+        assert written["status"] == status and written["error"] == error
+        assert written["global_step"] == steps
+        if steps is None:                                                 # another run's checkpoint: not ours
+            assert written["last_checkpoint"] is None and written["metrics"] == {}
+        else:
+            assert written["last_checkpoint"] == str(tmp_path / "ours") and written["outer_steps"] == 4
+            assert written["metrics"]["outer_loss"] > 0 and written["metrics"]["inner_step"] == 9
 
-    def fail(self):
-        raise raised
-    monkeypatch.setattr(TorchTrainer, "fit", fail)
-    with pytest.raises(type(raised)):
-        fit(build_solver, config, settings)
-    written = json.loads((Path(config.output) / "result.json").read_text())
-    assert written["status"] == status and written["global_step"] == 9 and written["outer_steps"] == 4
-    assert written["error"] == f"{type(raised).__name__}: {raised}"
-    assert written["last_checkpoint"].endswith("00-00-01.000000")
-    assert written["metrics"]["outer_loss"] > 0 and written["metrics"]["inner_step"] == 9
+
+def test_checkpoint_folders_of_dead_processes_are_removed(tmp_path):
+    """A worker killed inside ``checkpoint_of`` leaves its temporary folder; the next checkpoint (or the driver
+    after the run) removes it, and leaves those of live processes alone."""
+    import subprocess
+
+    from hg_dist.distributed.checkpointing import TEMP_PREFIX, remove_orphaned_folders
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    orphan = tmp_path / f"{TEMP_PREFIX}{int(dead.stdout)}-abc"
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{TEMP_PREFIX}notapid"
+    for folder in (orphan, live, other):
+        folder.mkdir()
+        (folder / "solver.pt").write_bytes(b"x")
+    assert remove_orphaned_folders(tmp_path) == [orphan]
+    assert not orphan.exists() and live.exists() and other.exists()
 
 
 def test_resumed_local_run_rewrites_history_and_purges_tensorboard(tmp_path):
@@ -476,6 +606,40 @@ def visible_scalars(files: list[list]) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
+class FailOnce(Callback):
+    """Test hook: make ``rank`` fail once, after outer step ``outer_step``.
+
+    ``mode="raise"`` raises an exception; ``mode="kill"`` kills the worker process itself
+    (``SIGKILL``: no exception, no clean-up, as when a machine is lost). ``marker`` is a
+    file every worker sees, written (with the process id) just before the failure, so
+    the restarted worker group does not fail again.
+    """
+
+    def __init__(self, rank: int, outer_step: int, marker: str, mode: str = "raise") -> None:
+        self.rank, self.outer_step, self.marker, self.mode = rank, outer_step, Path(marker), mode
+
+    def on_outer_step(self, solver, metrics):
+        if solver.collective.rank != self.rank or solver.outer_step != self.outer_step or self.marker.exists():
+            return
+        self.marker.write_text(str(os.getpid()))
+        if self.mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected failure on rank {self.rank} after outer step {self.outer_step}")
+
+
+def build_failing_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> LogRegSolver:
+    """build_solver with a :class:`FailOnce` (``config.extra["fail_once"]``)."""
+    return build(LogRegSolver, config, rank, world_size, callbacks=(FailOnce(**config.extra["fail_once"]),))
+
+
+def build_logged_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> LogRegSolver:
+    """build_solver that appends a line to ``config.extra["builds"]`` each time a worker builds it."""
+    with open(config.extra["builds"], "a") as log:
+        log.write(f"{rank}\n")
+    return build_solver(config, rank, world_size)
+
+
+@pytest.mark.ray
 def test_killed_worker_restarts_from_checkpoint_and_ends_as_uninterrupted(tmp_path, ray_session):
     """kill -9 of a Ray Train worker process (rank 1, after outer step 5 of 7); checkpoints every 3 outer
     steps, so the group restarts from outer step 3 (step 7) and redoes steps 8-11. The end equals an
@@ -484,13 +648,20 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_as_uninterrupted(tmp_pa
     import ray.cloudpickle
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])     # workers cannot import tests/
 
-    config = config_for(tmp_path, workers=2)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    from hg_dist.distributed.runner import latest_checkpoint
+    from hg_dist.distributed.train_loop import Job
+
     marker = tmp_path / "killed-once"
+    config = config_for(tmp_path, workers=2, extra={"batch_size": 16, "fail_once": dict(
+        rank=1, outer_step=5, marker=str(marker), mode="kill")})
     # A checkpoint counts once the Train controller has taken its report (it polls every 2 s); the report
     # at outer step 4 waits for that, so the checkpoint of step 3 is in place when rank 1 dies at step 5.
-    settings = TrainSettings(report_every=2, checkpoint_every=3, max_failures=1, resources_per_worker={"CPU": 0.5},
-                             fail_at=FailAt(rank=1, outer_step=5, marker=str(marker), mode="kill"))
-    result = fit(build_solver, config, settings)
+    run_config = RunConfig(name="killed", storage_path=str(tmp_path / "ray"),
+                           failure_config=FailureConfig(max_failures=1))
+    result = fit(build_failing_solver, config, options=FitOptions(report_every=2, checkpoint_every=3),
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}), run_config=run_config)
 
     assert result.error is None and marker.exists()
     killed = int(marker.read_text())
@@ -520,3 +691,29 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_as_uninterrupted(tmp_pa
     assert [step for step, _ in scalars["outer_loss"]] == [4, 8, 12, 16]
     assert [value for _, value in scalars["outer_loss"]] == pytest.approx(history["outer_loss"], rel=1e-6)
     assert result.metrics["comm_rounds"] == 3 and result.metrics["outer_step"] == 7
+    # What result.json would name after an interruption is the checkpoint Ray resumes from: the final one.
+    assert latest_checkpoint(Job(build_failing_solver, config), run_config) == result.checkpoint.path
+
+
+@pytest.mark.ray
+def test_a_diverging_run_ends_at_once_without_restarts(tmp_path, ray_session):
+    """The inner loss goes to inf (a huge inner step) on 2 workers allowed 2 restarts: the workers agree,
+    end the run at once (each built its solver once: no restart), result.json says why, fit raises."""
+    import ray.cloudpickle
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    from hg_dist.distributed import RunFailedError
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    builds = tmp_path / "builds"
+    config = config_for(tmp_path, workers=2, extra={"batch_size": 16, "lr": 1e100, "builds": str(builds)})
+    with pytest.raises(RunFailedError, match=r"NonFiniteLossError: .*not retried"):
+        fit(build_logged_solver, config, options=FitOptions(precheck=False),
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(name="diverges", storage_path=str(tmp_path / "ray"),
+                                 failure_config=FailureConfig(max_failures=2)))
+    assert sorted(builds.read_text().split()) == ["0", "1"]               # one attempt, no restart
+    written = json.loads((Path(config.output) / "result.json").read_text())
+    assert written["status"] == "failed" and written["retried"] is False and written["workers"] == 2
+    assert written["error"].startswith("NonFiniteLossError: ") and "inner" in written["error"]
+    assert 0 < written["global_step"] < config.num_iters

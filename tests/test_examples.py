@@ -78,18 +78,36 @@ def test_main_hands_the_config_to_run_experiment(tmp_path, monkeypatch):
     calls = []
     module = load_example("logistic_regression")
     monkeypatch.setattr(hg_dist.cli, "run_experiment",
-                        lambda build_solver, config, settings: calls.append((build_solver, config, settings))
+                        lambda build_solver, config, **kwargs: calls.append((build_solver, config, kwargs))
                         or {"done": 1.0})
     assert module.main(["--workers", "2", "--output", str(tmp_path)]) == {"done": 1.0}
     assert module.main(["--workers", "2", "--output", str(tmp_path), "--max-failures", "3", "--report-every", "5",
                         "--checkpoint-every", "2m", "--batch-size", "20"]) == {"done": 1.0}
-    (build_solver, config, settings), (_, custom, train) = calls
+    (build_solver, config, default), (_, custom, train) = calls
     assert build_solver is module.build_solver and config.workers == 2
-    assert (settings.max_failures, settings.report_every, settings.checkpoint_every) == (None, Every(seconds=60),
-                                                                                         Every(seconds=300))
-    assert (train.max_failures, train.report_every, train.checkpoint_every) == (3, Every(steps=5), Every(seconds=120))
+    assert default["run_config"] is None                        # fit picks the cluster's restarts
+    assert (default["options"].report_every, default["options"].checkpoint_every) == (Every(seconds=60),
+                                                                                       Every(seconds=300))
+    run_config = train["run_config"]                            # --max-failures: a ray.train.RunConfig
+    assert type(run_config).__module__.startswith("ray.train") and run_config.failure_config.max_failures == 3
+    assert run_config.storage_path == str((tmp_path / "ray").resolve()) and run_config.name == "hg_dist"
+    assert (train["options"].report_every, train["options"].checkpoint_every) == (Every(steps=5), Every(seconds=120))
     assert custom.extra["batch_size"] == 20                     # the example's own flags reach extra ...
     assert not {"max_failures", "report_every", "checkpoint_every"} & set(custom.extra)   # ... the Train flags do not
+
+
+def test_a_run_the_workers_ended_on_an_error_exits_1_with_one_line(tmp_path, monkeypatch, capsys):
+    import hg_dist.cli
+    from hg_dist.distributed import RunFailedError
+
+    def fail(build_solver, config, **kwargs):
+        raise RunFailedError("NonFiniteLossError: inner_update at step 2 returned non-finite inner_loss")
+    monkeypatch.setattr(hg_dist.cli, "run_experiment", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        load_example("logistic_regression").main(["--workers", "2", "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "error: NonFiniteLossError: inner_update at step 2" in err
+    assert "not retried" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -170,13 +188,13 @@ def test_two_train_workers_reproduce_one_process_for_every_example(tmp_path, ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hg_dist.distributed import TrainSettings
+    from hg_dist.distributed import FitOptions
     from hg_dist.distributed.train_loop import Job
     from hg_dist.experiment import ExperimentConfig, run_local
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     builds, jobs, singles = {}, [], {}
-    settings = TrainSettings(checkpoint_every=2, resources_per_worker={"CPU": 0.5})   # reports: 2 + final
+    options = FitOptions(checkpoint_every=2)                                          # reports: 2 + final
     for name, (approx, extra) in W_INVARIANCE.items():
         module = load_example(name)
         ray.cloudpickle.register_pickle_by_value(module)
@@ -184,7 +202,7 @@ def test_two_train_workers_reproduce_one_process_for_every_example(tmp_path, ray
         config = ExperimentConfig(approximator=approx, outer_optimizer=module.DEFAULTS.outer_optimizer,
                                   num_iters=30, unroll_steps=5, seed=3, output=str(tmp_path / name / "w2"),
                                   workers=2, extra={**extra, "log_freq": 10})
-        jobs.append(Job(builds[name], config, settings))
+        jobs.append(Job(builds[name], config, options))
         single = ExperimentConfig(**{**config.to_dict(), "workers": 1, "output": str(tmp_path / name / "w1")})
         singles[name] = (run_local(builds[name], single), single)
 
@@ -223,3 +241,35 @@ def test_two_train_workers_reproduce_one_process_for_every_example(tmp_path, ray
             for key in ("inner_loss", "outer_loss"):
                 if r1[key] is not None:
                     assert _close(r2[key], r1[key]), (name, r1["step"], key)
+
+
+@pytest.mark.ray
+def test_train_loop_example_on_two_ray_train_workers_equals_one_process(tmp_path, ray_session, monkeypatch):
+    """examples/train_loop.py, the Ray Train loop written out: 2 workers (TorchTrainer, ScalingConfig,
+    RunConfig) end with the parameters and the outer loss of the same solve in one process, and its
+    checkpoints (every outer step and at the end, 2 kept) are in <output>/<name>."""
+    import ray.cloudpickle
+
+    from hg_dist.distributed import read_checkpoint
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")     # reports are collected sooner
+    module = load_example("train_loop")
+    ray.cloudpickle.register_pickle_by_value(module)
+    settings = {**module.SETTINGS, "num_iters": 21, "unroll_steps": 10, "checkpoint_every": 1}
+    argv = ["--workers", "2", "--cpus-per-worker", "0.5", "--output", str(tmp_path), "--num-iters", "21",
+            "--unroll-steps", "10", "--checkpoint-every", "1"]
+    result = module.main(argv)
+    assert result.error is None
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)                                 # as on the workers
+    try:
+        single = module.solve_here(settings)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    state = read_checkpoint(result.checkpoint)
+    assert state["counters"]["outer_step"] == single.outer_step == 2
+    assert torch.allclose(state["outer"]["log_decay"], single.outer.log_decay.detach(), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(state["inner_params"][0], single.inner_params[0], rtol=1e-4, atol=1e-6)
+    assert result.metrics["outer_loss"] == pytest.approx(single.recorder.latest()["outer_loss"], rel=1e-4)
+    kept = sorted(path.name for path in (tmp_path / "train_loop").glob("checkpoint_*") if path.is_dir())
+    assert len(kept) == 2, kept                                           # 3 reported (steps 1, 2, end), 2 kept

@@ -153,7 +153,8 @@ def test_node_killed_mid_run_restarts_on_a_new_node_with_the_same_result(sim, tm
     import torch
 
     import fake_cluster_job as job
-    from hg_dist.distributed import distribute_solver, run_threads
+    from hg_dist.collective import use
+    from hg_dist.distributed import run_threads
 
     out = tmp_path / "killed"
     submission_id, proc = submit(sim, "python", "tests/fake_cluster_job.py", str(out), wait=False)
@@ -188,8 +189,8 @@ def test_node_killed_mid_run_restarts_on_a_new_node_with_the_same_result(sim, tm
     config = job.config(str(tmp_path / "threads"))
 
     def one_rank(collective):
-        solver = job.build_solver(config, rank=collective.rank, world_size=2)
-        distribute_solver(solver, collective, seed=config.seed)
+        with use(collective):
+            solver = job.build_solver(config, rank=collective.rank, world_size=2)
         solver.run()
         return solver
 

@@ -150,16 +150,14 @@ def test_bad_resource_timeout_is_a_usage_error(value, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_train_settings_reject_bad_values():
-    from hg_dist.distributed import TrainSettings
+def test_fit_options_reject_bad_values():
+    from hg_dist.distributed import FitOptions
 
     with pytest.raises(ValueError, match=r"resource_timeout_s must be a finite number of seconds > 0.*got 0"):
-        TrainSettings(resource_timeout_s=0)
+        FitOptions(resource_timeout_s=0)
     with pytest.raises(TypeError, match="resource_timeout_s must be a number of seconds, got str"):
-        TrainSettings(resource_timeout_s="20m")
-    with pytest.raises(ValueError, match=r"max_failures must be None \(the cluster's default\), an int >= 0"):
-        TrainSettings(max_failures=-2)
-    assert TrainSettings().max_failures is None and TrainSettings().resource_timeout_s == 1200.0
+        FitOptions(resource_timeout_s="20m")
+    assert FitOptions().resource_timeout_s == 1200.0
 
 
 @pytest.fixture

@@ -126,12 +126,14 @@ def test_a_refusing_address_is_given_up_in_seconds():
 
 
 def test_fit_passes_the_cluster_defaults_to_ray_train(monkeypatch, tmp_path):
-    """fit(): the restarts default from the cluster (3 on a cluster, an explicit value kept), and the
-    resource timeout bounds Ray Train's retries of a worker group that cannot start."""
+    """fit(): the restarts default from the cluster (3 on a cluster; a given ray.train.RunConfig is kept as
+    it is), and the resource timeout bounds Ray Train's retries of a worker group that cannot start."""
     pytest.importorskip("ray")
     import ray.train.torch
 
-    from hg_dist.distributed import TrainSettings, runner
+    from ray.train import FailureConfig, RunConfig
+
+    from hg_dist.distributed import FitOptions, runner
     from hg_dist.experiment import ExperimentConfig
 
     seen = {}
@@ -145,15 +147,16 @@ def test_fit_passes_the_cluster_defaults_to_ray_train(monkeypatch, tmp_path):
 
     clusters = {"one": fixed({"CPU": 2}), "many": fixed({"CPU": 2}, {"CPU": 2})}
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
-    monkeypatch.setattr(runner, "validate", lambda build_solver, config, settings: config.workers)
+    monkeypatch.setattr(runner, "validate", lambda build_solver, config, options: config.workers)
     for name, cluster in clusters.items():
         monkeypatch.setattr(runner, "prepare_workers", lambda workers, bundle, timeout_s, cluster=cluster: cluster)
-        for settings, failures in ((TrainSettings(resource_timeout_s=300), {"one": 0, "many": 3}[name]),
-                                   (TrainSettings(max_failures=1, resource_timeout_s=300), 1)):
-            config = ExperimentConfig(workers=2, output=str(tmp_path / name))
-            assert runner.fit(lambda *a, **k: None, config, settings) == "result"
-            assert seen["failure_config"].max_failures == failures
-            assert seen["failure_config"].controller_failure_limit == 5      # 300 s / Train's 60 s start timeout
+        config = ExperimentConfig(workers=2, output=str(tmp_path / name))
+        assert runner.fit(lambda *a, **k: None, config, options=FitOptions(resource_timeout_s=300)) == "result"
+        assert seen["failure_config"].max_failures == {"one": 0, "many": 3}[name]
+        assert seen["failure_config"].controller_failure_limit == 5          # 300 s / Train's 60 s start timeout
+        given = RunConfig(name="mine", storage_path=str(tmp_path / "ray"), failure_config=FailureConfig(max_failures=1))
+        assert runner.fit(lambda *a, **k: None, config, run_config=given) == "result"
+        assert seen["failure_config"] == given.failure_config
 
 
 def test_a_v1_autoscaler_that_has_not_named_node_types_is_no_verdict(monkeypatch):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,12 +73,45 @@ def checkpoint_of(solver: BaseSolver, rank: int = 0,
     """
     from ray.train import Checkpoint
 
-    with tempfile.TemporaryDirectory(prefix="hg_dist-ckpt-") as folder:
+    remove_orphaned_folders()
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as folder:
         if rank == 0:
             torch.save(solver.state_dict(), Path(folder) / STATE_FILE)
             (Path(folder) / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
         torch.save(rank_state(solver), Path(folder) / rank_file(rank))
         yield Checkpoint.from_directory(folder)
+
+
+TEMP_PREFIX = "hg_dist-ckpt-"
+"""Temporary folders of :func:`checkpoint_of` are ``<tmp>/hg_dist-ckpt-<pid>-<random>``."""
+
+
+def remove_orphaned_folders(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the checkpoint folders in ``root`` (default: the temporary folder) whose process is gone.
+
+    A worker killed while it reports (Ctrl-C aborts the worker group, a lost node)
+    never leaves its ``with checkpoint_of(...)`` block, so its folder stays behind;
+    the next checkpoint on that machine, and the driver after a run, remove them.
+    Folders of live processes are left alone. Returns the removed folders.
+    """
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = folder.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's process
+        return True
+    return True
 
 
 def checkpoint_run_id(checkpoint: "ray.train.Checkpoint") -> str | None:  # noqa: F821

@@ -9,7 +9,8 @@ implementations:
   what Ray Train's ``TorchTrainer`` initialises on every worker.
 * :class:`ThreadGroup` — ``W`` threads of one process exchanging through shared
   memory; simulates a group without processes, for tests and notebooks.
-* :class:`SingleProcess` — ``W = 1``, the identity.
+* :class:`~hg_dist.collective.SingleProcess` — ``W = 1``, the identity (the protocol
+  :class:`~hg_dist.collective.Collective` and this default live in the core).
 
 Counting and averaging live one level up, in :mod:`hg_dist.distributed.counting`.
 """
@@ -19,36 +20,16 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+from hg_dist.collective import Collective, SingleProcess
+
+__all__ = ["Collective", "SingleProcess", "ThreadGroup", "TorchDistributed", "run_threads"]
+
 T = TypeVar("T")
-
-
-class Collective(Protocol):
-    """A group of ``world_size`` replicas; this one is ``rank``."""
-
-    @property
-    def rank(self) -> int: ...
-
-    @property
-    def world_size(self) -> int: ...
-
-    def allreduce_sum(self, tensor: Tensor) -> Tensor:
-        """Return ``Σ_r tensor_r`` over the group (a new tensor; the input is untouched)."""
-        ...
-
-
-class SingleProcess:
-    """The trivial group: ``rank = 0``, ``world_size = 1``, ``allreduce_sum`` = identity."""
-
-    rank = 0
-    world_size = 1
-
-    def allreduce_sum(self, tensor: Tensor) -> Tensor:
-        return tensor
 
 
 class TorchDistributed:

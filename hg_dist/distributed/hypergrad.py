@@ -26,31 +26,21 @@ so a resumed run draws the same columns as an uninterrupted one.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from hg_dist.approx_hypergrad import Approximator
+from hg_dist.collective import reduced_approx
 from hg_dist.distributed.counting import CountingAllreduce
 from hg_dist.hypergradient import Hypergradient
-from hg_dist.utils import params_to_vector, vector_to_params
-
-
-def _parameters(fn: Callable[..., Any], name: str) -> frozenset[str]:
-    try:
-        return frozenset(inspect.signature(fn).parameters)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"{name} must be a Python function or functools.partial whose signature can be "
-                        f"read, got {fn!r}") from error
 
 
 def distributed_approx(approx: Callable[..., Hypergradient], reduce: CountingAllreduce, *,
                        seed: int) -> Callable[..., Hypergradient]:
-    """``approx_ihvp`` with ``reduce=`` bound (and a seeded generator for randomised methods).
+    """``approx_ihvp`` with ``reduce=`` bound (and a generator seeded with ``seed`` for randomised methods
+    that have none); :func:`hg_dist.collective.reduced_approx` with a fixed seed, for code that calls
+    the hypergradient functions directly rather than through a solver built with ``collective=``.
 
     Args:
         approx: an :class:`~hg_dist.approx_hypergrad.Approximator` (from ``make_approx``),
@@ -60,25 +50,8 @@ def distributed_approx(approx: Callable[..., Hypergradient], reduce: CountingAll
             hypergradient.
         seed: seeds the generator bound when a randomised method has none; must be
             the same on every rank.
-
-    Returns:
-        An ``Approximator`` (sharing ``approx``'s generator) or a ``functools.partial``,
-        so the solver still finds and checkpoints the generator.
     """
-    if isinstance(approx, Approximator):
-        generator = approx.generator
-        if approx.method.randomized and generator is None:
-            generator = torch.Generator().manual_seed(int(seed))
-        return Approximator(approx.spec, generator=generator, reduce=reduce)
-    accepted = _parameters(approx, "approx_ihvp")
-    if "reduce" not in accepted:
-        raise TypeError("approx_ihvp must accept reduce= to run distributed; use hg_dist.make_approx(spec) or a "
-                        "functools.partial of a function from hg_dist.approx_hypergrad (e.g. partial(nystrom, "
-                        "rank=5, rho=0.1))")
-    bound = approx.keywords if isinstance(approx, functools.partial) else {}
-    if "generator" in accepted and bound.get("generator") is None:
-        return functools.partial(approx, reduce=reduce, generator=torch.Generator().manual_seed(int(seed)))
-    return functools.partial(approx, reduce=reduce)
+    return reduced_approx(approx, reduce, seed=lambda: int(seed))
 
 
 class AllreduceGrads:
@@ -97,17 +70,3 @@ class AllreduceGrads:
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: Any, *args: Any,
                  **kwargs: Any) -> Any:
         return self.optimizer(params, self.reduce.params(grads), state, *args, **kwargs)
-
-    def step_with_loss(self, params: Sequence[Tensor], grads: Sequence[Tensor], loss: Tensor,
-                       state: Any) -> tuple[Any, Any, Tensor]:
-        """The step, with this rank's scalar ``loss`` averaged in the same round as the gradients.
-
-        Returns:
-            ``(params, state, mean_r loss_r)``: for equal shards, the mean loss is the
-            loss one process computes on the whole global batch.
-        """
-        grads = tuple(grads)
-        flat = torch.cat([params_to_vector(grads), loss.detach().reshape(1).to(grads[0])])
-        mean = self.reduce(flat)
-        params, state = self.optimizer(params, vector_to_params(mean[:-1], grads), state)
-        return params, state, mean[-1]

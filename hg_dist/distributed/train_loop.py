@@ -1,16 +1,25 @@
-"""The function every Ray Train worker runs: build, distribute, resume, solve, report.
+"""The function every Ray Train worker runs: build, resume, solve, report.
 
 Per worker (rank ``r`` of ``W``)::
 
-    solver = build_solver(config, rank=r, world_size=W)      # its slice of every global batch
-    distribute_solver(solver, TorchDistributed(), seed)      # allreduce grads, HVPs, metrics
+    with hg_dist.collective.use(TorchDistributed()):            # the solver's collective=
+        solver = build_solver(config, rank=r, world_size=W)      # its slice of every global batch
     resume from ray.train.get_checkpoint(), if it is this run's
-    solver.run()                                             # rank 0 records every outer step
-                                                             # (output/history.parquet, output/tb)
-        every outer step: rank 0 decides "report now?", "checkpoint now?" (TrainSettings.report_every,
-        .checkpoint_every); the decision rides on the outer step's metrics allreduce, so all ranks agree
-        after the step: all call ray.train.report (every rank adds its part of the checkpoint)
+    solver.run()                                                 # rank 0 records every outer step
+                                                                 # (output/history.parquet, output/tb)
+        after every outer step: rank 0 decides "report now?", "checkpoint now?" (FitOptions.report_every,
+        .checkpoint_every) and one small round tells every rank; after that inner step all ranks call
+        ray.train.report (every rank adds its part of the checkpoint) or none does
     final report with a checkpoint; rank 0 writes output/result.json (status "completed")
+
+Errors a restart cannot cure (:data:`NOT_RETRIED`: divergence, NaN/inf, bad settings)
+end the run at once: Ray Train restarts a worker group after any error, so the
+worker catches them, the ranks agree on it (an allreduce of a flag: the solver
+checks averaged losses and hypergradients, so all ranks raise at the same step),
+rank 0 writes ``result.json`` (``"status": "failed"``, ``"retried": false``) and
+every worker returns normally; :func:`hg_dist.distributed.fit` then raises
+:class:`RunFailedError`. Anything else (a lost worker, a collective that broke)
+propagates, and Ray Train restarts the group from the latest checkpoint.
 
 Why reports are rare: ``ray.train.report`` synchronises all workers with the Train
 controller. Each worker's report waits in a queue of one, which the controller
@@ -31,41 +40,59 @@ a checkpoint's history ends exactly where the resumed run starts logging again.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
+from uuid import uuid4
+
+import torch
 
 from hg_dist.callbacks import Callback
 from hg_dist.checkpoint import seed_everything
-from hg_dist.distributed.checkpointing import checkpoint_of, checkpoint_run_id, fingerprint, read_checkpoint
+from hg_dist.collective import Collective, use
+from hg_dist.distributed.checkpointing import (checkpoint_of, checkpoint_run_id, fingerprint, read_checkpoint,
+                                               remove_orphaned_folders)
 from hg_dist.distributed.collectives import TorchDistributed
-from hg_dist.distributed.hooks import DistributedHooks, distribute_solver
-from hg_dist.distributed.settings import Every, TrainSettings
-from hg_dist.experiment import write_result
+from hg_dist.distributed.settings import Every, FitOptions
+from hg_dist.experiment import RUN_ERRORS, write_result
+from hg_dist.solver import BaseImplicitSolver
 
 logger = logging.getLogger(__name__)
+
+NOT_RETRIED = (*RUN_ERRORS, ValueError, TypeError, NotImplementedError)
+"""Errors that end a distributed run at once (a restart from the checkpoint would meet them again):
+divergence and NaN/inf (:data:`hg_dist.experiment.RUN_ERRORS`) and bad settings."""
+
+
+class RunFailedError(RuntimeError):
+    """The workers ended the run on an error a restart cannot cure (:data:`NOT_RETRIED`).
+
+    Attributes:
+        error: ``"Type: message"`` of the workers' error (also in ``result.json``).
+    """
+
+    def __init__(self, error: str) -> None:
+        super().__init__(f"{error} (not retried: a restart from the checkpoint would fail the same way)")
+        self.error = error
 
 
 @dataclass(frozen=True)
 class Job:
-    """Everything a worker needs, shipped in ``train_loop_config={"job": job}``."""
+    """Everything a worker needs, shipped in ``train_loop_config={"job": job}``.
+
+    ``attempt`` tells this call of ``fit`` from earlier ones in ``result.json``.
+    """
 
     build_solver: Callable[..., Any]
     config: Any
-    settings: TrainSettings
+    options: FitOptions = field(default_factory=FitOptions)
+    attempt: str = field(default_factory=lambda: uuid4().hex)
 
     @property
     def run_id(self) -> str:
         """The run's :func:`~hg_dist.distributed.checkpointing.fingerprint` (build_solver and config)."""
         return fingerprint(self.build_solver, self.config)
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by the ``TrainSettings.fail_at`` test hook."""
 
 
 class Schedule:
@@ -87,40 +114,32 @@ class Schedule:
 
 
 class Reporter(Callback):
-    """Reports to Ray Train (all ranks together) at most as often as the settings allow.
+    """Reports to Ray Train (all ranks together) at most as often as the options allow.
 
-    During each outer step's metrics round (:class:`~hg_dist.distributed.hooks.OuterStepSync`)
-    rank 0 answers "report now?" and "checkpoint now?"; every rank receives rank 0's
-    answers, and after that inner step all ranks report (with a checkpoint, to which
-    each rank adds its own file) or none does.
+    After each outer step rank 0 answers "report now?" and "checkpoint now?" and
+    one small allreduce (rank 0's answers, zeros from the others) gives every rank
+    the same answers; after that inner step all ranks report (with a checkpoint, to
+    which each rank adds its own file) or none does.
     """
 
-    def __init__(self, rank: int, hooks: DistributedHooks, settings: TrainSettings, run_id: str | None = None,
+    def __init__(self, rank: int, options: FitOptions, run_id: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.rank = rank
-        self.hooks = hooks
-        self.settings = settings
+        self.options = options
         self.run_id = run_id
-        self.reports = Schedule(settings.report_every, clock)
-        self.checkpoints = Schedule(settings.checkpoint_every, clock)
+        self.reports = Schedule(options.report_every, clock)
+        self.checkpoints = Schedule(options.checkpoint_every, clock)
         self.pending: tuple[float, ...] | None = None
         self.num_reports = 0
         self.seconds = 0.0               # spent in ray.train.report (and writing checkpoints)
-        self._solver: Any = None
-
-    def on_run_start(self, solver: Any) -> None:
-        self._solver = solver
-        self.hooks.sync.control = self.decide
-
-    def decide(self) -> tuple[float, float]:
-        """Rank 0's answers for the outer step now ending: (report?, checkpoint?) as 0/1."""
-        step = self._solver.outer_step + 1
-        checkpoint = self.checkpoints.due(step)
-        return float(checkpoint or self.reports.due(step)), float(checkpoint)
 
     def on_outer_step(self, solver: Any, metrics: dict[str, float]) -> None:
-        self._maybe_fail(solver.outer_step)
-        self.pending = self.hooks.sync.take()
+        step = solver.outer_step
+        checkpoint = self.checkpoints.due(step)
+        answers = (float(checkpoint or self.reports.due(step)), float(checkpoint)) if self.rank == 0 else (0.0, 0.0)
+        agreed = solver.reductions.metrics_reduce.sum(
+            torch.tensor(answers, dtype=torch.float64, device=solver.inner_params[0].device))
+        self.pending = tuple(agreed.tolist())
 
     def on_step_end(self, solver: Any) -> None:
         if self.pending is None:
@@ -134,7 +153,7 @@ class Reporter(Callback):
         self.report(solver, checkpoint=True, metrics=final)
 
     def metrics(self, solver: Any) -> dict[str, float]:
-        return {**solver.recorder.latest(), **self.hooks.metrics(), "outer_step": float(solver.outer_step),
+        return {**solver.recorder.latest(), **solver.reductions.metrics(), "outer_step": float(solver.outer_step),
                 "global_step": float(solver.global_step)}
 
     def report(self, solver: Any, *, checkpoint: bool, metrics: dict[str, float] | None = None) -> None:
@@ -152,18 +171,39 @@ class Reporter(Callback):
         self.num_reports += 1
         self.seconds += time.perf_counter() - tic
 
-    def _maybe_fail(self, step: int) -> None:
-        fail = self.settings.fail_at
-        if fail is None or fail.rank != self.rank or fail.outer_step != step:
-            return
-        marker = Path(fail.marker)
-        if marker.exists():
-            return
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(os.getpid()))
-        if fail.mode == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise InjectedFailure(f"injected failure on rank {self.rank} after outer step {step} (test hook)")
+
+def check_solver(solver: Any, world_size: int) -> None:
+    """A distributed run needs a ``BaseImplicitSolver`` built with the worker group as its collective."""
+    if not isinstance(solver, BaseImplicitSolver):
+        raise TypeError(f"distributed runs need a BaseImplicitSolver (implicit hypergradients), got "
+                        f"{type(solver).__name__}; run unrolled solvers with --workers 1")
+    if solver.collective.world_size != world_size:
+        raise TypeError(f"build_solver returned a solver whose collective has world_size="
+                        f"{solver.collective.world_size}, but the run has {world_size} workers; build it without "
+                        f"collective= (the worker loop sets hg_dist.collective.use) or pass the worker group's")
+
+
+def resume(solver: BaseImplicitSolver, rank: int, run_id: str) -> int | None:
+    """Load ``ray.train.get_checkpoint()`` into ``solver`` if it is this run's; the step it resumes at."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and checkpoint_run_id(checkpoint) != run_id:
+        if rank == 0:
+            logger.warning("hg_dist: not resuming from %s: it was written by a run with other settings "
+                           "(a fresh run starts; use another output folder to keep both)", checkpoint.path)
+        return None
+    if checkpoint is None:
+        return None
+    # Loaded on the CPU: RNG states must stay there; the solver moves tensors to its device.
+    solver.load_state_dict(read_checkpoint(checkpoint, map_location="cpu", rank=rank))
+    return solver.global_step
+
+
+def all_ranks_failed(collective: Collective, device: torch.device) -> bool:
+    """Whether every rank reached this call (each contributes 1): one round."""
+    flags = collective.allreduce_sum(torch.ones((), dtype=torch.float64, device=device))
+    return int(flags.item()) == collective.world_size
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -175,34 +215,39 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     started_at, tic = time.time(), time.perf_counter()
-    seed_everything(config.seed)                                 # as run_local: same models on every rank
-    solver = job.build_solver(config, rank=rank, world_size=world_size)
-    solver.log_dir = str(config.output) if rank == 0 else None   # rank 0 alone writes tb/ and history
-    solver.progress = False
-    hooks = distribute_solver(solver, TorchDistributed(), seed=config.seed)
-    run_id = job.run_id
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None and checkpoint_run_id(checkpoint) != run_id:
+    remove_orphaned_folders()                                    # left by workers killed while reporting
+    collective = TorchDistributed()
+    solver: BaseImplicitSolver | None = None
+    try:
+        seed_everything(config.seed)                             # as run_local: same models on every rank
+        with use(collective):
+            solver = job.build_solver(config, rank=rank, world_size=world_size)
+        check_solver(solver, world_size)
+        solver.log_dir = str(config.output) if rank == 0 else None   # rank 0 alone writes tb/ and history
+        solver.progress = False
+        restored_step = resume(solver, rank, job.run_id)
+        reporter = Reporter(rank, job.options, job.run_id)
+        solver.callbacks = (*solver.callbacks, reporter)
+        run_tic = time.perf_counter()
+        final = solver.run()
+    except NOT_RETRIED as error:
+        device = solver.inner_params[0].device if solver is not None else torch.device("cpu")
+        if not all_ranks_failed(collective, device):
+            raise
         if rank == 0:
-            logger.warning("hg_dist: not resuming from %s: it was written by a run with other settings "
-                           "(a fresh run starts; use another output folder to keep both)", checkpoint.path)
-        checkpoint = None
-    restored_step = None
-    if checkpoint is not None:
-        # Loaded on the CPU: RNG states must stay there; the solver moves tensors to its device.
-        solver.load_state_dict(read_checkpoint(checkpoint, map_location="cpu", rank=rank))
-        restored_step = solver.global_step
-    reporter = Reporter(rank, hooks, job.settings, run_id)
-    solver.callbacks = (*solver.callbacks, reporter)
-    run_tic = time.perf_counter()
-    final = solver.run()
+            write_result(config.output, solver.recorder.latest() if solver is not None else {}, config,
+                         status="failed", error=f"{type(error).__name__}: {error}", retried=False,
+                         attempt=job.attempt, workers=world_size, wall_time_s=time.perf_counter() - tic,
+                         global_step=None if solver is None else solver.global_step,
+                         outer_steps=None if solver is None else solver.outer_step)
+        logger.error("hg_dist: rank %d ends the run without a restart: %s: %s", rank, type(error).__name__, error)
+        return
     reporter.finish(solver, final)
     run_s = time.perf_counter() - run_tic
     if rank == 0:
         write_result(config.output, final, config, status="completed", error=None,
                      wall_time_s=time.perf_counter() - tic, run_s=run_s, started_at=started_at, workers=world_size,
-                     global_step=solver.global_step, outer_steps=solver.outer_step, restored=checkpoint is not None,
+                     global_step=solver.global_step, outer_steps=solver.outer_step, restored=restored_step is not None,
                      restored_from_step=restored_step, reports=reporter.num_reports, report_s=reporter.seconds,
-                     report_every=str(job.settings.report_every),
-                     checkpoint_every=str(job.settings.checkpoint_every), comm=hooks.metrics())
-
+                     report_every=str(job.options.report_every), attempt=job.attempt,
+                     checkpoint_every=str(job.options.checkpoint_every), comm=solver.reductions.metrics())

@@ -13,7 +13,7 @@ trials outer step by outer step (``time_attr="outer_step"``) and stop bad ones e
 * ``config.workers == W > 1``: the trial starts a ``W``-worker Ray Train run with the
   distributed layer's worker loop, run with ``report_every=1`` (one report per outer
   step; plain distributed runs report far less often, see
-  :class:`~hg_dist.distributed.TrainSettings`), and forwards rank 0's reports to Tune
+  :class:`~hg_dist.distributed.FitOptions`), and forwards rank 0's reports to Tune
   (:class:`TrainToTune`). Checkpoints are Train's (rank 0's solver state, every
   ``checkpoint_every`` outer steps, in the trial's Train storage); a resumed trial
   starts the same Train run again, which continues from its latest checkpoint. The
@@ -499,8 +499,11 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
     """Multi-worker trial: the distributed layer's Train run, its reports forwarded to Tune.
 
     Returns as :func:`_solve_here`; the final checkpoint is the Train run's."""
-    from hg_dist.distributed.runner import fit
-    from hg_dist.distributed.settings import TrainSettings
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    from hg_dist.distributed import FitOptions
+    from hg_dist.distributed.resources import DEFAULT_RESOURCE_TIMEOUT_S, startup_retries
+    from hg_dist.distributed.runner import RUN_NAME, fit
 
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -511,12 +514,18 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
         update_result(output, resumed_from_outer_step=resumed)
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
+    storage = train_storage if train_storage is not None else str((output / "ray").resolve())
     result = fit(TrialSolver(build_solver), config,
+                 scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
+                                              resources_per_worker=resources),
+                 run_config=RunConfig(name=RUN_NAME, storage_path=storage, callbacks=[forward],
+                                      failure_config=FailureConfig(
+                                          max_failures=max_failures,
+                                          controller_failure_limit=startup_retries(DEFAULT_RESOURCE_TIMEOUT_S)),
+                                      checkpoint_config=CheckpointConfig(num_to_keep=1)),
                  # report_every=1: hvps_total is summed over the forwarded reports, and each costs
                  # little with the controller polled every TRAIN_POLL_INTERVAL_S.
-                 TrainSettings(resources_per_worker=resources, precheck=False, num_to_keep=1, callbacks=(forward,),
-                               report_every=1, checkpoint_every=checkpoint_every, max_failures=max_failures,
-                               storage_path=train_storage))
+                 options=FitOptions(precheck=False, report_every=1, checkpoint_every=checkpoint_every))
     (output / PLACEMENT_GROUP_FILE).unlink(missing_ok=True)  # the run ended: Train removed its group
     latest, error = TrainToTune.read_state(state_file)
     if error is not None:
