@@ -180,11 +180,10 @@ def test_frozen_parameters_stay_frozen(solver_class, outer_optimizer):
 
 def test_frozen_parameters_stay_frozen_in_a_distributed_run():
     from hg_dist.distributed.collectives import run_threads
-    from hg_dist.distributed.hooks import distribute_solver
 
     def one_rank(collective):
-        solver = _frozen_ridge(approx=make_approx({"name": "cg", "num_iters": D}), num_iters=11)
-        distribute_solver(solver, collective, seed=0)
+        solver = _frozen_ridge(approx=make_approx({"name": "cg", "num_iters": D}), num_iters=11,
+                               collective=collective)
         solver.run()
         return solver
     for solver in run_threads(2, one_rank):
@@ -512,7 +511,8 @@ def test_resume_after_the_space_was_edited_is_refused_naming_the_change(tmp_path
         with pytest.raises(SearchExistsError, match=r"the search space was changed since the search in .* was "
                                                     r"started: " + change + r".*runs the space it was started "
                                                     r"with.*another folder \(--output\)"):
-            run_search(lambda config, rank=0, world_size=1: None, edited, output=folder, resume=True)
+            run_search(lambda config, rank=0, world_size=1: None, edited, resume=True,
+                       run_config=tune.RunConfig(storage_path=str(folder.parent), name=folder.name))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
