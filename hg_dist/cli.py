@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hg_dist import ray_env
 from hg_dist.distributed import run_experiment
 from hg_dist.distributed.resources import DEFAULT_RESOURCE_TIMEOUT_S, ClusterError, parse_duration
 from hg_dist.distributed.settings import CHECKPOINT_EVERY, REPORT_EVERY, Every, TrainSettings
@@ -88,6 +89,8 @@ def make_parser(description: str | None, defaults: ExperimentConfig,
     parser = argparse.ArgumentParser(description=first_line)
     add_common_args(parser, defaults)
     add_train_args(parser)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's internal warnings (hidden by default; see hg_dist.ray_env)")
     if add_arguments is not None:
         add_arguments(parser)
     return parser
@@ -103,6 +106,8 @@ def parse(parser: argparse.ArgumentParser,
           argv: Sequence[str] | None = None) -> tuple[ExperimentConfig, TrainSettings]:
     """``argv`` → the config and the Train settings; a bad value is a usage error (exit 2)."""
     args = parser.parse_args(argv)
+    # Ray's environment (loopback, no usage stats, quiet), before a run imports Ray.
+    ray_env.prepare(verbose=vars(args).pop("verbose", False))
     try:
         settings = train_settings_from_args(args)
     except (TypeError, ValueError) as error:

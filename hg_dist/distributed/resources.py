@@ -48,6 +48,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -55,7 +56,8 @@ from typing import Any, TextIO
 __all__ = ["CLUSTER_MAX_FAILURES", "Cluster", "ClusterError", "ClusterUnreachableError",
            "DEFAULT_RESOURCE_TIMEOUT_S", "InsufficientResourcesError", "ResourceTimeoutError", "check_demand",
            "check_timeout", "connect", "default_max_failures", "format_resources", "inspect_cluster",
-           "parse_duration", "prepare_workers", "startup_retries", "wait_for_resources", "workers_that_fit"]
+           "parse_duration", "prepare_workers", "startup_retries", "wait_for_resources", "warn_unless_loopback",
+           "workers_that_fit"]
 
 DEFAULT_RESOURCE_TIMEOUT_S = 20 * 60.0
 """How long a run waits for its workers' resources by default (``--resource-timeout``)."""
@@ -219,6 +221,20 @@ def connect(address: str | None = None, *, connect_timeout_s: float = 10.0, **in
                 f"no Ray cluster answers at {resolved} ({source}={given!r}): {reason}. Start one there ({start}), "
                 f"correct the address, or unset RAY_ADDRESS to run on a local Ray instance")
     ray.init(address=resolved, **init_kwargs)
+    if resolved is None:
+        warn_unless_loopback()
+
+
+def warn_unless_loopback() -> None:
+    """Warn (``RuntimeWarning``, with the fix) when the Ray instance this process started is not on
+    loopback: a program that imported Ray before setting ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``."""
+    import ray
+
+    from hg_dist.ray_env import loopback_warning
+
+    message = loopback_warning(ray.util.get_node_ip_address())
+    if message is not None:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 # ---- what the cluster is -------------------------------------------------------------------

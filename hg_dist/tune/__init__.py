@@ -34,6 +34,12 @@ Example::
     result = run_search(build_solver, space, num_samples=3, metric="val_acc", mode="max")
 """
 
+from hg_dist import ray_env as _ray_env
+
+if _ray_env.launched_as("hg_dist.tune.rerun"):
+    # `python -m hg_dist.tune.rerun` imports this package (and Ray) before the module runs: Ray's environment first.
+    _ray_env.prepare(verbose=_ray_env.verbose_flag())
+
 from hg_dist.tune.results import format_table, load_best, rerun_best, resolve_solver, solver_reference
 from hg_dist.tune.search import SearchExistsError, SearchInterrupted, SearchResult, run_search
 from hg_dist.tune.searchers import SEARCHERS, define_by_run
