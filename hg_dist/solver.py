@@ -315,12 +315,12 @@ class BaseImplicitSolver(BaseSolver):
 
     The inner state is detached after every inner update, so no graph outlives a
     step. ``approx_ihvp`` is a plain attribute: the distributed layer rebinds it.
+    The other arguments are :class:`BaseSolver`'s.
 
     Args:
         approx_ihvp: ``(inner_obj, outer_obj, in_params, out_params) -> hypergradient``,
             e.g. ``hg_dist.make_approx({"name": "nystrom", "rank": 5, "rho": 0.1}, seed=0)``
             or the seed's ``functools.partial(hg_dist.approx_hypergrad.nystrom, rank=5, rho=0.1)``.
-        others: see :class:`BaseSolver`.
     """
 
     def __init__(self, inner: nn.Module, outer: nn.Module, inner_loader: Iterable, outer_loader: Iterable,

@@ -195,9 +195,9 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
         output: the search folder: a path, or a URI pyarrow opens (``s3://``, ``gs://``,
             ``file://``), which becomes Tune's storage (see :mod:`hg_dist.tune.storage`).
         num_samples: samples of the space (times the number of points of its grid).
-        metric, mode: the outer metric the solver records (``"outer_loss"``, which every
-            solver records, or one its ``outer_update`` returns, e.g. ``"val_acc"``) and
-            whether higher (``"max"``) or lower (``"min"``) is better.
+        metric: the outer metric the solver records (``"outer_loss"``, which every
+            solver records, or one its ``outer_update`` returns, e.g. ``"val_acc"``).
+        mode: whether higher (``"max"``) or lower (``"min"``) ``metric`` is better.
         base: values of the :class:`ExperimentConfig` fields the space leaves out
             (``use_gpu=True`` there gives every solving process a GPU).
         search: ``"random"`` or ``"optuna"`` (see :mod:`hg_dist.tune.searchers`).
@@ -216,8 +216,9 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
             cluster says it has no autoscaler (:func:`hg_dist.distributed.resources.inspect_cluster`).
         seed: seeds the sampling of the space (``None``: unseeded).
         verbose: Tune's own console verbosity (0 silent … 2 every result).
-        progress, progress_interval: print a line per ended trial and a status line
-            every ``progress_interval`` seconds.
+        progress: print a line per ended trial and a status line every
+            ``progress_interval`` seconds.
+        progress_interval: seconds between status lines.
         print_table: print the results table at the end.
         plot: write ``search.png`` (needs matplotlib).
         settings: the caller's settings (e.g. command-line flags), recorded in
