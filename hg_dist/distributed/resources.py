@@ -592,10 +592,14 @@ def wait_for_resources(workers: int, bundle: Mapping[str, float], *, timeout_s: 
 def prepare_workers(workers: int, bundle: Mapping[str, float], *, timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
                     stream: TextIO | None = None) -> Cluster:
     """Everything before a Ray Train run of ``workers`` × ``bundle``: :func:`connect`,
-    :func:`inspect_cluster`, :func:`check_demand`, :func:`wait_for_resources`; returns the cluster."""
+    :func:`inspect_cluster`, :func:`check_demand`, :func:`wait_for_resources`; returns the cluster.
+    Ends with one line on ``stream`` (default ``sys.stderr``): the workers are starting (their
+    processes and ``torch.distributed`` take a while before the first step)."""
     timeout_s = check_timeout(timeout_s, "resource_timeout_s")
     connect()
     cluster = inspect_cluster()
     check_demand(workers, bundle, cluster)
     wait_for_resources(workers, bundle, timeout_s=timeout_s, cluster=cluster, stream=stream)
+    print(f"hg_dist: starting {workers} Ray Train workers ({format_resources(bundle)} each): their processes, "
+          f"then torch.distributed", file=stream or sys.stderr, flush=True)
     return cluster

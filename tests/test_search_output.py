@@ -1,4 +1,4 @@
-"""search.png: each of its three panels has a legend naming the methods it draws, once each."""
+"""What a search shows: a legend on every panel of search.png, and status lines that say trials are starting."""
 
 from __future__ import annotations
 
@@ -41,3 +41,20 @@ def test_every_panel_has_a_legend_of_its_methods(tmp_path):
     path = plot_search(trials, tmp_path / "search.png", metric="val_acc", mode="max")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert draw_search(trials[3:], metric="val_acc", mode="max") is None
+
+
+def test_search_status_says_that_trials_are_starting():
+    """Before any trial has reported, the status line says Ray is starting the trials' processes."""
+    from ray.tune.experiment import Trial
+
+    from hg_dist.tune.progress import SearchProgress
+
+    trials = [Trial("hg_dist_trial", config={}, trial_id=name, stub=True) for name in ("a1", "b2")]
+    progress = SearchProgress("val_acc", "max", 4, interval=0.0)
+    progress.trials = trials
+    assert progress.status_line().startswith("starting: Ray is starting the first trials' processes")
+    assert progress.status_line().endswith("0 running, 0 done (0 completed, 0 stopped), 0 failed, 4 pending")
+    trials[0].set_status(Trial.RUNNING)
+    assert progress.status_line().startswith("starting: ")
+    trials[0].update_last_result({"best_metric": 0.8, "outer_step": 1})
+    assert progress.status_line() == "1 running, 0 done (0 completed, 0 stopped), 0 failed, 3 pending"
