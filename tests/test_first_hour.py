@@ -4,9 +4,9 @@
   noise filter (checked against Ray's own log deduplicator and the raylet's message),
   colour codes off a terminal, the loopback warning, and that every example and
   ``python -m hg_dist.tune.rerun`` set the variables before Ray is imported.
-* ``@pytest.mark.ray``: each command-line entry point, run with tiny settings in a
-  process of its own; while it runs, every listening socket of its process tree is on
-  127.0.0.1 (psutil reads them; no traffic is sent).
+* ``@pytest.mark.ray``: the command-line entry points' two ways of starting Ray, each run
+  with tiny settings in a process of its own; while it runs, every listening socket of its
+  process tree is on 127.0.0.1 (psutil reads them; no traffic is sent).
 * ``@pytest.mark.cluster``: in a fresh ``HOME``, a local run (which makes Ray write
   ``~/.ray/auth_token``), then docs/clusters.md's head and job commands as written.
 """
@@ -220,8 +220,11 @@ def _torch_store(seen: set[tuple[str, int, str]]) -> set[tuple[str, int, str]]:
 
 @pytest.mark.ray
 def test_every_entry_point_listens_on_loopback_only(tmp_path):
-    """examples/search.py, an example with --workers 2 (hg_dist.cli.main) and ``python -m hg_dist.tune.rerun``
-    with --workers 2, each with tiny settings, in a clean environment (no RAY_* variables) and a fresh HOME."""
+    """examples/search.py (its Ray: hg_dist.tune.launch.start_ray) and an example with --workers 2 (every
+    example's hg_dist.cli.main; its Ray: hg_dist.distributed.resources.connect), with tiny settings, in a clean
+    environment (no RAY_* variables) and a fresh HOME. ``python -m hg_dist.tune.rerun --workers 2`` starts its
+    Ray through the same ``connect``; that it sets the variables before Ray is imported is checked above
+    without Ray (the two runs here take 2-6 min on 2 shared cores, a third would add half of that)."""
     env = _clean_env(HOME=str(tmp_path / "home"))
     tiny = ["--num-iters", "4", "--unroll-steps", "2"]
     runs = {
@@ -229,8 +232,6 @@ def test_every_entry_point_listens_on_loopback_only(tmp_path):
                    "--output", str(tmp_path / "search"), "--progress-interval", "0", *tiny],
         "example": [sys.executable, "examples/logistic_regression.py", "--workers", "2",
                     "--output", str(tmp_path / "lr"), *tiny],
-        "rerun": [sys.executable, "-m", "hg_dist.tune.rerun", str(tmp_path / "search" / "best_config.json"),
-                  "--workers", "2", "--output", str(tmp_path / "rerun")],
     }
     for name, argv in runs.items():
         code, out, err, seen = _run_watching_sockets(argv, env)
