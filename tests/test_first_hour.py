@@ -116,6 +116,36 @@ def test_loopback_warning_names_the_fix():
     assert "--node-ip-address=127.0.0.1" in message
 
 
+@pytest.mark.parametrize("node_ip, warns", [("192.0.2.2", True), ("127.0.0.1", False)])
+def test_fit_and_run_search_warn_when_the_ray_they_start_is_not_on_loopback(monkeypatch, node_ip, warns):
+    """connect() (fit's and run_search's way to Ray) and start_ray (examples/search.py's) warn with the fix
+    after starting a local Ray whose node address is not loopback (ray.init stubbed: nothing starts)."""
+    import warnings
+
+    import ray
+    import ray._private.services as services
+
+    from hg_dist.distributed import resources
+    from hg_dist.tune import launch
+
+    started = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kwargs: started.append(address))
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda address: None)  # no cluster here
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: node_ip)
+    for start in (resources.connect, launch.start_ray):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start()
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert started.pop() in (None, "local")
+        if warns:
+            assert len(messages) == 1 and node_ip in messages[0] and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in messages[0]
+        else:
+            assert messages == []
+
+
 def test_launched_as():
     assert ray_env.launched_as("hg_dist.tune.rerun", ["python", "-X", "dev", "-m", "hg_dist.tune.rerun", "x"])
     assert not ray_env.launched_as("hg_dist.tune.rerun", ["python", "-m", "hg_dist.tune.search"])
