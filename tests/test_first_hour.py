@@ -282,7 +282,7 @@ def test_every_entry_point_listens_on_loopback_only(tmp_path):
 def test_cluster_recipe_after_the_quick_start(tmp_path):
     """The order a new user meets: a local run (Ray writes ~/.ray/auth_token), then docs/clusters.md's head
     (its own block: token authentication from that file), then its job block (`ray job submit`, status, logs,
-    `ray status`, the results), then `ray job list`; the head is stopped at the end."""
+    `ray status`, the results), then `ray job list` and a JobSubmissionClient; the head is stopped at the end."""
     from ray_heads import FIXED_HEAD, FIXED_JOB, doc_block, ray_cli, run_block, start_head, stop_head
 
     home = tmp_path / "home"
@@ -311,6 +311,10 @@ def test_cluster_recipe_after_the_quick_start(tmp_path):
                                 env={**head.env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
                                 timeout=120)
         assert listed.returncode == 0 and "lr2" in listed.stdout, listed.stderr[-3000:]
+        sdk = subprocess.run([sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient; "
+                              "print(JobSubmissionClient(sys.argv[1]).get_job_status('lr2'))", head.url], cwd=REPO,
+                             env={**head.env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
+        assert sdk.returncode == 0 and "SUCCEEDED" in sdk.stdout, sdk.stderr[-3000:]
         # Without the doc's RAY_AUTH_MODE, the client is refused: the failure the recipe avoids.
         refused = subprocess.run(ray_cli() + ["job", "list", "--address", head.url], cwd=REPO, env=head.env,
                                  capture_output=True, text=True, timeout=120)
