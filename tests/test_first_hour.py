@@ -153,27 +153,34 @@ def test_launched_as():
     assert ray_env.verbose_flag(["--workers", "2", "-v"]) and not ray_env.verbose_flag(["--workers", "2"])
 
 
-PROBE = """
+EXAMPLES_PROBE = """
 import os, sys
 sys.path.insert(0, "examples")
-sys.argv = ["x", *{argv!r}]
-{body}
+names = {names!r}
+keys = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS_SKIP_REGEX")
+for name in names:
+    for key in keys:
+        os.environ.pop(key, None)
+    module = __import__(name)
+    try:
+        module.main(["--num-iters", "-1"])   # a usage error after parsing: no run, no Ray
+    except SystemExit:
+        pass
+    assert "ray" not in sys.modules, name
+    print(name, *(os.environ.get(key) is not None for key in keys), os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"])
 import ray._private.ray_constants as c
-print(os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), os.environ.get("RAY_USAGE_STATS_ENABLED"),
-      c.ENABLE_RAY_CLUSTER)
+print("ENABLE_RAY_CLUSTER", c.ENABLE_RAY_CLUSTER)
 """
 
 
-@pytest.mark.parametrize("example", [e for e in EXAMPLES if e != "search"])
-def test_examples_prepare_ray_before_importing_it(example, tmp_path):
-    """Each example's ``main`` sets the variables before a run imports Ray (stopped here by a usage error
-    after parsing, so no Ray starts): Ray then reads ENABLE_RAY_CLUSTER = False."""
-    body = (f"import {example}\nassert 'ray' not in sys.modules\n"
-            f"try:\n    {example}.main(['--num-iters', '-1'])\nexcept SystemExit:\n    pass")
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(argv=[], body=body)], cwd=REPO, env=_clean_env(),
-                          capture_output=True, text=True, timeout=120)
+def test_examples_prepare_ray_before_importing_it():
+    """Each example's ``main`` (hg_dist.cli) sets the variables before a run imports Ray (stopped here by a
+    usage error after parsing, so no Ray starts); Ray imported afterwards reads ENABLE_RAY_CLUSTER = False."""
+    names = [e for e in EXAMPLES if e != "search"]
+    proc = subprocess.run([sys.executable, "-c", EXAMPLES_PROBE.format(names=names)], cwd=REPO, env=_clean_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["0", "0", "False"]
+    assert proc.stdout.splitlines() == [f"{name} True True True 0" for name in names] + ["ENABLE_RAY_CLUSTER False"]
 
 
 @pytest.mark.parametrize("module_args", [["examples/search.py", "--help"], ["-m", "hg_dist.tune.rerun", "--help"]])
