@@ -29,9 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-if not os.environ.get("RAY_ADDRESS"):
-    # The local Ray instance binds to 127.0.0.1; Ray reads this when it is imported.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from hg_dist import ray_env  # noqa: E402
+
+# Ray reads its environment when it is first imported (the next line): a local instance on 127.0.0.1, no usage
+# stats, Ray's internal warnings hidden unless -v (looked for here, since the flags are parsed after the import).
+ray_env.prepare(verbose=ray_env.verbose_flag())
 
 from ray import tune  # noqa: E402
 
@@ -46,7 +48,7 @@ from hg_dist.tune.launch import ClusterUnreachableError, start_ray  # noqa: E402
 from hg_dist.tune.searchers import SEARCHERS, check_searchable  # noqa: E402
 from hg_dist.tune.storage import MARKER_FILE, SearchStorage  # noqa: E402
 
-RUNTIME_FLAGS = {"output", "resume", "num_cpus", "progress_interval"}
+RUNTIME_FLAGS = {"output", "resume", "num_cpus", "progress_interval", "verbose"}
 """Flags that may change when a search is resumed; the others define the search."""
 
 
@@ -95,6 +97,7 @@ def make_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
         help="continue the search in --output (finished trials are kept, unfinished ones continue)")
     add("--num-cpus", type=int, help="logical CPUs of the local Ray instance (default: the machine's)")
     add("--progress-interval", type=float, default=20.0, help="seconds between status lines")
+    add("-v", "--verbose", action="store_true", default=False, help="show Ray's internal warnings (hidden by default)")
     return parser
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hg_dist import ray_env
 from hg_dist.distributed import RunFailedError, run_experiment
 from hg_dist.distributed.resources import DEFAULT_RESOURCE_TIMEOUT_S, ClusterError, parse_duration
 from hg_dist.distributed.runner import run_config_for
@@ -92,6 +93,8 @@ def make_parser(description: str | None, defaults: ExperimentConfig,
     parser = argparse.ArgumentParser(description=first_line)
     add_common_args(parser, defaults)
     add_train_args(parser)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's internal warnings (hidden by default; see hg_dist.ray_env)")
     if add_arguments is not None:
         add_arguments(parser)
     return parser
@@ -124,6 +127,8 @@ def parse(parser: argparse.ArgumentParser,
           argv: Sequence[str] | None = None) -> tuple[ExperimentConfig, TrainArgs]:
     """``argv`` → the config and the Train flags' choices; a bad value is a usage error (exit 2)."""
     args = parser.parse_args(argv)
+    # Ray's environment (loopback, no usage stats, quiet), before a run imports Ray.
+    ray_env.prepare(verbose=vars(args).pop("verbose", False))
     try:
         train = train_args_from_args(args)
     except (TypeError, ValueError) as error:

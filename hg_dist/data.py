@@ -92,7 +92,8 @@ class ShardedLoader(Iterator[Any]):
             at a time and collated.
         batch_size: the global batch ``B`` (all ranks together), a multiple of
             ``world_size`` and at most ``len(dataset)``.
-        rank, world_size: this worker and the number of workers ``W``.
+        rank: this worker (``0 <= rank < world_size``).
+        world_size: the number of workers ``W``.
         shuffle: a new permutation every epoch; ``False`` keeps the dataset's order
             (with ``batch_size = len(dataset)``: the same full batch every time).
         seed: seeds the permutations (the same on every rank).

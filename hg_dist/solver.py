@@ -392,12 +392,12 @@ class BaseImplicitSolver(BaseSolver):
     (:func:`hg_dist.collective.reduced_approx`), so ``∂g/∂θ``, every Hessian product
     and the hypergradient are means over the shards: an ``outer_update`` that calls
     ``self.approx_ihvp`` (the default, or a user's) gets the global hypergradient.
+The other arguments are :class:`BaseSolver`'s.
 
     Args:
         approx_ihvp: ``(inner_obj, outer_obj, in_params, out_params) -> hypergradient``,
             e.g. ``hg_dist.make_approx({"name": "nystrom", "rank": 5, "rho": 0.1}, seed=0)``
             or the seed's ``functools.partial(hg_dist.approx_hypergrad.nystrom, rank=5, rho=0.1)``.
-        others: see :class:`BaseSolver`.
     """
 
     def __init__(self, inner: nn.Module, outer: nn.Module, inner_loader: Iterable, outer_loader: Iterable,

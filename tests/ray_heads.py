@@ -214,34 +214,46 @@ def client_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _parse_start(block: str) -> tuple[dict[str, str], list[str]]:
-    """(the ``export``ed variables, the ``ray start`` argv) of a doc block that starts a head."""
-    env, argv = {}, None
+def _parse_start(block: str) -> tuple[dict[str, str], list[list[str]], list[str]]:
+    """(the ``export``ed variables, the other ``ray`` commands before it, the ``ray start`` argv) of a doc
+    block that starts a head. A command's ``> /dev/null`` is dropped (its output goes to the test's log)."""
+    env, before, argv = {}, [], None
     for command in block.replace("\\\n", " ").splitlines():
         words = shlex.split(command, comments=True)
+        if words[-2:] == [">", "/dev/null"]:
+            words = words[:-2]
         if not words:
             continue
         if words[0] == "export":
             env.update(word.split("=", 1) for word in words[1:])
         elif words[:2] == ["ray", "start"]:
             argv = ray_cli() + words[1:]
+        elif words[:2] == ["ray", "get-auth-token"] and argv is None:
+            before.append(ray_cli() + words[1:])
         else:
             raise AssertionError(f"unexpected command in a head block: {command!r}")
     assert argv is not None, f"no `ray start` in {block!r}"
-    return env, argv
+    return env, before, argv
 
 
 def start_head(block: str, *, token: bool = True, extra_env: dict[str, str] | None = None,
-               timeout: float = 120) -> Head:
+               timeout: float = 120, home: Path | None = None) -> Head:
     """Run a doc block that starts a head (``--block``), isolated as the module docs say; wait
-    until its job API answers."""
+    until its job API answers.
+
+    ``home``: run the block as a user whose home folder that is (``HOME=home``, also in the
+    clients' environment ``Head.env``), with the authentication the doc's own commands set up
+    (its ``RAY_AUTH_MODE`` and ``ray get-auth-token``, the token file under ``home``) instead
+    of ``token``; the clients' environment then carries no ``RAY_AUTH_*`` (the doc's client
+    blocks must set what they need). Without ``home`` the block's ``ray get-auth-token`` is not
+    run: ``token`` decides."""
     temp_dir = tempfile.mkdtemp(prefix="hgray-")  # short: Ray's unix sockets live under it (108 bytes)
     (gcs, dashboard, client, agent_listen, agent_grpc, runtime_env_agent, metrics, node_manager,
      object_manager, autoscaler_metrics, *worker_ports) = free_ports(10 + 24)
     text = block.replace(DOC_GCS_PORT, str(gcs)).replace(DOC_DASHBOARD_PORT, str(dashboard))
     if "clusters/local-sim.yaml" in text:
         text = text.replace("clusters/local-sim.yaml", str(sim_config(Path(temp_dir) / "local-sim.yaml", gcs)))
-    doc_env, argv = _parse_start(text)
+    doc_env, before, argv = _parse_start(text)
     assert "--block" in argv, "a head the test owns must run in the foreground (--block)"
     argv += [
         f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--ray-client-server-port={client}",
@@ -254,7 +266,11 @@ def start_head(block: str, *, token: bool = True, extra_env: dict[str, str] | No
     env = client_env({MARKER: marker, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                       "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics), **doc_env})
     headers = {}
-    if token:
+    if home is not None:
+        for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            env.pop(key, None)
+        env["HOME"] = str(home)
+    elif token:
         secret = secrets.token_hex(32)
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secret)
         headers = {"Authorization": f"Bearer {secret}"}
@@ -262,10 +278,19 @@ def start_head(block: str, *, token: bool = True, extra_env: dict[str, str] | No
         env["RAY_AUTH_MODE"] = "disabled"
     env.update(extra_env or {})
     log = open(Path(temp_dir) / "ray-start.log", "w")
+    if home is not None:
+        for command in before:
+            subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, check=True, timeout=60)
+        token_file = home / ".ray" / "auth_token"
+        if env.get("RAY_AUTH_MODE") == "token" and token_file.exists():
+            headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
     proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     log.close()
-    clients = client_env({key: env[key] for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN") if key in env})
+    if home is not None:
+        clients = {k: v for k, v in client_env({"HOME": str(home)}).items() if not k.startswith("RAY_AUTH")}
+    else:
+        clients = client_env({key: env[key] for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN") if key in env})
     head = Head(proc=proc, temp_dir=temp_dir, gcs=f"127.0.0.1:{gcs}", url=f"http://127.0.0.1:{dashboard}",
                 env=clients, marker=marker, headers=headers)
     try:

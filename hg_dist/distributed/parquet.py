@@ -79,7 +79,8 @@ def read_parquet_shard(paths: Sequence[str | PathLike], columns: Sequence[Column
         columns: one entry per tensor of the dataset: a column name (a scalar column
             gives shape ``(n,)``, a list column ``(n, m)``) or a list of scalar column
             names stacked into ``(n, m)``.
-        rank, world_size: this worker and the number of workers ``W``.
+        rank: this worker (``0 <= rank < world_size``).
+        world_size: the number of workers ``W``.
         float_dtype: dtype of floating columns (default: ``torch.get_default_dtype()``).
 
     Returns:

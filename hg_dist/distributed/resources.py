@@ -50,6 +50,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -59,7 +60,8 @@ from hg_dist.distributed import ray_internals
 __all__ = ["CLUSTER_MAX_FAILURES", "Cluster", "ClusterError", "ClusterUnreachableError",
            "DEFAULT_RESOURCE_TIMEOUT_S", "InsufficientResourcesError", "ResourceTimeoutError", "check_demand",
            "check_timeout", "connect", "default_max_failures", "format_resources", "inspect_cluster",
-           "parse_duration", "prepare_workers", "startup_retries", "wait_for_resources", "workers_that_fit"]
+           "parse_duration", "prepare_workers", "startup_retries", "wait_for_resources", "warn_unless_loopback",
+           "workers_that_fit"]
 
 DEFAULT_RESOURCE_TIMEOUT_S = 20 * 60.0
 """How long a run waits for its workers' resources by default (``--resource-timeout``)."""
@@ -221,6 +223,20 @@ def connect(address: str | None = None, *, connect_timeout_s: float = 10.0, **in
                 f"no Ray cluster answers at {resolved} ({source}={given!r}): {reason}. Start one there ({start}), "
                 f"correct the address, or unset RAY_ADDRESS to run on a local Ray instance")
     ray.init(address=resolved, **init_kwargs)
+    if resolved is None:
+        warn_unless_loopback()
+
+
+def warn_unless_loopback() -> None:
+    """Warn (``RuntimeWarning``, with the fix) when the Ray instance this process started is not on
+    loopback: a program that imported Ray before setting ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``."""
+    import ray
+
+    from hg_dist.ray_env import loopback_warning
+
+    message = loopback_warning(ray.util.get_node_ip_address())
+    if message is not None:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 # ---- what the cluster is -------------------------------------------------------------------
@@ -532,10 +548,14 @@ def wait_for_resources(workers: int, bundle: Mapping[str, float], *, timeout_s: 
 def prepare_workers(workers: int, bundle: Mapping[str, float], *, timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
                     stream: TextIO | None = None) -> Cluster:
     """Everything before a Ray Train run of ``workers`` × ``bundle``: :func:`connect`,
-    :func:`inspect_cluster`, :func:`check_demand`, :func:`wait_for_resources`; returns the cluster."""
+    :func:`inspect_cluster`, :func:`check_demand`, :func:`wait_for_resources`; returns the cluster.
+    Ends with one line on ``stream`` (default ``sys.stderr``): the workers are starting (their
+    processes and ``torch.distributed`` take a while before the first step)."""
     timeout_s = check_timeout(timeout_s, "resource_timeout_s")
     connect()
     cluster = inspect_cluster()
     check_demand(workers, bundle, cluster)
     wait_for_resources(workers, bundle, timeout_s=timeout_s, cluster=cluster, stream=stream)
+    print(f"hg_dist: starting {workers} Ray Train workers ({format_resources(bundle)} each): their processes, "
+          f"then torch.distributed", file=stream or sys.stderr, flush=True)
     return cluster

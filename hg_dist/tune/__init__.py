@@ -39,6 +39,12 @@ Example::
     # tune.ExperimentAnalysis(os.path.abspath("runs/search")).get_best_checkpoint(...)
 """
 
+from hg_dist import ray_env as _ray_env
+
+if _ray_env.launched_as("hg_dist.tune.rerun"):
+    # `python -m hg_dist.tune.rerun` imports this package (and Ray) before the module runs: Ray's environment first.
+    _ray_env.prepare(verbose=_ray_env.verbose_flag())
+
 from hg_dist.tune.results import format_table, load_best, rerun_best, resolve_solver, solver_reference
 from hg_dist.tune.search import (SearchExistsError, SearchInterrupted, SearchOptions, SearchResult, default_scheduler,
                                  run_search)

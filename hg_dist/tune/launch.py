@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from hg_dist.distributed.resources import ClusterUnreachableError, connect
+from hg_dist.distributed.resources import ClusterUnreachableError, connect, warn_unless_loopback
 
 __all__ = ["ClusterUnreachableError", "start_ray"]
 
@@ -43,4 +43,5 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, timeou
         connect(address, connect_timeout_s=timeout, log_to_driver=False, configure_logging=False)
         return False
     ray.init(address="local", num_cpus=num_cpus, log_to_driver=False, configure_logging=False)
+    warn_unless_loopback()
     return True

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["best_envelope", "plot_search"]
+__all__ = ["best_envelope", "draw_search", "plot_search"]
 
 
 def best_envelope(curves: Sequence[Sequence[tuple[float, float]]], mode: str) -> list[tuple[float, float]]:
@@ -46,7 +46,25 @@ def plot_search(trials: Sequence[Mapping[str, Any]], path: str | Path, *, metric
         trials: one dict per trial: ``name``, ``method`` (the approximator's name) and
             ``frame`` (its results as a pandas DataFrame with ``outer_step``,
             ``wall_time_s``, ``hvps_total`` and ``metric``).
+        path: where the PNG goes.
+        metric: the column drawn.
+        mode: ``"max"`` or ``"min"``: which way is best.
     """
+    import matplotlib.pyplot as plt
+
+    figure = draw_search(trials, metric=metric, mode=mode)
+    if figure is None:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def draw_search(trials: Sequence[Mapping[str, Any]], *, metric: str, mode: str) -> Any:
+    """The figure of :func:`plot_search` (a matplotlib ``Figure``, three panels, each with a legend of
+    the methods it shows), or ``None`` if no trial reported ``metric``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,11 +83,15 @@ def plot_search(trials: Sequence[Mapping[str, Any]], path: str | Path, *, metric
             if envelope:
                 xs, ys = zip(*envelope)
                 axis.step(xs, ys, where="post", color=colours[method], label=method, marker="o", markersize=3)
+    labelled: set[str] = set()
     for trial in reported:
         curve = _curve(trial["frame"], "outer_step", metric)
         if curve:
             xs, ys = zip(*curve)
-            axes[2].plot(xs, ys, color=colours[trial["method"]], alpha=0.7, linewidth=1)
+            method = trial["method"]
+            axes[2].plot(xs, ys, color=colours[method], alpha=0.7, linewidth=1,
+                         label=None if method in labelled else method)   # one legend entry per method
+            labelled.add(method)
     best = "highest" if mode == "max" else "lowest"
     axes[0].set(xlabel="seconds since each trial started", ylabel=f"{best} {metric} so far",
                 title="best so far against wall time")
@@ -78,12 +100,9 @@ def plot_search(trials: Sequence[Mapping[str, Any]], path: str | Path, *, metric
     axes[2].set(xlabel="outer step", ylabel=metric, title="each trial")
     if any(len(_curve(t["frame"], "hvps_total", metric)) for t in reported):
         axes[1].set_xscale("symlog")
-    axes[0].legend(title="method")
     for axis in axes:
+        if axis.get_legend_handles_labels()[1]:
+            axis.legend(title="method")
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure

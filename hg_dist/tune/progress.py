@@ -128,6 +128,9 @@ class SearchProgress(Callback):
                 f"{done.count('stopped')} stopped), {statuses.count('failed')} failed, {pending} pending")
         if self.best is not None:
             line += f"; best {self.metric} {self.best[0]:.4g} ({self.best[1]})"
+        if pending and not done and not statuses.count("failed") and not any("outer_step" in (t.last_result or {}) for t in self.trials):
+            line = "starting: Ray is starting the first trials' processes (and a multi-worker trial's Train " \
+                   "workers); " + line
         return line
 
 

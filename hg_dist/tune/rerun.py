@@ -15,6 +15,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from hg_dist import ray_env
 from hg_dist.tune.results import prepare_rerun
 
 
@@ -27,7 +28,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--output", default=None, help="output directory of the re-run")
     parser.add_argument("--num-iters", type=int, default=None, help="override num_iters")
     parser.add_argument("--workers", type=int, default=None, help="override workers")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's internal warnings")
     args = parser.parse_args(argv)
+    ray_env.prepare(verbose=args.verbose)  # before a run imports Ray (with `-m`, hg_dist.tune did it already)
     overrides = {key: value for key, value in (("num_iters", args.num_iters), ("workers", args.workers))
                  if value is not None}
     try:

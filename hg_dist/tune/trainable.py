@@ -311,7 +311,8 @@ class SolveReporter:
     """Solver callback ``(solver, metrics)``: ``report(tracker.update(metrics, solver.outer_step))``.
 
     Args:
-        metric, mode: see :class:`ResultTracker`.
+        metric: see :class:`ResultTracker`.
+        mode: see :class:`ResultTracker`.
         report: where results go, e.g. ``ray.tune.report``; called as
             ``report(result)`` or, every ``checkpoint_every`` outer steps,
             ``report(result, checkpoint=<trial checkpoint>)``.
@@ -643,7 +644,8 @@ def make_trainable(build_solver: BuildSolver, *, trials_dir: str | Path | None, 
             shows all trials side by side. Must be absolute (Tune runs trials in
             their own working directories). ``None``: each trial's Tune directory
             (for a URI storage, which Tune syncs).
-        metric, mode: the outer metric the solver records and its direction.
+        metric: the outer metric the solver records.
+        mode: its direction (``"max"`` or ``"min"``).
         base: values of the :class:`ExperimentConfig` fields the space leaves out.
         cpus_per_worker: CPUs per solving process (a one-worker trial, or each Train worker).
         checkpoint_every: outer steps between trial checkpoints.
