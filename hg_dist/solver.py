@@ -44,7 +44,7 @@ from hg_dist.guards import (NAN_POLICIES, ForwardOutput, NonFiniteLossError, che
                             hypergradient_norm, update_metrics)
 from hg_dist.loaders import InfiniteLoader
 from hg_dist.recording import Recorder
-from hg_dist.utils import Params, detached, make_functional
+from hg_dist.utils import Params, check_no_running_stats, detached, make_functional
 
 __all__ = ["BaseImplicitSolver", "BaseSolver", "BaseUnrolledSolver", "ForwardOutput", "InfiniteLoader",
            "NAN_POLICIES", "NonFiniteLossError", "Recorder"]
@@ -330,6 +330,8 @@ class BaseImplicitSolver(BaseSolver):
             raise TypeError(f"approx_ihvp must be callable, e.g. hg_dist.make_approx({{'name': 'nystrom', "
                             f"'rank': 5, 'rho': 0.1}}); got {type(approx_ihvp).__name__}")
         self.approx_ihvp = approx_ihvp
+        if isinstance(inner, nn.Module):
+            check_no_running_stats(inner, "inner")
         super().__init__(inner, outer, inner_loader, outer_loader, num_iters, unroll_steps, inner_optimizer,
                          outer_optimizer, *args, **kwargs)
 

@@ -30,6 +30,7 @@ from hg_dist.distributed.checkpointing import RUN_FILE, STATE_FILE
 from hg_dist.distributed.resources import default_max_failures, prepare_workers, startup_retries
 from hg_dist.distributed.settings import TrainSettings, check_scaling
 from hg_dist.distributed.train_loop import Job, train_loop
+from hg_dist.status import ENDED_FROM_OUTSIDE, RunStatus
 
 
 def _precheck(build_solver: Callable[..., Any], config: Any, workers: int) -> None:
@@ -118,7 +119,7 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
     try:
         return trainer.fit()
     except BaseException as error:
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        status = RunStatus.INTERRUPTED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
         write_ending(job, workers, status, error, wall_time_s=time.perf_counter() - tic)
         raise
     finally:
@@ -142,12 +143,7 @@ def latest_checkpoint(job: Job) -> Path | None:
     return found
 
 
-ENDED_FROM_OUTSIDE = ("stopped",)
-"""``result.json`` statuses that the party which ended a run records (a search's scheduler
-stopping a trial writes ``stopped``); the error the run then raises is a consequence."""
-
-
-def write_ending(job: Job, workers: int, status: str, error: BaseException | None, **info: Any) -> None:
+def write_ending(job: Job, workers: int, status: RunStatus, error: BaseException | None, **info: Any) -> None:
     """Write ``output/result.json`` for a run that did not complete: ``status``, ``error`` and the
     metrics of its latest checkpoint (``{}`` if it has none). A status in
     :data:`ENDED_FROM_OUTSIDE` already there is kept (the error goes in as ``error_while_stopped``)."""
@@ -175,16 +171,17 @@ def run_experiment(build_solver: Callable[..., Any], config: Any,
     """``run_local`` for ``config.workers == 1``, else :func:`fit`; returns the final metrics.
 
     Both write ``output/history.parquet``, ``output/result.json`` and TensorBoard logs
-    under ``output/tb`` (in the distributed case rank 0 writes them). ``settings``
-    applies to the distributed case only.
+    under ``output/tb`` (in the distributed case rank 0 writes them), checkpoint every
+    ``settings.checkpoint_every`` and resume from their latest checkpoint when run
+    again. Both claim the output folder first (:func:`hg_dist.run_folder.claim`): one
+    holding another run, or in use by a process now, is refused (``ConfigError``).
+    The other ``settings`` apply to the distributed case only.
     """
     from hg_dist.data import check_workers
+    from hg_dist.experiment import claim_output, run_local
 
+    settings = settings or TrainSettings()
     if check_workers(config.workers) == 1:
-        if config.use_gpu:
-            import torch
-            if not torch.cuda.is_available():
-                raise ValueError("use_gpu=True but torch sees no CUDA device; drop --use-gpu")
-        from hg_dist.experiment import run_local
-        return run_local(build_solver, config)
-    return dict(fit(build_solver, config, settings).metrics)
+        return run_local(build_solver, config, checkpoint_every=settings.checkpoint_every)
+    with claim_output(config.output, build_solver, config):
+        return dict(fit(build_solver, config, settings).metrics)

@@ -46,6 +46,7 @@ from hg_dist.distributed.collectives import TorchDistributed
 from hg_dist.distributed.hooks import DistributedHooks, distribute_solver
 from hg_dist.distributed.settings import Every, TrainSettings
 from hg_dist.experiment import write_result
+from hg_dist.status import RunStatus
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     reporter.finish(solver, final)
     run_s = time.perf_counter() - run_tic
     if rank == 0:
-        write_result(config.output, final, config, status="completed", error=None,
+        write_result(config.output, final, config, status=RunStatus.COMPLETED, error=None,
                      wall_time_s=time.perf_counter() - tic, run_s=run_s, started_at=started_at, workers=world_size,
                      global_step=solver.global_step, outer_steps=solver.outer_step, restored=checkpoint is not None,
                      restored_from_step=restored_step, reports=reporter.num_reports, report_s=reporter.seconds,

@@ -44,6 +44,7 @@ from ray.tune.search.sample import Categorical
 from hg_dist.distributed.resources import connect, inspect_cluster
 from hg_dist.experiment import RESULT_FILE, ExperimentConfig, read_result, update_result
 from hg_dist.tune.plots import plot_search
+from hg_dist.status import RunStatus
 from hg_dist.tune.progress import FINAL, SearchProgress, trial_status
 from hg_dist.tune.results import best_record, best_row, format_table, make_table, solver_reference, table_rows
 from hg_dist.tune.searchers import check_searchable, grid_points, make_searcher
@@ -275,7 +276,7 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
 
     def record_end(trial: Trial, status: str, error: str | None) -> None:
         _record_status(storage, trial, output_of(str(trial)), status, error)  # first: the trial sees it
-        if trials_dir is not None and status != "completed":
+        if trials_dir is not None and status != RunStatus.COMPLETED:
             release_workers(output_of(str(trial)))
 
     reporter = SearchProgress(metric, mode, total, interval=progress_interval, on_end=record_end, quiet=not progress)
@@ -322,9 +323,9 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     for trial in trials:
         status = trial_status(trial)
         if trial.status not in FINAL:
-            status = "interrupted" if trial.has_reported_at_least_once or trial.status != Trial.PENDING \
-                else "pending"
-            _record_status(storage, trial, output_of(str(trial)), "interrupted", None)
+            status = RunStatus.INTERRUPTED if trial.has_reported_at_least_once or trial.status != Trial.PENDING \
+                else RunStatus.PENDING
+            _record_status(storage, trial, output_of(str(trial)), RunStatus.INTERRUPTED, None)
             if trials_dir is not None:
                 release_workers(output_of(str(trial)))
         statuses[str(trial)] = status
@@ -380,16 +381,16 @@ def _record_status(storage: SearchStorage, trial: Trial, output: str, status: st
     run was being torn down by that stop; its error is kept as ``error_while_stopped``.
     Recording never fails the search: it is retried at the end.
     """
-    fields: dict[str, Any] = {"status": status}
+    fields: dict[str, Any] = {"status": RunStatus(status)}
     if error:
         fields["error"] = error
-    kept = ("completed",) if status == "stopped" else ("completed", "failed")
+    kept = (RunStatus.COMPLETED,) if status == RunStatus.STOPPED else (RunStatus.COMPLETED, RunStatus.FAILED)
 
     def merge(current: dict[str, Any]) -> dict[str, Any] | None:
         """``current`` with the fields written in, or ``None`` to keep it as it is."""
         if current.get("status") in kept:
             return None
-        if current.get("status") == "failed":
+        if current.get("status") == RunStatus.FAILED:
             current["error_while_stopped"], current["error"] = current.get("error"), None
         current.update(fields)
         current.setdefault("metrics", last)
