@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # data_hypercleaning, 
 import data_hypercleaning  # noqa: E402
 
 from hg_dist.experiment import ExperimentConfig  # noqa: E402
-from hg_dist.tune import SearchExistsError, SearchInterrupted, check_space, run_search  # noqa: E402
+from hg_dist.tune import SearchExistsError, SearchFolderLostError, SearchInterrupted, check_space, run_search  # noqa: E402
 from hg_dist.tune.launch import ClusterUnreachableError, start_ray  # noqa: E402
 from hg_dist.tune.searchers import SEARCHERS, check_searchable  # noqa: E402
 from hg_dist.tune.storage import MARKER_FILE, SearchStorage  # noqa: E402
@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None):
     except (SearchExistsError, TypeError, ValueError) as error:  # refused before any trial started
         ray.shutdown()
         parser.error(str(error))
+    except SearchFolderLostError as error:
+        ray.shutdown()
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt as interrupt:  # SearchInterrupted, or a second Ctrl-C
         command = shlex.join(["python", "examples/search.py", *[a for a in argv if a != "--resume"], "--resume"])
         if "--output" not in argv and not any(a.startswith("--output=") for a in argv):

@@ -27,7 +27,8 @@ from typing import Any
 
 from hg_dist.checkpoint import read
 from hg_dist.distributed.checkpointing import RUN_FILE, STATE_FILE
-from hg_dist.distributed.resources import default_max_failures, prepare_workers, startup_retries
+from hg_dist.distributed.reachable import check_loadable_on_workers
+from hg_dist.distributed.resources import connect, default_max_failures, prepare_workers, startup_retries
 from hg_dist.distributed.settings import TrainSettings, check_scaling
 from hg_dist.distributed.train_loop import Job, train_loop
 from hg_dist.status import ENDED_FROM_OUTSIDE, RunStatus
@@ -85,6 +86,8 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
         hg_dist.distributed.resources.ResourceTimeoutError: they did not all come within
             ``settings.resource_timeout_s``.
         hg_dist.distributed.resources.ClusterUnreachableError: nothing answers at ``RAY_ADDRESS``.
+        hg_dist.distributed.reachable.WorkerImportError: (a ``ValueError``) the workers cannot
+            import ``build_solver``'s module.
         ray.train.TrainingFailedError: the run failed (after ``max_failures`` restarts);
             ``output/result.json`` then says ``"status": "failed"`` with the error, and
             holds the metrics of the latest checkpoint. On Ctrl-C it says
@@ -94,6 +97,7 @@ def fit(build_solver: Callable[..., Any], config: Any, settings: TrainSettings |
     workers = validate(build_solver, config, settings)
     cluster = prepare_workers(workers, settings.worker_resources(config.use_gpu),
                               timeout_s=settings.resource_timeout_s)
+    check_loadable_on_workers(build_solver)
     max_failures = settings.max_failures if settings.max_failures is not None else default_max_failures(cluster)
     os.makedirs(config.output, exist_ok=True)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -178,10 +182,20 @@ def run_experiment(build_solver: Callable[..., Any], config: Any,
     The other ``settings`` apply to the distributed case only.
     """
     from hg_dist.data import check_workers
-    from hg_dist.experiment import claim_output, run_local
+    from hg_dist.experiment import Terminated, claim_output, run_local, terminate_as_exception, update_result
 
     settings = settings or TrainSettings()
     if check_workers(config.workers) == 1:
         return run_local(build_solver, config, checkpoint_every=settings.checkpoint_every)
+
+    def terminated(error: BaseException) -> None:
+        update_result(config.output, status=RunStatus.TERMINATED, error=f"{type(error).__name__}: {error}")
+
     with claim_output(config.output, build_solver, config):
-        return dict(fit(build_solver, config, settings).metrics)
+        connect()  # ray.init installs its own SIGTERM handler (sys.exit): connect first, then put ours over it
+        try:
+            with terminate_as_exception(lambda signum: terminated(Terminated(signum))):  # the status first
+                return dict(fit(build_solver, config, settings).metrics)
+        except Terminated as error:  # fit recorded "failed" with its latest checkpoint: say why it ended
+            terminated(error)
+            raise

@@ -41,6 +41,7 @@ from ray.tune.result_grid import ResultGrid
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.sample import Categorical
 
+from hg_dist.distributed.reachable import check_loadable_on_workers
 from hg_dist.distributed.resources import connect, inspect_cluster
 from hg_dist.experiment import RESULT_FILE, ExperimentConfig, read_result, update_result
 from hg_dist.tune.plots import plot_search
@@ -52,7 +53,7 @@ from hg_dist.tune.space import check_space
 from hg_dist.tune.storage import MARKER_FILE, SearchStorage
 from hg_dist.tune.trainable import RUN_DIR, TRIAL_CPU, make_trainable, release_workers, trial_demand
 
-__all__ = ["SearchExistsError", "SearchInterrupted", "SearchResult", "run_search"]
+__all__ = ["SearchExistsError", "SearchFolderLostError", "SearchInterrupted", "SearchResult", "run_search"]
 
 
 class SearchExistsError(ValueError):
@@ -95,6 +96,20 @@ class SearchInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, result: SearchResult) -> None:
         super().__init__(message)
         self.result = result
+
+
+class SearchFolderLostError(RuntimeError):
+    """The search's folder was deleted or moved while the search ran: its results are gone."""
+
+
+def _check_folder_kept(storage: SearchStorage) -> None:
+    """Raise :class:`SearchFolderLostError` if the marker written when the search started is gone
+    (writing the results now would recreate a folder holding a fraction of the search)."""
+    if not storage.exists(MARKER_FILE):
+        raise SearchFolderLostError(
+            f"the search folder {storage.show()} was deleted or moved while the search ran ({MARKER_FILE} is gone): "
+            f"its trials' files and Tune's state are lost, so no results were written; start the search again, "
+            f"into a folder that nothing else removes")
 
 
 def _trial_name(trial: Trial) -> str:
@@ -230,6 +245,7 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
             ``resume`` is true and it holds none.
         SearchInterrupted: Ctrl-C stopped the search (its partial results are written
             and attached).
+        SearchFolderLostError: ``output`` was deleted or moved while the search ran.
 
     Failing trials (an exception, or a NaN / infinite outer metric) are recorded as
     ``failed`` with their error; the search goes on.
@@ -258,6 +274,7 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
         fixed_cluster = started_here or inspect_cluster().autoscaling is False
     if fixed_cluster:
         _check_capacity(workers, cpus_per_worker, base.use_gpu)
+    check_loadable_on_workers(build_solver)
     if not marker:  # a new search (or one whose marker was lost): say what is searched here
         storage.write_json(_marker(storage, metric=metric, mode=mode, search=search, num_samples=num_samples,
                                    total=total, build_solver=build_solver, settings=settings), MARKER_FILE)
@@ -316,6 +333,7 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
         reporter.print(f"{'resuming' if resume else 'starting'} a {search} search of {total} trials in "
                        f"{storage.show()}")
     result_grid = tuner.fit()
+    _check_folder_kept(storage)
     # Tune's last saved state tells how each trial stood when the search ended: after Ctrl-C, Tune
     # saves it and only then stops the running trials (which the returned grid then calls finished).
     trials = _saved_trials(storage) or reporter.trials
