@@ -41,7 +41,8 @@ from hg_dist.experiment import ExperimentConfig  # noqa: E402
 from hg_dist.tune import SearchExistsError, SearchFolderLostError, SearchInterrupted, check_space, run_search  # noqa: E402
 from hg_dist.tune.launch import ClusterUnreachableError, start_ray  # noqa: E402
 from hg_dist.tune.searchers import SEARCHERS, check_searchable  # noqa: E402
-from hg_dist.tune.storage import MARKER_FILE, SearchStorage  # noqa: E402
+from hg_dist.tune.search import read_marker  # noqa: E402
+from hg_dist.tune.storage import SearchStorage  # noqa: E402
 
 RUNTIME_FLAGS = {"output", "resume", "num_cpus", "progress_interval"}
 """Flags that may change when a search is resumed; the others define the search."""
@@ -114,7 +115,10 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def resumed_args(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: dict,
                  storage: SearchStorage) -> argparse.Namespace:
     """The settings of the search being resumed: the recorded ones, checked against the flags typed now."""
-    recorded = storage.read_json(MARKER_FILE).get("settings", {}) if storage.exists(MARKER_FILE) else {}
+    try:
+        recorded = read_marker(storage).get("settings", {})
+    except SearchExistsError as error:
+        parser.error(str(error))
     for name, value in explicit.items():
         if name in RUNTIME_FLAGS or name not in recorded:
             continue

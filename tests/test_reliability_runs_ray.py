@@ -4,11 +4,13 @@
   run starts, naming the module (it was ``ActorDiedError: unexpected internal
   error``, exit status 0);
 * a search whose folder is deleted while it runs fails, saying so (it ended with
-  exit status 0 and a folder recreated with a fraction of the search).
+  exit status 0 and a folder recreated with a fraction of the search);
+* resuming a search whose saved Tune state is damaged is refused, naming the folder.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import textwrap
@@ -23,7 +25,7 @@ from ray.tune.schedulers import FIFOScheduler  # noqa: E402
 from hg_dist.distributed import run_experiment  # noqa: E402
 from hg_dist.distributed.reachable import WorkerImportError, check_loadable_on_workers  # noqa: E402
 from hg_dist.experiment import ConfigError, ExperimentConfig, run_local  # noqa: E402
-from hg_dist.tune import SearchFolderLostError, run_search  # noqa: E402
+from hg_dist.tune import SearchExistsError, SearchFolderLostError, run_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials load this module's functions by value
@@ -71,3 +73,19 @@ def test_a_search_whose_folder_is_deleted_mid_run_fails_clearly(ray_session, tmp
         run_search(build_deleting_its_search, space, output=output, scheduler=FIFOScheduler(), cpus_per_worker=0.5,
                    progress=False, print_table=False, plot=False)
     assert not (output / "results.parquet").exists() and not (output / "best_config.json").exists()
+
+
+def test_resume_of_a_search_whose_tune_state_is_damaged_is_named(ray_session, tmp_path):
+    output = tmp_path / "search"
+    (output / "tune").mkdir(parents=True)
+    (output / "search.json").write_text(json.dumps({"metric": "outer_loss", "mode": "min", "search": "random",
+                                                    "num_samples": 1}))
+    (output / "tune" / "tuner.pkl").write_bytes(b"not a pickle")
+    (output / "tune" / "experiment_state-2026-01-01_00-00-00.json").write_text("{truncated")
+    before = sorted(p.name for p in output.rglob("*"))
+    space = {"approximator": {"name": "nystrom", "rank": 2, "rho": 0.1}, "num_iters": 20, "unroll_steps": 10}
+    with pytest.raises(SearchExistsError, match=rf"cannot resume the search in {output}: Tune cannot read its saved "
+                                                rf"state in {output}/tune .*it is damaged: start the search again"):
+        run_search(build_deleting_its_search, space, output=output, resume=True, progress=False, print_table=False,
+                   plot=False)
+    assert sorted(p.name for p in output.rglob("*")) == before

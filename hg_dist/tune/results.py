@@ -145,7 +145,8 @@ def best_row(table: pa.Table) -> dict[str, Any] | None:
     """
     mode = (table.schema.metadata or {}).get(b"mode", b"max").decode()
     rows = [row for row in table.to_pylist()
-            if row["status"] != RunStatus.FAILED and row["best_metric"] is not None and math.isfinite(row["best_metric"])]
+            if row["status"] != RunStatus.FAILED and row["best_metric"] is not None
+            and math.isfinite(row["best_metric"])]
     if not rows:
         return None
     pick = max if mode == "max" else min

@@ -155,6 +155,23 @@ def _marker(storage: SearchStorage, *, metric: str, mode: str, search: str, num_
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def read_marker(storage: SearchStorage) -> dict[str, Any]:
+    """The search's ``search.json`` (``{}`` when there is none).
+
+    Raises:
+        SearchExistsError: it cannot be read or is not a JSON object (naming the folder and the way on).
+    """
+    try:
+        record = storage.read_json(MARKER_FILE) if storage.exists(MARKER_FILE) else {}
+        if not isinstance(record, dict):
+            raise ValueError(f"it holds a {type(record).__name__}, not a JSON object")
+    except (OSError, ValueError) as error:
+        raise SearchExistsError(f"cannot resume the search in {storage.show()}: its {MARKER_FILE} is damaged "
+                                f"({type(error).__name__}: {error}); start a new search in another folder with "
+                                f"--output, or delete {storage.show()}") from None
+    return record
+
+
 def _check_resumable(storage: SearchStorage, resume: bool, **expected: Any) -> dict[str, Any] | None:
     """The recorded marker when resuming; raise :class:`SearchExistsError` for a folder used the wrong way."""
     holds = storage.holds_search()
@@ -166,7 +183,7 @@ def _check_resumable(storage: SearchStorage, resume: bool, **expected: Any) -> d
         return None
     if not holds:
         raise SearchExistsError(f"there is no search to resume in {where}; start one there without --resume")
-    record = storage.read_json(MARKER_FILE) if storage.exists(MARKER_FILE) else {}
+    record = read_marker(storage)
     for key, value in expected.items():
         if key in record and record[key] != value:
             raise SearchExistsError(f"the search in {where} was started with {key}={record[key]!r}, not {value!r}; "
@@ -305,8 +322,14 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     search_alg, param_space, samples = make_searcher(search, space, metric="best_metric", mode=mode, seed=seed,
                                                      num_samples=num_samples)
     if storage.can_restore() and resume:
-        tuner = tune.Tuner.restore(storage.tune_path, trainable, resume_unfinished=True, resume_errored=False,
-                                   param_space=param_space or None)
+        try:
+            tuner = tune.Tuner.restore(storage.tune_path, trainable, resume_unfinished=True, resume_errored=False,
+                                       param_space=param_space or None)
+        except Exception as error:  # noqa: BLE001 - Tune raises many kinds for a damaged state
+            raise SearchExistsError(f"cannot resume the search in {storage.show()}: Tune cannot read its saved state "
+                                    f"in {storage.tune_path} ({type(error).__name__}: {str(error)[:300]}); it is "
+                                    f"damaged: start the search again in another folder with --output, or delete "
+                                    f"{storage.show()}") from None
         _install_callback(tuner, reporter)
     else:
         if scheduler is None:

@@ -476,7 +476,8 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
                 build_solver, experiment, metric, mode, cpus_per_worker=cpus_per_worker,
                 checkpoint_every=checkpoint_every, max_failures=max_failures, train_storage=storage)
     except Exception as error:
-        if read_result(output).get("status") not in (RunStatus.STOPPED, RunStatus.INTERRUPTED):  # else the search ended it (its workers are gone)
+        # A status the search wrote (stopped, interrupted) says it ended the trial (its workers are gone).
+        if read_result(output).get("status") not in (RunStatus.STOPPED, RunStatus.INTERRUPTED):
             update_result(output, status=RunStatus.FAILED, error=_error_text(error), config=experiment.to_dict())
         _upload_ending(output, destination)
         raise
