@@ -230,6 +230,16 @@ def untimed(row):
     return {k: v for k, v in row.items() if not k.endswith("_time")}
 
 
+def test_a_damaged_checkpoint_is_named_and_left_alone(example, workdir):
+    run_local(example.build_solver, _config(num_iters=20), checkpoint_every=Every(steps=1))
+    (workdir / "out" / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    before = listing(workdir)
+    with pytest.raises(ConfigError, match=r"cannot resume from 'out/checkpoint\.pt': cannot read the checkpoint .*"
+                                          r"corrupt, truncated.*delete that file to start the run over"):
+        run_local(example.build_solver, _config(num_iters=20), checkpoint_every=Every(steps=1))
+    assert listing(workdir) == before
+
+
 def test_without_checkpoints_a_run_starts_over(example, workdir):
     run_local(example.build_solver, _config())
     assert not (workdir / "out" / "checkpoint.pt").exists()
