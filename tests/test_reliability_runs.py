@@ -252,8 +252,8 @@ def test_without_checkpoints_a_run_starts_over(example, workdir):
 def test_a_folder_holding_another_run_is_refused_before_anything_is_written(example, workdir):
     run_local(example.build_solver, _config(num_iters=20))
     before = listing(workdir)
-    with pytest.raises(ConfigError, match=r"output folder 'out' \(--output\) holds another run \(config\.seed: 0 there, "
-                                          r"1 here\); .*choose another --output, or delete 'out' to start over"):
+    with pytest.raises(ConfigError, match=r"output folder 'out' \(--output\) holds another run \(config\.seed: 0 "
+                                          r"there, 1 here\); .*choose another --output, or delete 'out' to start over"):
         run_local(example.build_solver, _config(num_iters=20, seed=1), checkpoint_every=Every(steps=1))
     with pytest.raises(ConfigError, match=r"holds another run \(build_solver: .*reliability_runs_logreg\.build_solver' "
                                           r"there, .*_other_build' here"):

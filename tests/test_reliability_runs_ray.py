@@ -32,6 +32,9 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials load t
 
 pytestmark = pytest.mark.ray
 
+SPACE = {"approximator": {"name": "nystrom", "rank": 2, "rho": 0.1}, "outer_optimizer": {"name": "adam", "lr": 0.01},
+         "num_iters": 20, "unroll_steps": 10}
+
 
 def test_a_build_solver_module_the_workers_cannot_import_is_named(ray_session, tmp_path, monkeypatch):
     (tmp_path / "driver_only_module.py").write_text(textwrap.dedent(f"""
@@ -67,10 +70,9 @@ def build_deleting_its_search(config, rank=0, world_size=1):
 
 def test_a_search_whose_folder_is_deleted_mid_run_fails_clearly(ray_session, tmp_path):
     output = tmp_path / "search"
-    space = {"approximator": {"name": "nystrom", "rank": 2, "rho": 0.1}, "num_iters": 20, "unroll_steps": 10}
     with pytest.raises(SearchFolderLostError, match=rf"the search folder {output} was deleted or moved while the "
                                                     rf"search ran \(search\.json is gone\).*start the search again"):
-        run_search(build_deleting_its_search, space, output=output, scheduler=FIFOScheduler(), cpus_per_worker=0.5,
+        run_search(build_deleting_its_search, SPACE, output=output, scheduler=FIFOScheduler(), cpus_per_worker=0.5,
                    progress=False, print_table=False, plot=False)
     assert not (output / "results.parquet").exists() and not (output / "best_config.json").exists()
 
@@ -83,9 +85,8 @@ def test_resume_of_a_search_whose_tune_state_is_damaged_is_named(ray_session, tm
     (output / "tune" / "tuner.pkl").write_bytes(b"not a pickle")
     (output / "tune" / "experiment_state-2026-01-01_00-00-00.json").write_text("{truncated")
     before = sorted(p.name for p in output.rglob("*"))
-    space = {"approximator": {"name": "nystrom", "rank": 2, "rho": 0.1}, "num_iters": 20, "unroll_steps": 10}
     with pytest.raises(SearchExistsError, match=rf"cannot resume the search in {output}: Tune cannot read its saved "
                                                 rf"state in {output}/tune .*it is damaged: start the search again"):
-        run_search(build_deleting_its_search, space, output=output, resume=True, progress=False, print_table=False,
+        run_search(build_deleting_its_search, SPACE, output=output, resume=True, progress=False, print_table=False,
                    plot=False)
     assert sorted(p.name for p in output.rglob("*")) == before
