@@ -14,6 +14,7 @@ nodes, up to ``TrainSettings.resource_timeout_s``). Nothing is written before th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +22,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,20 +183,48 @@ def run_experiment(build_solver: Callable[..., Any], config: Any,
     The other ``settings`` apply to the distributed case only.
     """
     from hg_dist.data import check_workers
-    from hg_dist.experiment import Terminated, claim_output, run_local, terminate_as_exception, update_result
+    from hg_dist.experiment import Terminated, claim_output, run_local, update_result
 
     settings = settings or TrainSettings()
     if check_workers(config.workers) == 1:
         return run_local(build_solver, config, checkpoint_every=settings.checkpoint_every)
 
-    def terminated(error: BaseException) -> None:
+    def terminated(signum: int) -> None:
+        error = Terminated(signum)
         update_result(config.output, status=RunStatus.TERMINATED, error=f"{type(error).__name__}: {error}")
 
+    fired: list[int] = []
     with claim_output(config.output, build_solver, config):
         connect()  # ray.init installs its own SIGTERM handler (sys.exit): connect first, then put ours over it
         try:
-            with terminate_as_exception(lambda signum: terminated(Terminated(signum))):  # the status first
+            with _sigterm_as_ctrl_c(lambda signum: (fired.append(signum), terminated(signum))):
                 return dict(fit(build_solver, config, settings).metrics)
-        except Terminated as error:  # fit recorded "failed" with its latest checkpoint: say why it ended
-            terminated(error)
-            raise
+        except BaseException as error:
+            if not fired:
+                raise
+            terminated(fired[0])  # fit recorded the Ctrl-C it was given, with its latest checkpoint: say why
+            raise Terminated(fired[0]) from error
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """While the block runs, ``SIGTERM`` calls ``on_signal(signum)`` (record the ending first: ``SIGKILL``
+    often follows within seconds), then stops the run as Ctrl-C does, through Ray Train's own ``SIGINT``
+    handling (an exception raised inside a Ray call from a signal handler would not unwind cleanly).
+    A second ``SIGTERM`` is ignored; outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fired:
+            fired.append(signum)
+            on_signal(signum)
+            signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -297,8 +297,6 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
                                    total=total, build_solver=build_solver, settings=settings), MARKER_FILE)
 
     trials_dir = storage.trials_dir
-    if trials_dir is not None:
-        trials_dir.mkdir(parents=True, exist_ok=True)
     trainable = make_trainable(build_solver, trials_dir=trials_dir, metric=metric, mode=mode, base=base,
                                cpus_per_worker=cpus_per_worker, checkpoint_every=checkpoint_every,
                                max_failures=max_failures,
@@ -355,6 +353,8 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     if progress:
         reporter.print(f"{'resuming' if resume else 'starting'} a {search} search of {total} trials in "
                        f"{storage.show()}")
+    if trials_dir is not None:
+        trials_dir.mkdir(parents=True, exist_ok=True)
     result_grid = tuner.fit()
     _check_folder_kept(storage)
     # Tune's last saved state tells how each trial stood when the search ended: after Ctrl-C, Tune
