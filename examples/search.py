@@ -42,11 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # data_hypercleaning, 
 import data_hypercleaning  # noqa: E402
 
 from hg_dist.experiment import ExperimentConfig  # noqa: E402
-from hg_dist.tune import (SearchExistsError, SearchInterrupted, SearchOptions, check_space,  # noqa: E402
-                          default_scheduler, run_search)
+from hg_dist.tune import (SearchExistsError, SearchFolderLostError, SearchInterrupted, SearchOptions,  # noqa: E402
+                          check_space, default_scheduler, run_search)
 from hg_dist.tune.launch import ClusterUnreachableError, start_ray  # noqa: E402
 from hg_dist.tune.searchers import SEARCHERS, check_searchable  # noqa: E402
-from hg_dist.tune.storage import MARKER_FILE, SearchStorage  # noqa: E402
+from hg_dist.tune.search import read_marker  # noqa: E402
+from hg_dist.tune.storage import SearchStorage  # noqa: E402
 
 RUNTIME_FLAGS = {"output", "resume", "num_cpus", "progress_interval", "verbose"}
 """Flags that may change when a search is resumed; the others define the search."""
@@ -120,7 +121,10 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def resumed_args(parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: dict,
                  storage: SearchStorage) -> argparse.Namespace:
     """The settings of the search being resumed: the recorded ones, checked against the flags typed now."""
-    recorded = storage.read_json(MARKER_FILE).get("settings", {}) if storage.exists(MARKER_FILE) else {}
+    try:
+        recorded = read_marker(storage).get("settings", {})
+    except SearchExistsError as error:
+        parser.error(str(error))
     for name, value in explicit.items():
         if name in RUNTIME_FLAGS or name not in recorded:
             continue
@@ -184,6 +188,9 @@ def main(argv: list[str] | None = None):
     except (SearchExistsError, TypeError, ValueError) as error:  # refused before any trial started
         ray.shutdown()
         parser.error(str(error))
+    except SearchFolderLostError as error:
+        ray.shutdown()
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt as interrupt:  # SearchInterrupted, or a second Ctrl-C
         command = shlex.join(["python", "examples/search.py", *[a for a in argv if a != "--resume"], "--resume"])
         if "--output" not in argv and not any(a.startswith("--output=") for a in argv):

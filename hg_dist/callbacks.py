@@ -10,6 +10,9 @@ from its constructor arguments:
   user's callbacks (say one flushing every row) takes its place;
 * ``progress`` → :class:`ProgressBar` (tqdm, with the live losses);
 * ``logger``   → :class:`LogRows` (each history row to a standard-library logger).
+
+:class:`Checkpointer` (the solver's whole state to a file on a schedule) is added
+by :func:`hg_dist.experiment.run_local`, which resumes from that file.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from hg_dist import checkpoint
 from hg_dist.recording import HISTORY_FILE, TENSORBOARD_DIR, ParquetHistory, TensorBoardWriter
 
 if TYPE_CHECKING:  # pragma: no cover
     from hg_dist.solver import BaseSolver
 
-__all__ = ["Callback", "HistoryWriter", "LogRows", "ProgressBar", "as_callback", "run_callbacks"]
+__all__ = ["Callback", "Checkpointer", "HistoryWriter", "Interval", "LogRows", "ProgressBar", "as_callback",
+           "run_callbacks"]
 
 
 class Callback:
@@ -112,6 +117,61 @@ class HistoryWriter(Callback):
             self._parquet.close()
             self._tensorboard.close()
             self._parquet = self._tensorboard = None
+
+
+class Interval(Protocol):
+    """How often: every ``steps`` outer steps, or every ``seconds`` (exactly one is set), such as
+    :class:`hg_dist.distributed.Every`."""
+
+    steps: int | None
+    seconds: float | None
+
+
+class Checkpointer(Callback):
+    """Saves the solver's whole state (:func:`hg_dist.checkpoint.save`) to ``path`` as often as ``every`` says.
+
+    The schedule is that of distributed runs: ``every.steps = n`` saves after outer
+    steps ``n, 2n, …`` (the same step numbers after a resume); ``every.seconds = t``
+    after the first outer step at least ``t`` seconds after the previous save (or
+    the start). A save happens once the inner step holding that outer step has
+    ended and its history row (if any) was logged, so the saved history ends where
+    a resumed run starts logging again. A run that completes is saved at its end.
+    Each save replaces the file atomically: a run killed while saving keeps the
+    previous checkpoint.
+    """
+
+    def __init__(self, path: str | os.PathLike, every: Interval, clock: Callable[[], float] = time.monotonic) -> None:
+        if (every.steps is None) == (every.seconds is None):
+            raise ValueError(f"every needs exactly one of steps or seconds, got steps={every.steps!r}, "
+                             f"seconds={every.seconds!r}")
+        self.path = Path(path)
+        self.every = every
+        self.clock = clock
+        self.last = clock()
+        self.due = False
+        self.saved_step: int | None = None   # global step of the latest save
+
+    def on_run_start(self, solver: "BaseSolver") -> None:
+        self.last = self.clock()
+        self.due = False
+
+    def on_outer_step(self, solver: "BaseSolver", metrics: dict[str, float]) -> None:
+        if self.every.steps is not None:
+            self.due = solver.outer_step > 0 and solver.outer_step % self.every.steps == 0
+        else:
+            self.due = self.clock() - self.last >= self.every.seconds
+
+    def on_step_end(self, solver: "BaseSolver") -> None:
+        if self.due:
+            self.save(solver)
+
+    def on_run_end(self, solver: "BaseSolver", error: BaseException | None) -> None:
+        if error is None and self.saved_step != solver.global_step:
+            self.save(solver)
+
+    def save(self, solver: "BaseSolver") -> None:
+        checkpoint.save(solver, self.path)
+        self.due, self.last, self.saved_step = False, self.clock(), solver.global_step
 
 
 class ProgressBar(Callback):

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from hg_dist.atomic import write_atomic
+
 if TYPE_CHECKING:  # pragma: no cover
     from hg_dist.solver import BaseSolver
 
@@ -392,22 +394,15 @@ def save(solver: "BaseSolver", path: str | os.PathLike) -> Path:
 
     Raises:
         IsADirectoryError: ``path`` is a folder (nothing is written).
-        OSError: the file cannot be written; the temporary file is removed and an
-            existing checkpoint at ``path`` is left as it was.
+        OSError: the file cannot be written (:class:`~hg_dist.atomic.NoSpaceError` for a full
+            disk); no temporary file is left and an existing checkpoint at ``path`` is left as it was.
     """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"cannot save a checkpoint to {str(path)!r}: it is a folder; pass a file path "
                                 f"such as {str(path / 'checkpoint.pt')!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(solver.state_dict(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    state = solver.state_dict()
+    return write_atomic(path, lambda file: torch.save(state, file))
 
 
 def read(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:

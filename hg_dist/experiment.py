@@ -16,9 +16,12 @@ and the command-line flags are generated from the same declarations
 Outputs of a run in ``config.output``::
 
     history.parquet   one row per logged step (see hg_dist.recording)
-    result.json       {"status": "completed" | "failed" | "interrupted", "error": null | "Type: message",
-                       "metrics": final (or latest) metrics, "config": settings, "wall_time_s": ...}
+    result.json       {"status": "completed" | "failed" | "interrupted" | "terminated" (hg_dist.status.RunStatus),
+                       "error": null | "Type: message", "metrics": final (or latest) metrics,
+                       "config": settings, "wall_time_s": ...}
     tb/               TensorBoard event files
+    run.json          the run that owns the folder (hg_dist.run_folder): another run is refused there
+    checkpoint.pt     the latest checkpoint (with checkpoint_every; the same command resumes from it)
 
 Errors, in the order they can happen (each before anything below it is written):
 
@@ -28,12 +31,14 @@ Errors, in the order they can happen (each before anything below it is written):
 2. the same found by :func:`run_local` itself (:func:`check_output`), a solver that
    cannot be built from the config, or a rank above the model's parameter count:
    :class:`ConfigError` (a ``ValueError``), nothing written;
-3. a run that fails or is interrupted: ``result.json`` says so (``"status"``,
+3. a run that fails, is interrupted or terminated: ``result.json`` says so (``"status"``,
    ``"error"``) next to the history written so far, and the error propagates.
 
-:func:`exit_on_error` turns 2 into a usage error and a diverging or non-finite run
-(``IHVPDivergenceError``, ``NonFiniteHypergradientError``, ``NonFiniteLossError``)
-into one line on stderr and exit status 1, for command-line entry points.
+:func:`exit_on_error` turns 2 into a usage error (exit status 2), a diverging or
+non-finite run (``IHVPDivergenceError``, ``NonFiniteHypergradientError``,
+``NonFiniteLossError``) or a full disk into one line on stderr and exit status 1,
+and Ctrl-C / ``SIGTERM`` into one line and exit status 130 / 143, for command-line
+entry points.
 """
 
 from __future__ import annotations
@@ -49,22 +54,29 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from hg_dist import checkpoint
 from hg_dist._checks import check_int
+from hg_dist.atomic import NoSpaceError, write_json
+from hg_dist.callbacks import Checkpointer, Interval
 from hg_dist.checkpoint import seed_everything
 from hg_dist.guards import NonFiniteLossError
 from hg_dist.ihvp import METHODS, IHVPDivergenceError, NonFiniteHypergradientError
 from hg_dist.ihvp.nystrom import RANK, check_rank
 from hg_dist.outer_optimizers import OUTER_OPTIMIZERS
 from hg_dist.registry import Registry, Setting
+from hg_dist.run_folder import OutputClaimError, claim
+from hg_dist.status import RunStatus
 
-__all__ = ["ConfigError", "ExperimentConfig", "SolverBuilder", "add_common_args", "add_example_args",
-           "check_example_settings", "check_output", "config_from_args", "exit_on_error", "parse_config",
-           "read_result", "run_local", "select_device", "update_result", "write_json", "write_result", "STATUSES"]
+__all__ = ["CHECKPOINT_FILE", "ConfigError", "ExperimentConfig", "RunStatus", "SolverBuilder", "Terminated",
+           "add_common_args", "add_example_args", "check_example_settings", "check_output", "claim_output",
+           "config_from_args",
+           "exit_on_error", "parse_config", "read_result", "run_local", "select_device", "terminate_as_exception",
+           "update_result", "write_json", "write_result"]
 
 RESULT_FILE = "result.json"
 
-STATUSES = ("completed", "failed", "interrupted")
-"""``result.json``'s ``"status"``: the run ended, raised, or was stopped by Ctrl-C."""
+SEED_MAX = 2**32 - 1
+"""NumPy's global generator takes seeds in ``[0, 2**32 - 1]``."""
 
 
 class ConfigError(ValueError):
@@ -117,14 +129,15 @@ class ExperimentConfig:
         check_int("num_iters", self.num_iters, minimum=1)
         check_int("unroll_steps", self.unroll_steps, minimum=1, maximum=self.num_iters,
                   hint="choose it between 1 and num_iters")
-        check_int("seed", self.seed, minimum=0)
+        check_int("seed", self.seed, minimum=0, maximum=SEED_MAX,
+                  hint="it seeds torch, Python and NumPy, whose seeds are 32-bit")
         check_int("workers", self.workers, minimum=1,
                   hint="use --workers 1 for a single process or --workers N for N data-parallel replicas")
         if not isinstance(self.use_gpu, bool):
             raise TypeError(f"use_gpu must be a bool, got {type(self.use_gpu).__name__}")
         if not isinstance(self.output, (str, os.PathLike)) or not str(self.output):
             raise ValueError(f"output must be a non-empty path, got {self.output!r}")
-        self.output = str(self.output)
+        self.output = os.path.expanduser(str(self.output))  # "--output=~/runs": no shell expands that "~"
         if not isinstance(self.extra, dict):
             raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
 
@@ -252,18 +265,20 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
-RUN_ERRORS = (IHVPDivergenceError, NonFiniteHypergradientError, NonFiniteLossError)
+RUN_ERRORS = (IHVPDivergenceError, NonFiniteHypergradientError, NonFiniteLossError, NoSpaceError)
 """Errors of a run that a command line reports in one line (exit status 1): the message says what to change."""
 
 
 @contextlib.contextmanager
 def exit_on_error(parser: argparse.ArgumentParser) -> Iterator[None]:
-    """For command-line entry points: report expected failures in one line instead of a traceback.
+    """For command-line entry points: report expected endings in one line instead of a traceback.
 
     A :class:`ConfigError` (found before anything was written) becomes a usage error
-    (exit status 2); a run that diverged or went NaN/inf (:data:`RUN_ERRORS`; its
-    ``result.json`` says ``"failed"``) prints ``prog: error: <message>`` and exits
-    with status 1. Anything else propagates with its traceback (a bug to report).
+    (exit status 2); a run that diverged or went NaN/inf, or filled the disk
+    (:data:`RUN_ERRORS`; its ``result.json`` says ``"failed"``) prints ``prog: error:
+    <message>`` and exits with status 1; Ctrl-C exits with status 130 and ``SIGTERM``
+    with 143 (``128 +`` the signal, as a shell reports them), each saying how to
+    resume. Anything else propagates with its traceback (a bug to report).
     """
     try:
         yield
@@ -271,6 +286,15 @@ def exit_on_error(parser: argparse.ArgumentParser) -> Iterator[None]:
         parser.error(_one_line(error))
     except RUN_ERRORS as error:
         parser.exit(1, f"{parser.prog}: error: {_describe(error)}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted (Ctrl-C); {_how_to_resume()}\n")
+    except Terminated as error:
+        parser.exit(128 + error.signum, f"{parser.prog}: {error}; {_how_to_resume()}\n")
+
+
+def _how_to_resume() -> str:
+    return ("result.json records it; the same command resumes from the latest checkpoint "
+            "(see --checkpoint-every)")
 
 
 def check_output(output: str | os.PathLike) -> Path:
@@ -345,15 +369,6 @@ def select_device(config: ExperimentConfig, rank: int = 0) -> "torch.device":  #
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
-def write_json(path: Path, record: Any) -> Path:
-    """Replace ``path`` by ``record`` as JSON atomically (readers see the old or the new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
-
-
 def write_result(output: str | os.PathLike, metrics: Mapping[str, float], config: ExperimentConfig,
                  **info: Any) -> Path:
     """Write ``output/result.json``: ``{"metrics", "config", **info}`` atomically; return its path."""
@@ -385,22 +400,98 @@ def _check_rank_fits(solver: Any, config: ExperimentConfig) -> None:
             raise ConfigError(f"--rank: {error}") from None
 
 
-def run_local(build_solver: SolverBuilder, config: ExperimentConfig) -> dict[str, float]:
+def _check_device(config: ExperimentConfig) -> None:
+    """``use_gpu`` in this process needs CUDA here: :class:`ConfigError` otherwise."""
+    if config.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("use_gpu=True (--use-gpu) but torch sees no CUDA device in this process; drop "
+                              "--use-gpu, or run where `python -c 'import torch; print(torch.cuda.is_available())'` "
+                              "prints True")
+
+
+class Terminated(BaseException):
+    """The run was ended by a signal such as ``SIGTERM`` (raised in the main thread by :func:`terminate_as_exception`).
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is, so that ``except Exception`` in
+    user code does not swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        super().__init__(f"ended by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def terminate_as_exception(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """While the block runs, ``SIGTERM`` calls ``on_signal(signum)`` at once, then raises :class:`Terminated`.
+
+    ``on_signal`` records the ending first (``ray job stop`` and most schedulers send
+    ``SIGKILL`` a few seconds after ``SIGTERM``); unwinding then closes the files
+    (history, TensorBoard) as any other ending would. A second ``SIGTERM`` is ignored.
+    Outside the main thread (a Tune trial), signals cannot be handled: nothing changes.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        try:
+            on_signal(signum)
+        finally:
+            raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
+"""The latest checkpoint of a one-process run, in its output folder."""
+
+
+def run_local(build_solver: SolverBuilder, config: ExperimentConfig, *,
+              checkpoint_every: Interval | None = None) -> dict[str, float]:
     """Build the solver (rank 0 of 1), run it here, write the outputs; return the final metrics.
 
-    Writes ``config.output``/``history.parquet``, ``result.json`` and ``tb/``.
-    ``result.json`` has ``"status"``: ``"completed"``, ``"failed"`` (the run raised;
-    ``"error"`` holds ``"Type: message"``) or ``"interrupted"`` (Ctrl-C), and the
-    latest metrics. A ``SystemExit`` (a host such as Ray Tune stopping the run) writes
-    no ``result.json``.
+    Writes ``config.output``/``history.parquet``, ``result.json``, ``tb/``, ``run.json``
+    (the run's fingerprint, :mod:`hg_dist.run_folder`) and, with ``checkpoint_every``,
+    ``checkpoint.pt``. The folder is locked while the run goes; a folder holding another
+    run (other settings or ``build_solver``) is refused.
+
+    ``checkpoint_every`` (e.g. ``hg_dist.distributed.Every(steps=10)`` or
+    ``Every(seconds=300)``): save the solver's whole state on that schedule and at the
+    end (:class:`~hg_dist.callbacks.Checkpointer`), and start from ``checkpoint.pt`` when
+    the folder has one: the same command, after Ctrl-C, ``SIGTERM`` or ``kill -9``,
+    continues where the checkpoint left off, its history kept up to that step and
+    appended to. ``None``: no checkpoints, and every run starts at step 0.
+
+    ``result.json`` has ``"status"`` (:class:`~hg_dist.status.RunStatus`): ``completed``,
+    ``failed`` (the run raised; ``"error"`` holds ``"Type: message"``), ``interrupted``
+    (Ctrl-C) or ``terminated`` (``SIGTERM``: written first thing, then the run unwinds
+    and raises :class:`Terminated`), and the latest metrics.
 
     Raises:
-        ConfigError: ``config.output`` cannot be written, ``build_solver`` raised a
-            ``ValueError``, or the rank exceeds the inner parameters; nothing was
-            written (the output folder is not even created).
+        ConfigError: ``config.output`` cannot be written, is in use by another process
+            or holds another run; CUDA is missing for ``use_gpu``; ``build_solver`` raised
+            a ``ValueError``; the rank exceeds the inner parameters; the checkpoint
+            cannot be loaded. Nothing was written (a folder this call created is removed).
         Exception: whatever ended the run, after ``result.json`` recorded it.
     """
-    check_output(config.output)
+    output = check_output(config.output)
+    _check_device(config)
     seed_everything(config.seed)
     try:
         solver = build_solver(config, rank=0, world_size=1)
@@ -409,34 +500,79 @@ def run_local(build_solver: SolverBuilder, config: ExperimentConfig) -> dict[str
     except ValueError as error:
         raise ConfigError(f"the solver cannot be built from this config: {error}") from error
     _check_rank_fits(solver, config)
-    solver.log_dir = str(config.output)
-    tic = time.perf_counter()
+    with claim_output(output, build_solver, config):
+        resumed_from = None
+        if checkpoint_every is not None:
+            resumed_from = _resume(solver, output / CHECKPOINT_FILE)
+            solver.callbacks = (*solver.callbacks, Checkpointer(output / CHECKPOINT_FILE, checkpoint_every))
+        solver.log_dir = str(output)
+        info = {"resumed_from_step": resumed_from,
+                "checkpoint": None if checkpoint_every is None else str(output / CHECKPOINT_FILE)}
+        return _run(solver, config, info)
+
+
+@contextlib.contextmanager
+def claim_output(output: str | os.PathLike, build_solver: SolverBuilder, config: ExperimentConfig) -> Iterator[Path]:
+    """:func:`hg_dist.run_folder.claim` of ``output`` for the run, its refusals as :class:`ConfigError`."""
     try:
-        metrics = solver.run()
+        claimed = claim(output, build_solver, config)
+        folder = claimed.__enter__()
+    except OutputClaimError as error:
+        raise ConfigError(str(error)) from None
+    with contextlib.ExitStack() as stack:
+        stack.push(claimed)
+        yield folder
+
+
+def _resume(solver: Any, path: Path) -> int | None:
+    """Load ``path`` into ``solver`` if it exists; the step it resumes from (``None``: a fresh start)."""
+    if not path.exists():
+        return None
+    try:
+        checkpoint.load(solver, path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot resume from {str(path)!r}: {error}; delete that file to start the run over "
+                          f"(its history is then replaced)") from None
+    return solver.global_step
+
+
+def _run(solver: Any, config: ExperimentConfig, info: dict[str, Any]) -> dict[str, float]:
+    """``solver.run()`` with every ending recorded in ``result.json``."""
+    tic = time.perf_counter()
+
+    def record(status: RunStatus, error: BaseException) -> None:
+        _record_end(config, solver, status, error, time.perf_counter() - tic, info)
+
+    try:
+        with terminate_as_exception(lambda signum: record(RunStatus.TERMINATED, Terminated(signum))):
+            metrics = solver.run()
     except Exception as error:
-        _record_end(config, solver, "failed", error, time.perf_counter() - tic)
+        record(RunStatus.FAILED, error)
         raise
     except KeyboardInterrupt as error:
-        _record_end(config, solver, "interrupted", error, time.perf_counter() - tic)
+        record(RunStatus.INTERRUPTED, error)
         raise
-    _write_end(config, solver, metrics, "completed", None, time.perf_counter() - tic)
+    except Terminated as error:
+        record(RunStatus.TERMINATED, error)
+        raise
+    _write_end(config, solver, metrics, RunStatus.COMPLETED, None, time.perf_counter() - tic, info)
     return metrics
 
 
-def _record_end(config: ExperimentConfig, solver: Any, status: str, error: BaseException, wall: float) -> None:
+def _record_end(config: ExperimentConfig, solver: Any, status: RunStatus, error: BaseException, wall: float,
+                info: Mapping[str, Any]) -> None:
     """``result.json`` of a run that ``error`` ended; failing to write it never hides ``error``."""
     try:
         metrics = solver.recorder.latest()
     except Exception:  # noqa: BLE001 - the recorder may hold what made the run fail
         metrics = {}
     try:
-        _write_end(config, solver, metrics, status, _describe(error), wall)
+        _write_end(config, solver, metrics, status, _describe(error), wall, info)
     except OSError:
         pass
 
 
-def _write_end(config: ExperimentConfig, solver: Any, metrics: Mapping[str, float], status: str,
-               error: str | None, wall: float) -> None:
-    assert status in STATUSES
-    write_result(config.output, metrics, config, status=status, error=error, wall_time_s=wall, workers=1,
-                 global_step=solver.global_step, outer_steps=solver.outer_step)
+def _write_end(config: ExperimentConfig, solver: Any, metrics: Mapping[str, float], status: RunStatus,
+               error: str | None, wall: float, info: Mapping[str, Any]) -> None:
+    write_result(config.output, metrics, config, status=RunStatus(status), error=error, wall_time_s=wall, workers=1,
+                 global_step=solver.global_step, outer_steps=solver.outer_step, **info)

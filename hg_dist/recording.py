@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hg_dist.atomic import write_atomic
+
 __all__ = ["HISTORY_FILE", "TENSORBOARD_DIR", "ParquetHistory", "Recorder", "TensorBoardWriter", "to_floats",
            "write_parquet"]
 
@@ -220,9 +222,5 @@ def write_parquet(path: str | os.PathLike, rows: list[Mapping[str, float]]) -> N
     table = pa.table({name: pa.array([row.get(name) for row in rows],
                                      type=pa.int64() if name == "step" else pa.float64())
                       for name in columns})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda file: pq.write_table(table, file))
 

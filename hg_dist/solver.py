@@ -46,7 +46,8 @@ from hg_dist.guards import (NAN_POLICIES, ForwardOutput, NonFiniteLossError, che
                             hypergradient_norm, update_metrics)
 from hg_dist.loaders import InfiniteLoader
 from hg_dist.recording import Recorder
-from hg_dist.utils import Params, detached, make_functional, params_to_vector, vector_to_params
+from hg_dist.utils import (Params, check_no_running_stats, detached, make_functional, params_to_vector,
+                           vector_to_params)
 
 __all__ = ["BaseImplicitSolver", "BaseSolver", "BaseUnrolledSolver", "ForwardOutput", "InfiniteLoader",
            "NAN_POLICIES", "NonFiniteLossError", "Recorder"]
@@ -406,6 +407,8 @@ The other arguments are :class:`BaseSolver`'s.
         if not callable(approx_ihvp):
             raise TypeError(f"approx_ihvp must be callable, e.g. hg_dist.make_approx({{'name': 'nystrom', "
                             f"'rank': 5, 'rho': 0.1}}); got {type(approx_ihvp).__name__}")
+        if isinstance(inner, nn.Module):
+            check_no_running_stats(inner, "inner")
         super().__init__(inner, outer, inner_loader, outer_loader, num_iters, unroll_steps, inner_optimizer,
                          outer_optimizer, *args, **kwargs)
         if self.collective.world_size > 1:

@@ -100,6 +100,31 @@ def hvp(f: Callable[[Params], Tensor],
     return tuple(jvp(grad(f), (primal,), (tangent,))[1])
 
 
+_RUNNING_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
+                  nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def check_no_running_stats(module: nn.Module, name: str = "inner") -> None:
+    """Raise ``ValueError`` if ``module`` holds a normalization layer that updates running statistics.
+
+    A BatchNorm (or InstanceNorm with ``track_running_stats=True``) in training mode
+    writes its running mean and variance in place during every forward pass;
+    ``torch.func`` transforms (the inner gradients, Hessian-vector products and
+    mixed products of implicit differentiation) cannot mutate a tensor they
+    captured, and fail with an internal error about it. The message names the
+    layer and the three ways out.
+    """
+    for path, layer in module.named_modules():
+        if isinstance(layer, _RUNNING_STATS) and layer.training and layer.track_running_stats:
+            where = f"{name}.{path}" if path else name
+            kind = type(layer).__name__
+            raise ValueError(
+                f"{where} is a {kind} in training mode that updates its running statistics in place, which "
+                f"torch.func (inner gradients and Hessian-vector products) cannot do; use nn.GroupNorm(num_groups, "
+                f"channels) instead (as hg_dist.vision.models does), or {kind}(..., track_running_stats=False) "
+                f"(batch statistics only), or put the layer in eval mode ({where}.eval()) to use fixed statistics")
+
+
 def make_functional(module: nn.Module,
                     disable_autograd_tracking: bool = False
                     ) -> tuple[Callable[..., Tensor], Params]:

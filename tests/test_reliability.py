@@ -478,7 +478,10 @@ CLI_USAGE_CASES = [
     ("logistic_regression", ["--num-iters", "0"], r"num_iters must be >= 1, got 0"),
     ("logistic_regression", ["--unroll-steps", "50"], r"unroll_steps must be in \[1, 20\], got 50"),
     ("logistic_regression", ["--workers", "0"], r"workers must be >= 1, got 0"),
-    ("logistic_regression", ["--seed", "-1"], r"seed must be >= 0, got -1"),
+    ("logistic_regression", ["--seed", "-1"], r"seed must be in \[0, 4294967295\], got -1"),
+    ("logistic_regression", ["--seed", str(2**64 + 1)], r"seed must be in \[0, 4294967295\], got 18446744073709551617; "
+                                                         r"it seeds torch, Python and NumPy, whose seeds are 32-bit"),
+    ("logistic_regression", ["--seed", str(2**32)], r"seed must be in \[0, 4294967295\], got 4294967296"),
     ("logistic_regression", ["--outer-lr", "-0.1"], r"outer_optimizer: lr must be >= 0, got -0\.1 \(adam\)"),
     ("data_hypercleaning", ["--noise", "1.5"], r"noise \(--noise\) must be >= 0 and <= 1, got 1\.5"),
     ("data_hypercleaning", ["--n-val", "0"], r"n_val \(--n-val\) must be >= 1, got 0"),
@@ -658,11 +661,11 @@ def test_checkpoint_save_that_fails_leaves_no_temporary_file(tmp_path, monkeypat
     saved = path.read_bytes()
 
     def disk_full(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"no space left on device while writing '.*ckpt\.pt'"):
         checkpoint.save(make_solver(), path)
     assert listing(tmp_path) == {"ckpt.pt": saved}  # the old checkpoint intact, no temporary file
 

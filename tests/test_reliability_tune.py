@@ -184,6 +184,19 @@ def test_run_search_refuses_to_mix_two_searches(fake_search):
     assert _snapshot(fake_search) == before
 
 
+@pytest.mark.parametrize("content", ["{\"metric\": \"val_acc\", ", "[1, 2]", ""])
+def test_search_cli_resume_of_a_damaged_search_json_is_named(fake_search, content, capsys):
+    (fake_search / "search.json").write_text(content)
+    before = _snapshot(fake_search)
+    with pytest.raises(SystemExit) as exit_info:
+        _main_job().main(["--output", str(fake_search), "--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"cannot resume the search in {fake_search}: its search.json is damaged" in err
+    assert "start a new search in another folder with --output, or delete" in err
+    assert _snapshot(fake_search) == before
+
+
 def test_rerun_names_a_missing_config_and_a_missing_build_solver(tmp_path, capsys):
     from hg_dist.tune.rerun import main
 

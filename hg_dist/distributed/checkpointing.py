@@ -21,8 +21,6 @@ entries in place of rank 0's.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +32,7 @@ from typing import Any, Iterator
 import torch
 
 from hg_dist.checkpoint import read, rng_state
+from hg_dist.run_folder import fingerprint  # noqa: F401  (a run's identity, shared with one-process runs)
 from hg_dist.solver import BaseSolver
 
 STATE_FILE = "solver.pt"
@@ -50,16 +49,6 @@ def rank_state(solver: BaseSolver) -> dict[str, Any]:
     """This rank's own part of the state: loader positions, global RNG states, IHVP generators."""
     return {"loaders": {"inner": solver.inner_loader.state_dict(), "outer": solver.outer_loader.state_dict()},
             "rng": rng_state(), "generators": [g.get_state() for g in solver.generators()]}
-
-
-def fingerprint(build_solver: Any, config: Any) -> str:
-    """A short hash of ``build_solver``'s name and ``config`` (all of it but ``output``)."""
-    settings = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
-    if isinstance(settings, dict):
-        settings.pop("output", None)
-    identity = {"build_solver": f"{getattr(build_solver, '__module__', '')}.{getattr(build_solver, '__qualname__', '')}",
-                "config": settings}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @contextmanager

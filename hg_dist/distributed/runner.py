@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 from hg_dist.checkpoint import read
 from hg_dist.distributed.checkpointing import STATE_FILE, checkpoint_run_id, remove_orphaned_folders
-from hg_dist.distributed.resources import default_max_failures, prepare_workers, startup_retries
+from hg_dist.distributed.reachable import check_loadable_on_workers
+from hg_dist.distributed.resources import connect, default_max_failures, prepare_workers, startup_retries
 from hg_dist.distributed.settings import FitOptions, check_scaling
 from hg_dist.distributed.train_loop import Job, RunFailedError, train_loop
+from hg_dist.status import ENDED_FROM_OUTSIDE, RunStatus
 
 if TYPE_CHECKING:
     import ray.train
@@ -185,6 +187,8 @@ def fit(build_solver: Callable[..., Any], config: Any, *,
         RunFailedError: the workers met an error no restart cures (divergence, NaN/inf, bad
             settings) and ended the run at once; ``result.json`` says ``"status": "failed"``,
             the error and ``"retried": false``.
+        hg_dist.distributed.reachable.WorkerImportError: (a ``ValueError``) the workers cannot
+            import ``build_solver``'s module.
         ray.train.TrainingFailedError: the run failed (after ``max_failures`` restarts);
             ``output/result.json`` then says ``"status": "failed"`` with the error, and
             holds the metrics of the latest checkpoint.
@@ -199,6 +203,7 @@ def fit(build_solver: Callable[..., Any], config: Any, *,
     if run_config is not None:
         run_config = run_config_for(config, run_config, max_failures=0, resource_timeout_s=options.resource_timeout_s)
     cluster = prepare_workers(workers, scaling.resources_per_worker, timeout_s=options.resource_timeout_s)
+    check_loadable_on_workers(build_solver)
     if run_config is None:
         run_config = run_config_for(config, None, max_failures=default_max_failures(cluster),
                                     resource_timeout_s=options.resource_timeout_s)
@@ -220,10 +225,10 @@ def fit(build_solver: Callable[..., Any], config: Any, *,
                 # Ray's handler turns Ctrl-C into an aborted run that ends in whatever the abort raises
                 # (SystemExit, an actor error): the signal itself says what happened.
                 if interrupted() or isinstance(error, KeyboardInterrupt):
-                    write_ending(job, run_config, workers, "interrupted", KeyboardInterrupt(),
+                    write_ending(job, run_config, workers, RunStatus.INTERRUPTED, KeyboardInterrupt(),
                                  wall_time_s=time.perf_counter() - tic)
                     raise KeyboardInterrupt from error
-                write_ending(job, run_config, workers, "failed", error, wall_time_s=time.perf_counter() - tic)
+                write_ending(job, run_config, workers, RunStatus.FAILED, error, wall_time_s=time.perf_counter() - tic)
                 raise
     finally:
         if previous is not None:
@@ -305,12 +310,7 @@ def latest_checkpoint(job: Job, run_config: "ray.train.RunConfig") -> str | None
         return None
 
 
-ENDED_FROM_OUTSIDE = ("stopped",)
-"""``result.json`` statuses that the party which ended a run records (a search's scheduler
-stopping a trial writes ``stopped``); the error the run then raises is a consequence."""
-
-
-def write_ending(job: Job, run_config: "ray.train.RunConfig", workers: int, status: str,
+def write_ending(job: Job, run_config: "ray.train.RunConfig", workers: int, status: RunStatus,
                  error: BaseException | None, **info: Any) -> None:
     """Write ``output/result.json`` for a run that did not complete: ``status``, ``error`` and the
     metrics of the checkpoint a rerun resumes from (``{}`` if there is none). A status in
@@ -344,17 +344,56 @@ def run_experiment(build_solver: Callable[..., Any], config: Any, *,
     """``run_local`` for ``config.workers == 1``, else :func:`fit`; returns the final metrics.
 
     Both write ``output/history.parquet``, ``output/result.json`` and TensorBoard logs
-    under ``output/tb`` (in the distributed case rank 0 writes them). ``scaling_config``,
-    ``run_config`` and ``options`` apply to the distributed case only (see :func:`fit`).
+    under ``output/tb`` (in the distributed case rank 0 writes them), checkpoint every
+    ``options.checkpoint_every`` and resume from their latest checkpoint when run
+    again. Both claim the output folder first (:func:`hg_dist.run_folder.claim`): one
+    holding another run, or in use by a process now, is refused (``ConfigError``).
+    ``scaling_config`` and ``run_config`` apply to the distributed case only (see :func:`fit`).
     """
     from hg_dist.data import check_workers
+    from hg_dist.experiment import Terminated, claim_output, run_local, update_result
 
+    options = FitOptions() if options is None else options
     if check_workers(config.workers) == 1:
-        if config.use_gpu:
-            import torch
-            if not torch.cuda.is_available():
-                raise ValueError("use_gpu=True but torch sees no CUDA device; drop --use-gpu")
-        from hg_dist.experiment import run_local
-        return run_local(build_solver, config)
-    return dict(fit(build_solver, config, scaling_config=scaling_config, run_config=run_config,
-                    options=options).metrics)
+        return run_local(build_solver, config, checkpoint_every=options.checkpoint_every)
+
+    def terminated(signum: int) -> None:
+        error = Terminated(signum)
+        update_result(config.output, status=RunStatus.TERMINATED, error=f"{type(error).__name__}: {error}")
+
+    fired: list[int] = []
+    with claim_output(config.output, build_solver, config):
+        connect()  # ray.init installs its own SIGTERM handler (sys.exit): connect first, then put ours over it
+        try:
+            with _sigterm_as_ctrl_c(lambda signum: (fired.append(signum), terminated(signum))):
+                return dict(fit(build_solver, config, scaling_config=scaling_config, run_config=run_config,
+                                 options=options).metrics)
+        except BaseException as error:
+            if not fired:
+                raise
+            terminated(fired[0])  # fit recorded the Ctrl-C it was given, with its latest checkpoint: say why
+            raise Terminated(fired[0]) from error
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """While the block runs, ``SIGTERM`` calls ``on_signal(signum)`` (record the ending first: ``SIGKILL``
+    often follows within seconds), then stops the run as Ctrl-C does, through Ray Train's own ``SIGINT``
+    handling (an exception raised inside a Ray call from a signal handler would not unwind cleanly).
+    A second ``SIGTERM`` is ignored; outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fired:
+            fired.append(signum)
+            on_signal(signum)
+            signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

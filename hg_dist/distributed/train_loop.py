@@ -57,6 +57,7 @@ from hg_dist.distributed.collectives import TorchDistributed
 from hg_dist.distributed.settings import Every, FitOptions
 from hg_dist.experiment import RUN_ERRORS, write_result
 from hg_dist.solver import BaseImplicitSolver
+from hg_dist.status import RunStatus
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     reporter.finish(solver, final)
     run_s = time.perf_counter() - run_tic
     if rank == 0:
-        write_result(config.output, final, config, status="completed", error=None,
+        write_result(config.output, final, config, status=RunStatus.COMPLETED, error=None,
                      wall_time_s=time.perf_counter() - tic, run_s=run_s, started_at=started_at, workers=world_size,
                      global_step=solver.global_step, outer_steps=solver.outer_step, restored=restored_step is not None,
                      restored_from_step=restored_step, reports=reporter.num_reports, report_s=reporter.seconds,

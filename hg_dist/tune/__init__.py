@@ -46,14 +46,16 @@ if _ray_env.launched_as("hg_dist.tune.rerun"):
     _ray_env.prepare(verbose=_ray_env.verbose_flag())
 
 from hg_dist.tune.results import format_table, load_best, rerun_best, resolve_solver, solver_reference
-from hg_dist.tune.search import (SearchExistsError, SearchInterrupted, SearchOptions, SearchResult, default_scheduler,
+from hg_dist.tune.search import (SearchExistsError, SearchFolderLostError, SearchInterrupted, SearchOptions,
+                                 SearchResult, default_scheduler,
                                  run_search)
 from hg_dist.tune.searchers import SEARCHERS, define_by_run
 from hg_dist.tune.space import check_space, search_columns, to_experiment_config, trial_settings
 from hg_dist.tune.trainable import (SolveReporter, TrialDivergedError, TrialHistory, make_trainable,
                                     trial_resources)
 
-__all__ = ["SEARCHERS", "SearchExistsError", "SearchInterrupted", "SearchOptions", "SearchResult", "SolveReporter",
-           "TrialDivergedError", "TrialHistory", "check_space", "default_scheduler", "define_by_run", "format_table", "load_best",
+__all__ = ["SEARCHERS", "SearchExistsError", "SearchFolderLostError", "SearchInterrupted", "SearchOptions",
+           "SearchResult", "SolveReporter", "TrialDivergedError", "TrialHistory", "check_space", "default_scheduler",
+           "define_by_run", "format_table", "load_best",
            "make_trainable", "rerun_best", "resolve_solver", "run_search", "search_columns", "solver_reference",
            "to_experiment_config", "trial_resources", "trial_settings"]

@@ -22,6 +22,8 @@ from typing import Any, TextIO
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from hg_dist.status import RunStatus
+
 __all__ = ["SearchProgress", "trial_status"]
 
 FINAL = (Trial.TERMINATED, Trial.ERROR)
@@ -32,9 +34,9 @@ def trial_status(trial: Trial) -> str:
     trial the scheduler stopped ``done`` too), ``stopped`` (by the scheduler), ``failed``, or Tune's own
     status in lower case (``pending``, ``running``, ``paused``) for a trial that has not ended."""
     if trial.status == Trial.ERROR:
-        return "failed"
+        return RunStatus.FAILED
     if trial.status == Trial.TERMINATED:
-        return "completed" if trial.last_result.get("solve_completed") else "stopped"
+        return RunStatus.COMPLETED if trial.last_result.get("solve_completed") else RunStatus.STOPPED
     return trial.status.lower()
 
 
@@ -103,11 +105,12 @@ class SearchProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.trials = list(trials)
-        self._ended(trial, "completed" if trial.last_result.get("solve_completed") else "stopped", None)
+        self._ended(trial, RunStatus.COMPLETED if trial.last_result.get("solve_completed") else RunStatus.STOPPED,
+                    None)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.trials = list(trials)
-        self._ended(trial, "failed", short_error(trial.get_error()))
+        self._ended(trial, RunStatus.FAILED, short_error(trial.get_error()))
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         self.trials = list(trials)

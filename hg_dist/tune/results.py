@@ -37,7 +37,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hg_dist.atomic import write_atomic, write_json
 from hg_dist.experiment import ExperimentConfig
+from hg_dist.status import RunStatus
 from hg_dist.tune.space import NESTED, search_columns, setting_column, to_experiment_config, trial_settings
 
 __all__ = ["best_record", "best_row", "format_table", "load_best", "make_table", "prepare_rerun", "rerun_best", "resolve_solver", "save_best",
@@ -117,7 +119,7 @@ def table_rows(result_grid: Any, *, metric: str, base: ExperimentConfig, statuse
         error = short_error(result.error) if result.error is not None else values.get(ERROR_KEY)
         if isinstance(error, float):  # a NaN cell of the dataframe
             error = None
-        status = statuses.get(name) or ("failed" if error else "interrupted")
+        status = statuses.get(name) or (RunStatus.FAILED if error else RunStatus.INTERRUPTED)
         settings, config = _settings(result.config or {}, base, output_of(name))
         rows.append({
             "trial": name, "status": status, **settings,
@@ -147,7 +149,8 @@ def best_row(table: pa.Table) -> dict[str, Any] | None:
     """
     mode = (table.schema.metadata or {}).get(b"mode", b"max").decode()
     rows = [row for row in table.to_pylist()
-            if row["status"] != "failed" and row["best_metric"] is not None and math.isfinite(row["best_metric"])]
+            if row["status"] != RunStatus.FAILED and row["best_metric"] is not None
+            and math.isfinite(row["best_metric"])]
     if not rows:
         return None
     pick = max if mode == "max" else min
@@ -171,7 +174,7 @@ def format_table(table: pa.Table) -> str:
 
     def order(row: dict[str, Any]) -> tuple[int, float]:
         value = row["best_metric"]
-        if row["status"] == "failed" or value is None or math.isnan(value):
+        if row["status"] == RunStatus.FAILED or value is None or math.isnan(value):
             return (1, 0.0)
         return (0, -value if mode == "max" else value)
 
@@ -192,12 +195,7 @@ def format_table(table: pa.Table) -> str:
 
 def write_table(table: pa.Table, path: str | Path) -> Path:
     """Write the table as Parquet to ``path`` (parents created, atomically); return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda file: pq.write_table(table, file))
 
 
 # ---- build_solver as "module:function" ------------------------------------------------------------
@@ -302,14 +300,9 @@ def resolve_solver(reference: str, *, fallback: str | None = None,
 def save_best(path: str | Path, config: ExperimentConfig, *, build_solver: Callable[..., Any], metric: str,
               mode: str, value: float, trial: str) -> Path:
     """Save the best trial's :class:`ExperimentConfig` and ``build_solver`` (``module:function``) as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"metric": metric, "mode": mode, "value": value, "trial": trial, **solver_reference(build_solver),
               "config": dataclasses.asdict(config)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, record)
 
 
 def best_record(config: ExperimentConfig, *, build_solver: Callable[..., Any], metric: str, mode: str,

@@ -47,9 +47,11 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.sample import Categorical
 
 from hg_dist.distributed.ray_internals import replace_restored_callback
+from hg_dist.distributed.reachable import check_loadable_on_workers
 from hg_dist.distributed.resources import connect, inspect_cluster
 from hg_dist.experiment import RESULT_FILE, ExperimentConfig, read_result, update_result
 from hg_dist.tune.plots import plot_search
+from hg_dist.status import RunStatus
 from hg_dist.tune.progress import FINAL, SearchProgress, trial_status
 from hg_dist.tune.results import best_record, best_row, format_table, make_table, solver_reference, table_rows
 from hg_dist.tune.searchers import SEARCHERS, check_searchable, grid_points, make_searcher
@@ -59,7 +61,8 @@ from hg_dist.tune.storage import MARKER_FILE, SearchStorage
 from hg_dist.tune.trainable import (RUN_DIR, TRIAL_CPU, end_history_at, make_trainable, release_workers,
                                     trial_demand)
 
-__all__ = ["SearchExistsError", "SearchInterrupted", "SearchOptions", "SearchResult", "default_scheduler", "run_search"]
+__all__ = ["SearchExistsError", "SearchFolderLostError", "SearchInterrupted", "SearchOptions", "SearchResult",
+           "default_scheduler", "run_search"]
 
 
 class SearchExistsError(ValueError):
@@ -102,6 +105,20 @@ class SearchInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, result: SearchResult) -> None:
         super().__init__(message)
         self.result = result
+
+
+class SearchFolderLostError(RuntimeError):
+    """The search's folder was deleted or moved while the search ran: its results are gone."""
+
+
+def _check_folder_kept(storage: SearchStorage) -> None:
+    """Raise :class:`SearchFolderLostError` if the marker written when the search started is gone
+    (writing the results now would recreate a folder holding a fraction of the search)."""
+    if not storage.exists(MARKER_FILE):
+        raise SearchFolderLostError(
+            f"the search folder {storage.show()} was deleted or moved while the search ran ({MARKER_FILE} is gone): "
+            f"its trials' files and Tune's state are lost, so no results were written; start the search again, "
+            f"into a folder that nothing else removes")
 
 
 def _trial_name(trial: Trial) -> str:
@@ -148,6 +165,23 @@ def _marker(storage: SearchStorage, *, metric: str, mode: str, search: str, num_
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def read_marker(storage: SearchStorage) -> dict[str, Any]:
+    """The search's ``search.json`` (``{}`` when there is none).
+
+    Raises:
+        SearchExistsError: it cannot be read or is not a JSON object (naming the folder and the way on).
+    """
+    try:
+        record = storage.read_json(MARKER_FILE) if storage.exists(MARKER_FILE) else {}
+        if not isinstance(record, dict):
+            raise ValueError(f"it holds a {type(record).__name__}, not a JSON object")
+    except (OSError, ValueError) as error:
+        raise SearchExistsError(f"cannot resume the search in {storage.show()}: its {MARKER_FILE} is damaged "
+                                f"({type(error).__name__}: {error}); start a new search in another folder with "
+                                f"--output, or delete {storage.show()}") from None
+    return record
+
+
 def _check_resumable(storage: SearchStorage, resume: bool, *, space: Mapping[str, Any] | None = None,
                      **expected: Any) -> dict[str, Any] | None:
     """The recorded marker when resuming; raise :class:`SearchExistsError` for a folder used the wrong way.
@@ -165,7 +199,7 @@ def _check_resumable(storage: SearchStorage, resume: bool, *, space: Mapping[str
         return None
     if not holds:
         raise SearchExistsError(f"there is no search to resume in {where}; start one there without --resume")
-    record = storage.read_json(MARKER_FILE) if storage.exists(MARKER_FILE) else {}
+    record = read_marker(storage)
     for key, value in expected.items():
         if key in record and record[key] != value:
             raise SearchExistsError(f"the search in {where} was started with {key}={record[key]!r}, not {value!r}; "
@@ -325,6 +359,7 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
             ``resume`` is true and it holds none.
         SearchInterrupted: Ctrl-C stopped the search (its partial results are written
             and attached).
+        SearchFolderLostError: ``output`` was deleted or moved while the search ran.
 
     Failing trials (an exception, or a NaN / infinite outer metric) are recorded as
     ``failed`` with their error; the search goes on.
@@ -361,14 +396,13 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
         fixed_cluster = started_here or inspect_cluster().autoscaling is False
     if fixed_cluster:
         _check_capacity(workers, cpus_per_worker, base.use_gpu)
+    check_loadable_on_workers(build_solver)
     if not marker:  # a new search (or one whose marker was lost): say what is searched here
         storage.write_json(_marker(storage, metric=metric, mode=mode, search=search, num_samples=num_samples,
                                    total=total, build_solver=build_solver, settings=settings, space=space),
                            MARKER_FILE)
 
     trials_dir = storage.trials_dir
-    if trials_dir is not None:
-        trials_dir.mkdir(parents=True, exist_ok=True)
     trainable = make_trainable(build_solver, trials_dir=trials_dir, metric=metric, mode=mode, base=base,
                                cpus_per_worker=cpus_per_worker, checkpoint_every=checkpoint_every,
                                max_failures=max_failures,
@@ -380,7 +414,7 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
 
     def record_end(trial: Trial, status: str, error: str | None) -> None:
         _record_status(storage, trial, output_of(str(trial)), status, error)  # first: the trial sees it
-        if trials_dir is not None and status != "completed":
+        if trials_dir is not None and status != RunStatus.COMPLETED:
             release_workers(output_of(str(trial)))
         if trials_dir is not None and status == "stopped":
             _end_history_at_stop(trial, output_of(str(trial)))
@@ -398,8 +432,14 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     else:
         search_alg, param_space, samples = tune_config.search_alg, dict(space), num_samples
     if storage.can_restore() and resume:
-        tuner = tune.Tuner.restore(storage.tune_path, trainable, resume_unfinished=True, resume_errored=False,
-                                   param_space=param_space or None)
+        try:
+            tuner = tune.Tuner.restore(storage.tune_path, trainable, resume_unfinished=True, resume_errored=False,
+                                       param_space=param_space or None)
+        except Exception as error:  # noqa: BLE001 - Tune raises many kinds for a damaged state
+            raise SearchExistsError(f"cannot resume the search in {storage.show()}: Tune cannot read its saved state "
+                                    f"in {storage.tune_path} ({type(error).__name__}: {str(error)[:300]}); it is "
+                                    f"damaged: start the search again in another folder with --output, or delete "
+                                    f"{storage.show()}") from None
         replace_restored_callback(tuner, SearchProgress, reporter)
     else:
         tuner = tune.Tuner(
@@ -424,7 +464,10 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     if options.progress:
         reporter.print(f"{'resuming' if resume else 'starting'} a {search} search of {total} trials in "
                        f"{storage.show()}")
+    if trials_dir is not None:
+        trials_dir.mkdir(parents=True, exist_ok=True)
     result_grid = tuner.fit()
+    _check_folder_kept(storage)
     # Tune's last saved state tells how each trial stood when the search ended: after Ctrl-C, Tune
     # saves it and only then stops the running trials (which the returned grid then calls finished).
     trials = _saved_trials(storage) or reporter.trials
@@ -432,9 +475,9 @@ def run_search(build_solver: Callable[[ExperimentConfig, int, int], Any],
     for trial in trials:
         status = trial_status(trial)
         if trial.status not in FINAL:
-            status = "interrupted" if trial.has_reported_at_least_once or trial.status != Trial.PENDING \
-                else "pending"
-            _record_status(storage, trial, output_of(str(trial)), "interrupted", None)
+            status = RunStatus.INTERRUPTED if trial.has_reported_at_least_once or trial.status != Trial.PENDING \
+                else RunStatus.PENDING
+            _record_status(storage, trial, output_of(str(trial)), RunStatus.INTERRUPTED, None)
             if trials_dir is not None:
                 release_workers(output_of(str(trial)))
         elif status == "stopped" and trials_dir is not None:  # its workers are gone by now
@@ -490,16 +533,16 @@ def _record_status(storage: SearchStorage, trial: Trial, output: str, status: st
     run was being torn down by that stop; its error is kept as ``error_while_stopped``.
     Recording never fails the search: it is retried at the end.
     """
-    fields: dict[str, Any] = {"status": status}
+    fields: dict[str, Any] = {"status": RunStatus(status)}
     if error:
         fields["error"] = error
-    kept = ("completed",) if status == "stopped" else ("completed", "failed")
+    kept = (RunStatus.COMPLETED,) if status == RunStatus.STOPPED else (RunStatus.COMPLETED, RunStatus.FAILED)
 
     def merge(current: dict[str, Any]) -> dict[str, Any] | None:
         """``current`` with the fields written in, or ``None`` to keep it as it is."""
         if current.get("status") in kept:
             return None
-        if current.get("status") == "failed":
+        if current.get("status") == RunStatus.FAILED:
             current["error_while_stopped"], current["error"] = current.get("error"), None
         current.update(fields)
         current.setdefault("metrics", last)

@@ -43,6 +43,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs
 
+from hg_dist import atomic
+
 __all__ = ["MARKER_FILE", "SearchStorage"]
 
 MARKER_FILE = "search.json"
@@ -145,11 +147,7 @@ class SearchStorage:
         """Write ``data`` to a file of the search folder; a local file is replaced atomically."""
         target = self.path(*parts)
         if self.local:
-            path = Path(target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            atomic.write_bytes(target, data)
         else:  # an object store replaces an object in one put
             self.filesystem.create_dir(posixpath.dirname(target), recursive=True)
             with self.filesystem.open_output_stream(target) as stream:

@@ -68,6 +68,7 @@ from hg_dist.callbacks import HistoryWriter
 from hg_dist.experiment import ExperimentConfig, read_result, run_local, update_result, write_json
 from hg_dist.recording import write_parquet
 from hg_dist.solver import BaseSolver
+from hg_dist.status import RunStatus
 from hg_dist.tune.space import to_experiment_config
 
 __all__ = ["ERROR_KEY", "ResultTracker", "SolveReporter", "TRIAL_CPU", "TrainToTune", "TrialDivergedError",
@@ -578,7 +579,7 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
     try:
         experiment = to_experiment_config(config, base, output=output)
     except (TypeError, ValueError) as error:
-        update_result(output, status="failed", error=_error_text(error), config=config)
+        update_result(output, status=RunStatus.FAILED, error=_error_text(error), config=config)
         _upload_ending(output, destination)
         raise
     try:
@@ -591,12 +592,13 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
                 build_solver, experiment, metric, mode, cpus_per_worker=cpus_per_worker,
                 checkpoint_every=checkpoint_every, max_failures=max_failures, train_storage=storage)
     except Exception as error:
-        if read_result(output).get("status") not in ("stopped", "interrupted"):  # else the search ended it (its workers are gone)
-            update_result(output, status="failed", error=_error_text(error), config=experiment.to_dict())
+        # A status the search wrote (stopped, interrupted) says it ended the trial (its workers are gone).
+        if read_result(output).get("status") not in (RunStatus.STOPPED, RunStatus.INTERRUPTED):
+            update_result(output, status=RunStatus.FAILED, error=_error_text(error), config=experiment.to_dict())
         _upload_ending(output, destination)
         raise
     last = tracker.final(final, int(final.get("outer_step", 0)))
-    update_result(output, status="completed", error=None, wall_time_s=last["wall_time_s"],
+    update_result(output, status=RunStatus.COMPLETED, error=None, wall_time_s=last["wall_time_s"],
                   startup_s=last["startup_s"], **info)
     _upload_ending(output, destination)   # before the last report: Tune may stop the trial on it
     with final_checkpoint() as checkpoint:   # Tune keeps it: the best trial's checkpoint is reachable there
