@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from hg_dist import make_approx
+from hg_dist import make_approx, ray_env
 from hg_dist.callbacks import Callback
 from hg_dist.collective import Collective, SingleProcess
 from hg_dist.data import ShardedLoader, full_batch
@@ -152,19 +153,35 @@ def solve_here(config: dict[str, Any]) -> WeightDecaySolver:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker holds (default 1)")
     parser.add_argument("--max-failures", type=int, default=0, help="worker-group restarts allowed (default 0)")
     parser.add_argument("--output", default="runs/train_loop", help="storage_path of the run (default %(default)s)")
     parser.add_argument("--name", default="train_loop", help="the run's folder under --output (default %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's internal warnings too")
     for name, default in SETTINGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
                             help=f"(default {default})")
     args = vars(parser.parse_args(argv))
+    # Ray on loopback, without usage stats, quiet: set before Ray is imported (hg_dist.ray_env).
+    ray_env.prepare(verbose=args["verbose"])
+    for name in ("workers", "num_iters", "unroll_steps", "batch_size", "rank", "checkpoint_every", "dim",
+                 "n_train", "n_val"):
+        if args[name] < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {args[name]}")
+    for name in ("cpus_per_worker", "inner_lr", "outer_lr", "rho"):
+        if not args[name] > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {args[name]}")
+    if args["max_failures"] < 0 or args["seed"] < 0:
+        parser.error("--max-failures and --seed must be >= 0")
+
+    import ray.cloudpickle
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if __name__ != "__main__":   # imported as a module the workers cannot import: ship its functions by value
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     trainer = TorchTrainer(
         train_func_per_worker,
         train_loop_config={name: args[name] for name in SETTINGS},

@@ -506,6 +506,7 @@ def test_a_run_that_does_not_complete_says_so_in_result_json(tmp_path, monkeypat
     monkeypatch.setattr(runner, "registered_checkpoint",
                         lambda run_config: Checkpoint.from_directory(str(tmp_path / registered["name"])))
     monkeypatch.setattr(runner, "prepare_workers", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runner, "check_loadable_on_workers", lambda build_solver: None)   # no Ray in this test
     monkeypatch.setattr(runner, "default_max_failures", lambda cluster: 0)
     monkeypatch.setattr(TorchTrainer, "fit", trainer_fit)
     previous = signal.getsignal(signal.SIGINT)

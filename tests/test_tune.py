@@ -928,7 +928,7 @@ def test_a_train_run_torn_down_by_a_stop_keeps_the_stopped_status(tmp_path):
 
     (tmp_path / "result.json").write_text(json.dumps({"status": "stopped", "metrics": {"score": 1.5}}))
     job = SimpleNamespace(config=SimpleNamespace(output=str(tmp_path)))
-    write_ending(job, 2, "failed", RuntimeError("the worker group was removed"))
+    write_ending(job, None, 2, "failed", RuntimeError("the worker group was removed"))
     record = json.loads((tmp_path / "result.json").read_text())
     assert record == {"status": "stopped", "metrics": {"score": 1.5},
                       "error_while_stopped": "RuntimeError: the worker group was removed"}
