@@ -43,6 +43,7 @@ from hg_dist.callbacks import Callback, run_callbacks
 from hg_dist.guards import (NAN_POLICIES, ForwardOutput, NonFiniteLossError, check_update, guarded_outer_step,
                             hypergradient_norm, update_metrics)
 from hg_dist.loaders import InfiniteLoader
+from hg_dist.optimizers import in_place
 from hg_dist.recording import Recorder
 from hg_dist.utils import Params, detached, make_functional
 
@@ -352,9 +353,13 @@ class BaseImplicitSolver(BaseSolver):
 
     def inner_update(self) -> Tensor:
         batch = _as_args(next(self.inner_loader))
-        grads, loss = torch.func.grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(), *batch)
-        self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
-                                                                         self.inner_optim_state)
+        grads, loss = grad_and_value(self.inner_forward, self.inner_params, self.outer_params(), *batch)
+        step_ = in_place(self.inner_optimizer)
+        if step_ is None:
+            self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
+                                                                             self.inner_optim_state)
+        elif finite_step(loss, grads, self.global_step):    # in place: nothing to roll back to, so check first
+            self.inner_params, self.inner_optim_state = step_(self.inner_params, grads, self.inner_optim_state)
         return loss
 
     def outer_update(self) -> dict[str, Tensor]:
@@ -379,6 +384,45 @@ class BaseImplicitSolver(BaseSolver):
         if gen is None:
             gen = getattr(self.approx_ihvp, "keywords", {}).get("generator")
         return [gen] if isinstance(gen, torch.Generator) else []
+
+
+def grad_and_value(f: Callable[..., Tensor], params: Params, *args: Any) -> tuple[Params, Tensor]:
+    """``(∇_θ f(θ, *args), f(θ, *args))`` by plain reverse mode on detached leaves.
+
+    Unlike ``torch.func.grad_and_value`` no double-backward-ready graph is kept and
+    fused backward kernels (e.g. GroupNorm's) are used, so one step costs what
+    ``loss.backward()`` costs. The gradient is not differentiable: unrolled solvers,
+    which need the graph through the step, differentiate their own way. Parameters
+    ``f`` does not use get zero gradients. The returned loss is detached.
+    """
+    with torch.enable_grad():
+        leaves = tuple(p.detach().requires_grad_() for p in params)
+        loss = f(leaves, *args)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    return grads, loss.detach()
+
+
+_ACCUMULATE = {torch.float64: torch.float64, torch.complex128: torch.complex128}
+
+
+def finite_step(loss: Tensor, grads: Sequence[Tensor], step: int) -> bool:
+    """Whether an in-place step with ``grads`` may be taken: ``True`` when the loss and all gradients are finite.
+
+    One host sync. A non-finite loss gives ``False`` (the caller returns it without stepping,
+    and the solver's loss check raises :class:`NonFiniteLossError` with its hint); finite loss
+    but non-finite gradients raise here, the inner state untouched.
+    """
+    # A sum is NaN/inf iff some entry is (barring overflow of finite values, which is no usable step either).
+    total = torch.stack([loss.detach().reshape(()).to(torch.float64),
+                         *(g.sum(dtype=_ACCUMULATE.get(g.dtype, torch.float32)).to(torch.float64) for g in grads)])
+    loss_finite, grads_finite = torch.stack([total[0].isfinite(), total[1:].sum().isfinite()]).tolist()
+    if not loss_finite:
+        return False
+    if not grads_finite:
+        raise NonFiniteLossError(f"inner_update at step {step}: the loss is finite but the inner gradients are "
+                                 f"NaN/inf; the inner parameters were not changed. Lower the inner learning rate "
+                                 f"(--inner-lr in the examples) or check the data")
+    return True
 
 
 def _as_args(batch: Any) -> tuple:
