@@ -48,8 +48,9 @@ class HessianOperator(NamedTuple):
     """A symmetric ``p×p`` matrix known only through its products.
 
     Attributes:
-        matvec: ``v ↦ H v`` for ``v`` of shape ``(p,)``.
-        matmat: ``V ↦ H V`` for ``V`` of shape ``(p, k)``, returning a contiguous
+        matvec: ``v ↦ H v`` for ``v`` of shape ``(p,)``, returning a new tensor (the
+            caller may modify it, e.g. :func:`shifted` adds ``ρv`` into it).
+        matmat: ``V ↦ H V`` for ``V`` of shape ``(p, k)``, returning a new contiguous
             ``(p, k)``; all ``k`` products in one call (one communication round when
             distributed).
         size: ``p``.
@@ -224,8 +225,9 @@ def shifted(op: HessianOperator, rho: float) -> HessianOperator:
         block[torch.arange(indices.numel(), device=block.device), indices] += rho
         return block
 
-    return HessianOperator(matvec=lambda v: op.matvec(v) + rho * v,
-                           matmat=lambda vs: op.matmat(vs) + rho * vs,
+    # The products are new tensors (the operator contract): the shift is added into them in one fused kernel.
+    return HessianOperator(matvec=lambda v: op.matvec(v).add_(v, alpha=rho),
+                           matmat=lambda vs: op.matmat(vs).add_(vs, alpha=rho),
                            size=op.size, rows=None if op.rows is None else rows)
 
 

@@ -74,16 +74,16 @@ def neumann(op: HessianOperator, v: Tensor, num_iters: int, alpha: float, *, rho
     rho = DAMPING.check(rho, "neumann")
     check_on_divergence(on_divergence)
     a = shifted(op, rho)
-    term = v
-    total = v
+    term = v.clone()                 # updated in place: no p-sized temporaries besides the product
+    total = v.clone()
     norms = [torch.linalg.vector_norm(v)]
     for _ in range(num_iters):
-        term = term - alpha * a.matvec(term)
-        total = total + term
+        term.add_(a.matvec(term), alpha=-alpha)   # term ← (I − αA) term
+        total.add_(term)
         norms.append(torch.linalg.vector_norm(term))
     stats = IHVPStats(method="neumann", num_hvps=num_iters, num_operator_calls=num_iters, iterations=num_iters)
     _check_terms(a, v, torch.stack(norms), alpha, rho, on_divergence)
-    return IHVPResult(alpha * total, stats)
+    return IHVPResult(total.mul_(alpha), stats)
 
 
 def _check_terms(a: HessianOperator, v: Tensor, norms: Tensor, alpha: float, rho: float, on_divergence: str) -> None:
