@@ -122,3 +122,25 @@ def test_scaling_large_quick(tmp_path):
     assert child["block"]["chunk_size"] >= 1 and child["block"]["calibration_seconds_per_product"]
     assert set(child["profile"]) == {"inner gradient", "one product H v", "block of 20 rows H[K, :]"}
     assert len(report["targets"]) == 5 and "Large problems" in (tmp_path / "scaling.md").read_text()
+
+
+def test_peers_quick_smoke(tmp_path):
+    """``benchmarks/peers.py --quick`` (without the two-process rows) writes a report whose numbers hold up."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import peers
+    finally:
+        sys.path.remove(str(ROOT))
+    report = peers.main(["--quick", "--skip", "dp,accuracy", "--out", str(tmp_path)])
+    assert (tmp_path / "peers.md").read_text().startswith("# hg_dist against its peers")
+    assert json.loads((tmp_path / "peers.json").read_text())["benchmark"] == "peers"
+    assert {row["model"] for row in report["inner"]} == {"cnn", "resnet18"}
+    for row in report["inner"]:
+        assert row["ratio"] > 0 and all(m["step_peak_mb"] > 0 for m in row["memory"].values())
+    (row,) = report["hypergradients"]
+    assert row["hg_dist_cg20_products"] == 20
+    if report["torchopt_version"] is not None:
+        assert row["torchopt_products"] == {"maxiter19": 20, "maxiter20": 21}
+        assert row["agreement_cg20_vs_torchopt_maxiter20"] < 1e-5
+    assert report["normalize"]["max_abs_difference"] < 1e-5
+    assert all(isinstance(t["passed"], bool) for t in report["targets"])
