@@ -4,6 +4,8 @@ numbers agree with ground truth where ground truth is known."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -144,3 +146,42 @@ def test_peers_quick_smoke(tmp_path):
         assert row["agreement_cg20_vs_torchopt_maxiter20"] < 1e-5
     assert report["normalize"]["max_abs_difference"] < 1e-5
     assert all(isinstance(t["passed"], bool) for t in report["targets"])
+
+
+BLOCKED = ("ray", "tensorboardX", "torchopt", "tqdm", "pyarrow")
+
+
+def bare_env(tmp_path) -> dict:
+    """An environment where the optional packages fail to import, as on a machine without them
+    (stub packages first on the path whose import raises ``ImportError``)."""
+    stubs = tmp_path / "stubs"
+    for name in BLOCKED:
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed (test stub)')\n")
+    return {**os.environ, "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT}"}
+
+
+def test_core_imports_without_optional_packages(tmp_path):
+    """hg_dist's core (solver, IHVPs, optimizers, vision) imports where Ray, TensorBoard, tqdm... are missing."""
+    code = ("import sys, hg_dist, hg_dist.solver, hg_dist.optimizers, hg_dist.ihvp, hg_dist.vision, "
+            "hg_dist.approx_hypergrad\n"
+            f"assert not [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=bare_env(tmp_path))
+
+
+def test_gpu_check_runs_on_cpu_without_optional_packages(tmp_path):
+    """``benchmarks/gpu_check.py --device cpu --quick`` on a bare environment: every section writes its lines."""
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-W", "ignore", "benchmarks/gpu_check.py", "--device", "cpu", "--quick",
+                    "--out", str(out)], check=True, cwd=ROOT, env=bare_env(tmp_path), timeout=300)
+    rows = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+    sections = {row["section"] for row in rows}
+    assert sections == {"environment", "inner_step", "nystrom_vs_cg", "training", "low_precision", "done"}
+    for row in rows:
+        if row["section"] == "inner_step":
+            assert row["time_ratio"] > 0
+        if row["section"] == "training":
+            assert row["solver_images_per_second"] > 0 and row["outer_steps"] >= 1
+        if row["section"] == "low_precision" and "error" not in row:
+            assert row["cosine_vs_float32"] > 0.99          # half precision stays close to float32
+    assert (out / "gpu_check.md").read_text().startswith("# GPU check")
