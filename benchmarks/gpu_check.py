@@ -134,7 +134,7 @@ def nystrom_vs_cg(rec: Recorder, args, device: torch.device) -> None:
         problems = [P.mlp(d_in=512, width=1024, n_train=512, n_val=512, dtype="float32", max_iter=50),
                     P.resnet(n_train=8, n_val=8)]
     for problem in problems:
-        problem = on_device(problem, device)
+        problem = P.on_device(problem, device)
         theta, phi = problem.in_params, problem.out_params
         times = {}
         for name, spec in (("cg20", {"name": "cg", "num_iters": 20, "rho": problem.rho}),
@@ -147,35 +147,6 @@ def nystrom_vs_cg(rec: Recorder, args, device: torch.device) -> None:
                  "median_seconds": times, "nystrom_speedup_over_cg": speedup,
                  "target": "Nyström 20 ≥ 3× faster than CG 20 on a GPU",
                  "passed": speedup >= 3 if device.type == "cuda" else None})
-
-
-def on_device(problem: P.Problem, device: torch.device) -> P.Problem:
-    """``problem`` with its parameters, and the data and modules its objectives close over, on ``device``.
-
-    The benchmark problems build their data on the CPU (seeded CPU generators) and close over it;
-    this moves every tensor or module found in the objectives' closures (recursively through
-    nested functions), in place.
-    """
-    seen: set[int] = set()
-
-    def move(fn) -> None:
-        if id(fn) in seen or not callable(fn) or getattr(fn, "__closure__", None) is None:
-            return
-        seen.add(id(fn))
-        for cell in fn.__closure__:
-            value = cell.cell_contents
-            if isinstance(value, torch.Tensor):
-                cell.cell_contents = value.to(device)
-            elif isinstance(value, nn.Module):
-                value.to(device)
-            elif callable(value):
-                move(value)
-
-    move(problem.inner_obj)
-    move(problem.outer_obj)
-    problem.in_params = tuple(t.to(device) for t in problem.in_params)
-    problem.out_params = tuple(t.to(device) for t in problem.out_params)
-    return problem
 
 
 class DecaySolver(BaseImplicitSolver):

@@ -342,10 +342,7 @@ def hypergradient_problems(args, device: torch.device) -> list[P.Problem]:
     else:
         problems = [P.mlp(d_in=512, width=1024, n_train=512, n_val=512, dtype="float32", max_iter=50),
                     P.resnet(n_train=8, n_val=8)]
-    for problem in problems:
-        problem.in_params = tuple(t.to(device) for t in problem.in_params)
-        problem.out_params = tuple(t.to(device) for t in problem.out_params)
-    return problems
+    return [P.on_device(problem, device) for problem in problems]
 
 
 def _agreement(a: tuple, b: tuple) -> float:
@@ -580,15 +577,20 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"benchmark": "peers", "quick": args.quick, "device": device.type, "environment": P.environment(),
               "command": ["python", "benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])],
               "torchopt_version": torchopt_version}
-    report["normalize"] = normalize_row(args, device)
-    report["inner"] = inner_rows(args, device) if "inner" not in skip else []
-    can_dp = device.type == "cpu" or torch.cuda.device_count() >= 2
-    report["data_parallel"] = dp_rows(args) if "dp" not in skip and can_dp and device.type == "cpu" else []
-    report["hypergradients"] = (hypergradient_rows(args, device, torchopt_version is not None)
-                                if "hyper" not in skip else [])
-    report["accuracy"] = accuracy_rows(args, device) if "accuracy" not in skip else None
-    report["targets"] = targets(report)
-    return P.write_report(report, args.out, "peers", to_markdown, start)
+    report.update(inner=[], data_parallel=[], hypergradients=[], accuracy=None, targets=[])
+    sections = {"normalize": lambda: normalize_row(args, device),
+                "inner": lambda: inner_rows(args, device),
+                "data_parallel": lambda: dp_rows(args) if device.type == "cpu" else [],   # W=2 needs 2 GPUs
+                "hypergradients": lambda: hypergradient_rows(args, device, torchopt_version is not None),
+                "accuracy": lambda: accuracy_rows(args, device)}
+    flags = {"inner": "inner", "data_parallel": "dp", "hypergradients": "hyper", "accuracy": "accuracy"}
+    for name, run in sections.items():
+        if flags.get(name) in skip:
+            continue
+        report[name] = run()
+        report["targets"] = targets(report)
+        P.write_report(report, args.out, "peers", to_markdown, start)    # a run cut short keeps what it did
+    return report
 
 
 if __name__ == "__main__":
