@@ -245,6 +245,11 @@ class BaseSolver(abc.ABC):
         for callback in callbacks:
             callback.on_row(self, self.global_step, row)
 
+    differentiable_inner_steps = False
+    """Whether the hypergradient differentiates through the inner steps (unrolled solvers): then a default
+    inner step keeps the differentiable path (``torch.func`` gradient, pure optimizer) instead of the
+    plain reverse-mode gradient and in-place optimizer step."""
+
     # Subclass hooks: the implicit solver detaches the inner state after an inner update; the
     # unrolled one truncates its graph before an inner update and after an outer one.
     def _before_inner_update(self) -> None: ...
@@ -353,6 +358,12 @@ class BaseImplicitSolver(BaseSolver):
 
     def inner_update(self) -> Tensor:
         batch = _as_args(next(self.inner_loader))
+        if self.differentiable_inner_steps:               # unrolled: the graph runs through the step
+            grads, loss = torch.func.grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(),
+                                                                        *batch)
+            self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
+                                                                             self.inner_optim_state)
+            return loss
         grads, loss = grad_and_value(self.inner_forward, self.inner_params, self.outer_params(), *batch)
         step_ = in_place(self.inner_optimizer)
         if step_ is None:
