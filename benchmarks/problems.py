@@ -257,6 +257,35 @@ def resnet(n_train: int = 8, n_val: int = 8, width: int = 64, seed: int = 0, rho
                    info={"n_train": n_train})
 
 
+def on_device(problem: Problem, device: torch.device) -> Problem:
+    """``problem`` with its parameters, and the data and modules its objectives close over, on ``device``.
+
+    The benchmark problems build their data on the CPU (seeded CPU generators) and close over it;
+    this moves every tensor or module found in the objectives' closures (recursively through
+    nested functions), in place.
+    """
+    seen: set[int] = set()
+
+    def move(fn) -> None:
+        if id(fn) in seen or not callable(fn) or getattr(fn, "__closure__", None) is None:
+            return
+        seen.add(id(fn))
+        for cell in fn.__closure__:
+            value = cell.cell_contents
+            if isinstance(value, torch.Tensor):
+                cell.cell_contents = value.to(device)
+            elif isinstance(value, torch.nn.Module):
+                value.to(device)
+            elif callable(value):
+                move(value)
+
+    move(problem.inner_obj)
+    move(problem.outer_obj)
+    problem.in_params = tuple(t.to(device) for t in problem.in_params)
+    problem.out_params = tuple(t.to(device) for t in problem.out_params)
+    return problem
+
+
 # ---------------------------------------------------------------------------
 # Hessian-operator variants (baselines and a fixed chunk size; the core is untouched)
 # ---------------------------------------------------------------------------

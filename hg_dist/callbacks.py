@@ -192,8 +192,15 @@ class ProgressBar(Callback):
         self._last = 0.0
 
     def on_run_start(self, solver: "BaseSolver") -> None:
-        from tqdm.auto import tqdm
-
+        self._bar = None
+        if self.enabled is False:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            if self.enabled:
+                raise ImportError("progress=True needs tqdm (pip install tqdm); pass progress=False") from None
+            return                                     # progress=None: no bar where tqdm is not installed
         disable = None if self.enabled is None else not self.enabled  # tqdm: None = only on a terminal
         self._bar = tqdm(total=solver.num_iters, initial=solver.global_step, disable=disable, file=self.file,
                          unit="step", dynamic_ncols=True, leave=True)

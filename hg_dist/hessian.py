@@ -48,8 +48,9 @@ class HessianOperator(NamedTuple):
     """A symmetric ``p×p`` matrix known only through its products.
 
     Attributes:
-        matvec: ``v ↦ H v`` for ``v`` of shape ``(p,)``.
-        matmat: ``V ↦ H V`` for ``V`` of shape ``(p, k)``, returning a contiguous
+        matvec: ``v ↦ H v`` for ``v`` of shape ``(p,)``, returning a new tensor (the
+            caller may modify it, e.g. :func:`shifted` adds ``ρv`` into it).
+        matmat: ``V ↦ H V`` for ``V`` of shape ``(p, k)``, returning a new contiguous
             ``(p, k)``; all ``k`` products in one call (one communication round when
             distributed).
         size: ``p``.
@@ -57,12 +58,17 @@ class HessianOperator(NamedTuple):
             returning a new contiguous ``(k, p)`` tensor (``= H[:, K]ᵀ``); one call.
             ``None`` for an operator that has only ``matmat``: :func:`hessian_rows`
             then multiplies unit vectors.
+        mixed: ``x ↦ ∂²f/∂φ∂θ · x`` (a tuple shaped like ``φ``) through the same saved
+            graph as the products (see :func:`linearize`); ``None`` when the operator
+            does not know ``f`` (then :func:`mixed_vjp` builds it). Not reduced or shifted:
+            wrappers such as :func:`shifted` drop it.
     """
 
     matvec: Callable[[Tensor], Tensor]
     matmat: Callable[[Tensor], Tensor]
     size: int
     rows: Callable[[Tensor], Tensor] | None = None
+    mixed: Callable[[Tensor], Params] | None = None
 
 
 def hessian_rows(op: HessianOperator, indices: Tensor, like: Tensor) -> Tensor:
@@ -87,7 +93,8 @@ def _synchronize(device: torch.device) -> None:
 class _BlockProducts:
     """``V H`` for row blocks ``V`` through one saved gradient graph, chunked by a :class:`Calibration`.
 
-    ``grad_vjp`` is the VJP of ``θ ↦ ∇_θ f`` (``like`` gives the parameter shapes).
+    ``grad_vjp`` is the VJP of ``θ ↦ ∇_θ f`` (or of ``(θ, φ) ↦ ∇_θ f``: only the first part of its
+    result is used; ``like`` gives the parameter shapes).
     A chunk of ``c`` rows ``T`` (``(c, p)``, contiguous) becomes ``c`` products, one
     ``vmap`` for ``c ≥ 2``, a plain call for ``c = 1``; the per-parameter outputs are
     concatenated straight into the rows of the result.
@@ -185,7 +192,8 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
               chunk_size: int | None = None) -> HessianOperator:
     """Build ``H = ∂²f/∂θ²`` at ``(in_params, out_params)`` as an operator.
 
-    Cost: one inner gradient to build (the saved graph), then one VJP per product.
+    Cost: one inner gradient to build (the saved graph), then one VJP per product, and one
+    for the mixed term (:attr:`HessianOperator.mixed`).
 
     Args:
         chunk_size: rows per batched product in ``matmat`` and ``rows``. ``None``
@@ -211,9 +219,11 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
         chunk_size = check_int("chunk_size", chunk_size, minimum=1,
                                hint="use None to measure it, 1 for a loop of products")
     in_params, out_params = check_params(in_params, out_params)
-    _, grad_vjp = vjp(lambda theta: grad(inner_obj)(theta, out_params), in_params)
+    # One saved graph of (θ, φ) ↦ ∇_θ f serves the products (the θ part of its VJP) and the mixed
+    # term (the φ part): the mixed term costs one VJP, not another inner gradient.
+    _, joint_vjp = vjp(lambda theta, phi: grad(inner_obj)(theta, phi), in_params, out_params)
     calibration = calibration_for(in_params) if chunk_size is None else Calibration.fixed(chunk_size)
-    blocks = _BlockProducts(grad_vjp, in_params, calibration)
+    blocks = _BlockProducts(joint_vjp, in_params, calibration)
 
     def matvec(v: Tensor) -> Tensor:
         return params_to_vector(blocks.product(v))
@@ -221,7 +231,11 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
     def matmat(vs: Tensor) -> Tensor:
         return blocks.matmat(vs)
 
-    return HessianOperator(matvec=matvec, matmat=matmat, size=num_elements(in_params), rows=blocks.rows)
+    def mixed(x: Tensor) -> Params:
+        return tuple(joint_vjp(vector_to_params(x, in_params))[1])
+
+    return HessianOperator(matvec=matvec, matmat=matmat, size=num_elements(in_params), rows=blocks.rows,
+                           mixed=mixed)
 
 
 def in_dtype(op: HessianOperator, dtype: torch.dtype, work: torch.dtype) -> HessianOperator:
@@ -257,8 +271,9 @@ def shifted(op: HessianOperator, rho: float) -> HessianOperator:
         block[torch.arange(indices.numel(), device=block.device), indices] += rho
         return block
 
-    return HessianOperator(matvec=lambda v: op.matvec(v) + rho * v,
-                           matmat=lambda vs: op.matmat(vs) + rho * vs,
+    # The products are new tensors (the operator contract): the shift is added into them in one fused kernel.
+    return HessianOperator(matvec=lambda v: op.matvec(v).add_(v, alpha=rho),
+                           matmat=lambda vs: op.matmat(vs).add_(vs, alpha=rho),
                            size=op.size, rows=None if op.rows is None else rows)
 
 

@@ -6,7 +6,8 @@ Inner problem ``θ*(φ) = argmin_θ f(θ, φ)``, outer loss ``g(θ, φ)``. At ``
 
 :func:`implicit_hypergradient` computes ``∂g/∂θ`` and ``∂g/∂φ`` (one outer
 gradient), linearizes ``∇_θ f`` once, hands the Hessian operator to an IHVP method
-and finishes with one VJP for the mixed term. Cost floor: one outer gradient, one
+and finishes with one VJP for the mixed term through the same saved graph
+(:attr:`~hg_dist.hessian.HessianOperator.mixed`). Cost: one outer gradient, one
 inner gradient, the products the method needs, one VJP.
 
 Data-parallel use: pass ``reduce`` (e.g. an allreduce-mean). It is applied to
@@ -135,7 +136,7 @@ def implicit_hypergradient(inner_obj: Objective,
     grad_theta, grad_phi = grad(outer_obj, argnums=(0, 1))(in_params, out_params)
     v = params_to_vector(grad_theta).to(work)
     grad_phi = params_to_vector(grad_phi).to(work)
-    op = linearize(inner_obj, in_params, out_params)
+    op = base = linearize(inner_obj, in_params, out_params)
     if work != dtype:
         op = in_dtype(op, dtype, work)
     if reduce is not None:
@@ -144,9 +145,11 @@ def implicit_hypergradient(inner_obj: Objective,
     check_finite({"the outer gradient w.r.t. the inner params (v = ∂g/∂θ)": v,
                   "the outer gradient w.r.t. the outer params (∂g/∂φ)": grad_phi},
                  "before the IHVP solve", RHS_HINT)
+    mixed_of = base.mixed if base.mixed is not None else (lambda x: mixed_vjp(inner_obj, in_params, out_params, x))
     x, stats = solve(op, v)
-    del op  # free the saved gradient graph before mixed_vjp builds its own: one graph alive at a time
-    mixed = params_to_vector(mixed_vjp(inner_obj, in_params, out_params, x.to(dtype))).to(work)
+    del op, base  # without a mixed term of its own, free the operator's graph before mixed_vjp builds one
+    mixed = params_to_vector(mixed_of(x.to(dtype))).to(work)
+    del mixed_of
     hypergrad = grad_phi - mixed
     if reduce is not None:
         hypergrad = reduce(hypergrad)

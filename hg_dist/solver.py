@@ -45,6 +45,7 @@ from hg_dist.frozen import frozen_mask, keep_frozen, merge, select
 from hg_dist.guards import (NAN_POLICIES, ForwardOutput, NonFiniteLossError, check_update, guarded_outer_step,
                             hypergradient_norm, update_metrics)
 from hg_dist.loaders import InfiniteLoader
+from hg_dist.optimizers import in_place
 from hg_dist.recording import Recorder
 from hg_dist.utils import (Params, check_no_running_stats, detached, make_functional, params_to_vector,
                            vector_to_params)
@@ -310,6 +311,11 @@ class BaseSolver(abc.ABC):
         for callback in callbacks:
             callback.on_row(self, self.global_step, row)
 
+    differentiable_inner_steps = False
+    """Whether the hypergradient differentiates through the inner steps (unrolled solvers): then a default
+    inner step keeps the differentiable path (``torch.func`` gradient, pure optimizer) instead of the
+    plain reverse-mode gradient and in-place optimizer step."""
+
     # Subclass hooks: the implicit solver detaches the inner state after an inner update; the
     # unrolled one truncates its graph before an inner update and after an outer one.
     def _before_inner_update(self) -> None: ...
@@ -435,10 +441,21 @@ The other arguments are :class:`BaseSolver`'s.
 
     def inner_update(self) -> Tensor:
         batch = _as_args(next(self.inner_loader))
-        grads, loss = torch.func.grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(), *batch)
-        grads, loss = self.mean_gradients(grads, loss)
-        self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
-                                                                         self.inner_optim_state)
+        if self.differentiable_inner_steps:               # unrolled: the graph runs through the step
+            grads, loss = torch.func.grad_and_value(self.inner_forward)(self.inner_params, self.outer_params(),
+                                                                        *batch)
+            grads, loss = self.mean_gradients(grads, loss)
+            self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
+                                                                             self.inner_optim_state)
+            return loss
+        grads, loss = grad_and_value(self.inner_forward, self.inner_params, self.outer_params(), *batch)
+        grads, loss = self.mean_gradients(grads, loss)    # the replicas' mean (nothing to do on one process)
+        step_ = in_place(self.inner_optimizer)
+        if step_ is None:
+            self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
+                                                                             self.inner_optim_state)
+        elif finite_step(loss, grads, self.global_step):    # in place: nothing to roll back to, so check first
+            self.inner_params, self.inner_optim_state = step_(self.inner_params, grads, self.inner_optim_state)
         return loss
 
     def outer_update(self) -> dict[str, Tensor]:
@@ -465,6 +482,45 @@ The other arguments are :class:`BaseSolver`'s.
         if gen is None:
             gen = getattr(self.approx_ihvp, "keywords", {}).get("generator")
         return [gen] if isinstance(gen, torch.Generator) else []
+
+
+def grad_and_value(f: Callable[..., Tensor], params: Params, *args: Any) -> tuple[Params, Tensor]:
+    """``(∇_θ f(θ, *args), f(θ, *args))`` by plain reverse mode on detached leaves.
+
+    Unlike ``torch.func.grad_and_value`` no double-backward-ready graph is kept and
+    fused backward kernels (e.g. GroupNorm's) are used, so one step costs what
+    ``loss.backward()`` costs. The gradient is not differentiable: unrolled solvers,
+    which need the graph through the step, differentiate their own way. Parameters
+    ``f`` does not use get zero gradients. The returned loss is detached.
+    """
+    with torch.enable_grad():
+        leaves = tuple(p.detach().requires_grad_() for p in params)
+        loss = f(leaves, *args)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    return grads, loss.detach()
+
+
+_ACCUMULATE = {torch.float64: torch.float64, torch.complex128: torch.complex128}
+
+
+def finite_step(loss: Tensor, grads: Sequence[Tensor], step: int) -> bool:
+    """Whether an in-place step with ``grads`` may be taken: ``True`` when the loss and all gradients are finite.
+
+    One host sync. A non-finite loss gives ``False`` (the caller returns it without stepping,
+    and the solver's loss check raises :class:`NonFiniteLossError` with its hint); finite loss
+    but non-finite gradients raise here, the inner state untouched.
+    """
+    # A sum is NaN/inf iff some entry is (barring overflow of finite values, which is no usable step either).
+    total = torch.stack([loss.detach().reshape(()).to(torch.float64),
+                         *(g.sum(dtype=_ACCUMULATE.get(g.dtype, torch.float32)).to(torch.float64) for g in grads)])
+    loss_finite, grads_finite = torch.stack([total[0].isfinite(), total[1:].sum().isfinite()]).tolist()
+    if not loss_finite:
+        return False
+    if not grads_finite:
+        raise NonFiniteLossError(f"inner_update at step {step}: the loss is finite but the inner gradients are "
+                                 f"NaN/inf; the inner parameters were not changed. Lower the inner learning rate "
+                                 f"(--inner-lr in the examples) or check the data")
+    return True
 
 
 def _as_args(batch: Any) -> tuple:

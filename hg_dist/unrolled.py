@@ -32,6 +32,8 @@ class BaseUnrolledSolver(BaseSolver):
     after an outer step to continue exactly (the graph is not saved).
     """
 
+    differentiable_inner_steps = True
+
     def truncate(self) -> None:
         """Cut the autograd graph: the next unroll starts from the current inner state."""
         self.inner_params = tuple(p.detach().requires_grad_(self.functorch_requires_grad)

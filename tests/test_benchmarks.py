@@ -4,6 +4,8 @@ numbers agree with ground truth where ground truth is known."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,3 +124,64 @@ def test_scaling_large_quick(tmp_path):
     assert child["block"]["chunk_size"] >= 1 and child["block"]["calibration_seconds_per_product"]
     assert set(child["profile"]) == {"inner gradient", "one product H v", "block of 20 rows H[K, :]"}
     assert len(report["targets"]) == 5 and "Large problems" in (tmp_path / "scaling.md").read_text()
+
+
+def test_peers_quick_smoke(tmp_path):
+    """``benchmarks/peers.py --quick`` (without the two-process rows) writes a report whose numbers hold up."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import peers
+    finally:
+        sys.path.remove(str(ROOT))
+    report = peers.main(["--quick", "--skip", "dp,accuracy", "--out", str(tmp_path)])
+    assert (tmp_path / "peers.md").read_text().startswith("# hg_dist against its peers")
+    assert json.loads((tmp_path / "peers.json").read_text())["benchmark"] == "peers"
+    assert {row["model"] for row in report["inner"]} == {"cnn", "resnet18"}
+    for row in report["inner"]:
+        assert row["ratio"] > 0 and all(m["step_peak_mb"] > 0 for m in row["memory"].values())
+    (row,) = report["hypergradients"]
+    assert row["hg_dist_cg20_products"] == 20
+    if report["torchopt_version"] is not None:
+        assert row["torchopt_products"] == {"maxiter19": 20, "maxiter20": 21}
+        assert row["agreement_cg20_vs_torchopt_maxiter20"] < 1e-5
+    assert report["normalize"]["max_abs_difference"] < 1e-5
+    assert all(isinstance(t["passed"], bool) for t in report["targets"])
+
+
+BLOCKED = ("ray", "tensorboardX", "torchopt", "tqdm", "pyarrow")
+
+
+def bare_env(tmp_path) -> dict:
+    """An environment where the optional packages fail to import, as on a machine without them
+    (stub packages first on the path whose import raises ``ImportError``)."""
+    stubs = tmp_path / "stubs"
+    for name in BLOCKED:
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed (test stub)')\n")
+    return {**os.environ, "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT}"}
+
+
+def test_core_imports_without_optional_packages(tmp_path):
+    """hg_dist's core (solver, IHVPs, optimizers, vision) imports where Ray, TensorBoard, tqdm... are missing."""
+    code = ("import sys, hg_dist, hg_dist.solver, hg_dist.optimizers, hg_dist.ihvp, hg_dist.vision, "
+            "hg_dist.approx_hypergrad\n"
+            f"assert not [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=bare_env(tmp_path))
+
+
+def test_gpu_check_runs_on_cpu_without_optional_packages(tmp_path):
+    """``benchmarks/gpu_check.py --device cpu --quick`` on a bare environment: every section writes its lines."""
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-W", "ignore", "benchmarks/gpu_check.py", "--device", "cpu", "--quick",
+                    "--out", str(out)], check=True, cwd=ROOT, env=bare_env(tmp_path), timeout=300)
+    rows = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+    sections = {row["section"] for row in rows}
+    assert sections == {"environment", "inner_step", "nystrom_vs_cg", "training", "low_precision", "done"}
+    for row in rows:
+        if row["section"] == "inner_step":
+            assert row["time_ratio"] > 0
+        if row["section"] == "training":
+            assert row["solver_images_per_second"] > 0 and row["outer_steps"] >= 1
+        if row["section"] == "low_precision" and "error" not in row:
+            assert row["cosine_vs_float32"] > 0.99          # half precision stays close to float32
+    assert (out / "gpu_check.md").read_text().startswith("# GPU check")

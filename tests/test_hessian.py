@@ -183,3 +183,30 @@ def test_bad_chunk_size_is_rejected(bad, error):
     inner, theta, phi, _ = small_mlp()
     with pytest.raises(error, match="chunk_size"):
         linearize(inner, theta, phi, chunk_size=bad)
+
+
+def test_mixed_term_through_the_saved_graph_matches_dense_mixed_derivative():
+    """``linearize(...).mixed(x)`` = ``∂²f/∂φ∂θ · x`` from the dense mixed Jacobian (and = ``mixed_vjp``)."""
+    from hg_dist.hessian import mixed_vjp
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    theta = (torch.randn(4, generator=gen, dtype=torch.float64), torch.randn(2, generator=gen, dtype=torch.float64))
+    phi = (torch.randn(4, generator=gen, dtype=torch.float64), torch.randn(1, generator=gen, dtype=torch.float64))
+
+    def f(th, ph):
+        return (torch.tanh(a @ th[0]).sum() + 0.5 * (ph[0].exp() * th[0] ** 2).sum()
+                + ph[1].sin().sum() * (th[1] ** 3).sum())
+
+    x = torch.randn(6, generator=gen, dtype=torch.float64)
+    op = linearize(f, theta, phi)
+    got = params_to_vector(op.mixed(x))
+
+    def flat_grad_theta(phi_flat):
+        ph = (phi_flat[:4], phi_flat[4:])
+        return params_to_vector(torch.func.grad(f)(theta, ph))
+
+    jacobian = torch.func.jacrev(flat_grad_theta)(params_to_vector(phi))      # (p, q) = ∂(∇_θ f)/∂φ
+    assert torch.allclose(got, jacobian.T @ x, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got, params_to_vector(mixed_vjp(f, theta, phi, x)), rtol=1e-12, atol=1e-12)
+    assert shifted(op, 0.5).mixed is None            # a wrapper does not carry it

@@ -112,3 +112,79 @@ def test_bad_arguments(setup, call, error, match):
     init, _ = setup
     with pytest.raises(error, match=match):
         call(init)
+
+
+# ---- in-place twins ------------------------------------------------------------------------
+
+from hg_dist.optimizers import SGD, Adam, AdamState, diff_adam_, diff_sgd_, in_place  # noqa: E402
+
+
+def inplace_trajectory(step_fn, init, steps, matrix):
+    """Like functional_trajectory, but the step writes into the same tensors (checked)."""
+    params, state = tuple(t.clone() for t in init), None
+    ids = [id(p) for p in params]
+    for _ in range(steps):
+        grads = tuple(g.reshape(p.shape).clone() for p, g in zip(params, quadratic_grads(params, matrix)))
+        params, state = step_fn(params, grads, state)
+        assert [id(p) for p in params] == ids
+    return params, state
+
+
+SGD_SETTINGS = [
+    dict(lr=0.1, momentum=0.0, weight_decay=0.0),
+    dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
+    dict(lr=0.05, momentum=0.9, weight_decay=0.0, dampening=0.3),
+    dict(lr=0.05, momentum=0.8, weight_decay=1e-3, nesterov=True),
+]
+ADAM_SETTINGS = [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=1e-2)]
+
+
+@pytest.mark.parametrize("settings", SGD_SETTINGS)
+def test_inplace_sgd_matches_pure_trajectory(setup, settings):
+    init, matrix = setup
+    init = tuple(t.double() for t in init)
+    matrix = matrix.double()
+    expected = functional_trajectory(functools.partial(diff_sgd, **settings), init, 15, matrix)
+    got, state = inplace_trajectory(functools.partial(diff_sgd_, **settings), init, 15, matrix)
+    for e, g in zip(expected, got):
+        assert torch.allclose(e, g, rtol=1e-13, atol=1e-13)
+    assert (state is None) == (settings["momentum"] == 0)
+
+
+@pytest.mark.parametrize("settings", ADAM_SETTINGS)
+def test_inplace_adam_matches_pure_trajectory(setup, settings):
+    init, matrix = setup
+    init = tuple(t.double() for t in init)
+    matrix = matrix.double()
+    expected = reference_trajectory(torch.optim.Adam, settings, init, 15, matrix)
+    got, state = inplace_trajectory(functools.partial(diff_adam_, **settings), init, 15, matrix)
+    for e, g in zip(expected, got):
+        assert torch.allclose(e, g, rtol=1e-12, atol=1e-12)
+    assert isinstance(state, AdamState) and state.step == 15
+
+
+def test_inplace_state_resumes_pure_state(setup):
+    """A state produced by the pure step continues under the in-place one (checkpoints interoperate)."""
+    init, matrix = setup
+    init, matrix = tuple(t.double() for t in init), matrix.double()
+    settings = dict(lr=0.02, weight_decay=1e-3)
+    expected = functional_trajectory(functools.partial(diff_adam, **settings), init, 6, matrix)
+    params, state = tuple(t.clone() for t in init), None
+    for k in range(6):
+        grads = tuple(g.reshape(p.shape) for p, g in zip(params, quadratic_grads(params, matrix)))
+        step = diff_adam if k < 3 else diff_adam_
+        params, state = step(params, grads, state, **settings)
+    for e, g in zip(expected, params):
+        assert torch.allclose(e, g, rtol=1e-13, atol=1e-13)
+
+
+def test_in_place_finds_twins_only_for_known_optimizers():
+    sgd = SGD(lr=0.1, momentum=0.9)
+    assert in_place(sgd) == sgd.step_
+    adam = Adam(lr=0.1)
+    assert in_place(adam) == adam.step_
+    twin = in_place(functools.partial(diff_sgd, lr=0.1, momentum=0.0, weight_decay=0.0))
+    assert twin.func is diff_sgd_ and twin.keywords == dict(lr=0.1, momentum=0.0, weight_decay=0.0)
+    assert in_place(functools.partial(diff_adam, lr=0.1)).func is diff_adam_
+    assert in_place(lambda p, g, s: (p, s)) is None
+    assert in_place(functools.partial(diff_sgd, (), (), None)) is None   # positional binding: not the seed's form

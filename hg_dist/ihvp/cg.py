@@ -92,9 +92,11 @@ def cg(op: HessianOperator,
         rtol = check_float("rtol", rtol, positive=True)
     precondition = preconditioner if preconditioner is not None else (lambda r: r)
 
+    # In-place arithmetic: x, r, p are preallocated; each update is one fused kernel with a 0-d
+    # (on-device) step size, so no p-sized temporaries and no host sync per iteration.
     x = torch.zeros_like(v)
     r = v.clone()
-    z = precondition(r)
+    z = precondition(r)              # aliases r without a preconditioner
     p = z.clone()
     rz = torch.dot(r, z)
     threshold = rtol * torch.linalg.vector_norm(v) if rtol is not None else None
@@ -106,15 +108,15 @@ def cg(op: HessianOperator,
         pp = torch.dot(p, p)
         curvatures.append(torch.where(pp > 0, pap / torch.where(pp > 0, pp, 1), torch.nan))
         alpha = _safe_div(rz, pap)
-        x = x + alpha * p
-        r = r - alpha * ap
+        x.addcmul_(p, alpha)                       # x ← x + α p
+        r.addcmul_(ap, alpha, value=-1)            # r ← r − α A p
         iterations += 1
         if threshold is not None and bool(torch.linalg.vector_norm(r) <= threshold):
             break
         z = precondition(r)
         rz_new = torch.dot(r, z)
         beta = _safe_div(rz_new, rz)
-        p = z + beta * p
+        torch.addcmul(z, p, beta, out=p)           # p ← z + β p
         rz = rz_new
 
     residual_norm = _check_solve(a, v, x, r, torch.stack(curvatures), rho, method, on_divergence)

@@ -93,20 +93,20 @@ def neumann(op: HessianOperator, v: Tensor, num_iters: int, alpha: float, *, rho
     rho = DAMPING.check(rho, "neumann")
     check_on_divergence(on_divergence)
     a = shifted(op, rho)
-    term = v
-    total = v
+    term = v.clone()                 # updated in place: no p-sized temporaries besides the product
+    total = v.clone()
     norms = [torch.linalg.vector_norm(v)]
     first_product = None
     for _ in range(num_iters):
         product = a.matvec(term)
         if first_product is None:
             first_product = torch.linalg.vector_norm(product)    # ‖Av‖, for the stagnation check
-        term = term - alpha * product
-        total = total + term
+        term.add_(product, alpha=-alpha)   # term ← (I − αA) term
+        total.add_(term)
         norms.append(torch.linalg.vector_norm(term))
     stats = IHVPStats(method="neumann", num_hvps=num_iters, num_operator_calls=num_iters, iterations=num_iters)
     _check_terms(a, v, torch.stack(norms), first_product, alpha, rho, on_divergence)
-    return IHVPResult(alpha * total, stats)
+    return IHVPResult(total.mul_(alpha), stats)
 
 
 def _check_terms(a: HessianOperator, v: Tensor, norms: Tensor, first_product: Tensor, alpha: float, rho: float,

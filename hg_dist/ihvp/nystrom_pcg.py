@@ -67,11 +67,10 @@ def nystrom_preconditioner(factor: NystromFactor, rho: float):
     # Λ̂ + ρ is floored so that a rank-deficient Ĥ with ρ = 0 stays invertible.
     floor = lam.max() * 1e-10 + torch.finfo(lam.dtype).tiny
     denominators = (lam + rho).clamp_min(floor)
-    smallest = denominators[-1]
+    scale = denominators[-1] / denominators - 1       # (k,): M⁻¹r = r + U diag(scale) Uᵀr
 
     def apply(r: Tensor) -> Tensor:
-        coefficients = u.T @ r
-        return u @ (smallest * coefficients / denominators - coefficients) + r
+        return torch.addmv(r, u, (u.T @ r).mul_(scale))   # one fused r + U(·), no p-sized temporaries
 
     return apply
 
