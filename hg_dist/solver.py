@@ -450,7 +450,9 @@ The other arguments are :class:`BaseSolver`'s.
             return loss
         grads, loss = grad_and_value(self.inner_forward, self.inner_params, self.outer_params(), *batch)
         grads, loss = self.mean_gradients(grads, loss)    # the replicas' mean (nothing to do on one process)
-        step_ = in_place(self.inner_optimizer)
+        # In place only when nothing is frozen: the loop restores frozen entries from the tensors the
+        # step was given (hg_dist.frozen.keep_frozen), which an in-place step would have changed.
+        step_ = None if any(self.frozen_inner) else in_place(self.inner_optimizer)
         if step_ is None:
             self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
                                                                              self.inner_optim_state)

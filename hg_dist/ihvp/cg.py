@@ -116,7 +116,7 @@ def cg(op: HessianOperator,
         z = precondition(r)
         rz_new = torch.dot(r, z)
         beta = _safe_div(rz_new, rz)
-        torch.addcmul(z, p, beta, out=p)           # p ← z + β p
+        p.mul_(beta).add_(z)                       # p ← z + β p (in place; autograd allows it, unlike out=)
         rz = rz_new
 
     residual_norm = _check_solve(a, v, x, r, torch.stack(curvatures), rho, method, on_divergence)
