@@ -19,8 +19,8 @@ trials outer step by outer step (``time_attr="outer_step"``) and stop bad ones e
   starts the same Train run again, which continues from its latest checkpoint. The
   trial itself holds :data:`TRIAL_CPU` and each worker ``cpus_per_worker``.
 
-**Histories survive whatever ends a trial.** The solver (rank 0 of a Train run)
-gets a :class:`TrialHistory`: a history row after every outer step, and every row
+**Histories survive whatever ends a trial.** The solve (rank 0 of a Train run)
+runs with a :class:`TrialHistory`: a history row after every outer step, and every row
 written at once (the Parquet file rewritten atomically, TensorBoard flushed) before
 the step is reported. An ASHA stop, an error, Ctrl-C or a killed process thus leaves
 ``history.parquet`` and ``tb/`` holding every outer step up to the last one.
@@ -72,7 +72,7 @@ from hg_dist.status import RunStatus
 from hg_dist.tune.space import to_experiment_config
 
 __all__ = ["ERROR_KEY", "ResultTracker", "SolveReporter", "TRIAL_CPU", "TrainToTune", "TrialDivergedError",
-           "TrialHistory", "TrialSolver", "attach_callback", "end_history_at", "make_trainable", "release_workers",
+           "TrialHistory", "TrialSolver", "check_trial_solver", "end_history_at", "make_trainable", "release_workers",
            "trial_demand", "trial_resources",
            "update_result", "upload_run_files"]
 
@@ -198,7 +198,7 @@ class TrialHistory(HistoryWriter):
     A :class:`~hg_dist.callbacks.HistoryWriter` with ``flush_interval=0`` (Parquet
     rewritten atomically, TensorBoard flushed, after every row) that also logs a
     row at every outer step (the solver's own rows come every ``log_freq`` inner
-    steps). Among a solver's callbacks it replaces the standard writer. Attach it
+    steps). Among a run's callbacks it replaces the standard writer. Pass it
     before the reporter, so a reported step is on disk first.
 
     * It clocks the solve: at every outer step it records the solver metric
@@ -283,12 +283,12 @@ def end_history_at(output: str | os.PathLike, outer_step: int) -> bool:
     return True
 
 
-def attach_callback(solver: Any, callback: Any) -> Any:
-    """Append ``callback`` to ``solver.callbacks`` (the solver calls each after every outer step)."""
+def check_trial_solver(solver: Any) -> Any:
+    """``solver`` itself if it is a :class:`~hg_dist.solver.BaseSolver` (a trial runs it with its own
+    callbacks: ``solver.run(callbacks, ...)``); else ``TypeError``."""
     if not isinstance(solver, BaseSolver):
         raise TypeError(f"build_solver must return an hg_dist.solver.BaseSolver (its callbacks report each outer "
                         f"step to Tune), got {type(solver).__name__}")
-    solver.callbacks = (*solver.callbacks, callback)
     return solver
 
 
@@ -342,7 +342,8 @@ PLACEMENT_GROUP_FILE = ".train_placement_group"
 
 @dataclass(frozen=True)
 class TrialSolver:
-    """``build_solver`` for a trial's Train workers: rank 0's solver also gets a :class:`TrialHistory`.
+    """``build_solver`` for a trial's Train workers (whose rank 0 writes a :class:`TrialHistory`:
+    ``FitOptions(history=TrialHistory)``).
 
     Rank 0 also records the worker group's placement group in the trial's folder
     (:data:`PLACEMENT_GROUP_FILE`), so that the search can free it when the trial is
@@ -352,9 +353,8 @@ class TrialSolver:
     build_solver: BuildSolver
 
     def __call__(self, config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> Any:
-        solver = self.build_solver(config, rank=rank, world_size=world_size)
+        solver = check_trial_solver(self.build_solver(config, rank=rank, world_size=world_size))
         if rank == 0:
-            attach_callback(solver, TrialHistory(config.output))
             import ray.util
 
             group = ray.util.get_current_placement_group()
@@ -478,10 +478,7 @@ def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str
     built: list[BaseSolver] = []
 
     def build_trial_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> BaseSolver:
-        solver = build_solver(config, rank=rank, world_size=world_size)
-        attach_callback(solver, TrialHistory(config.output))
-        attach_callback(solver, reporter)
-        solver.progress = False
+        solver = check_trial_solver(build_solver(config, rank=rank, world_size=world_size))
         built.append(solver)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
@@ -490,7 +487,8 @@ def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str
             update_result(config.output, resumed_from_outer_step=solver.outer_step)
         return solver
 
-    final = run_local(build_trial_solver, config)
+    # The history before the reporter: a reported step is on disk first.
+    final = run_local(build_trial_solver, config, callbacks=(TrialHistory(config.output), reporter), progress=False)
     return (reporter.tracker, final, {"resumed_from_outer_step": resumed.get("resumed_from_outer_step")},
             lambda: trial_checkpoint(built[-1], reporter.tracker))
 
@@ -527,7 +525,8 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
                                       checkpoint_config=CheckpointConfig(num_to_keep=1)),
                  # report_every=1: hvps_total is summed over the forwarded reports, and each costs
                  # little with the controller polled every TRAIN_POLL_INTERVAL_S.
-                 options=FitOptions(precheck=False, report_every=1, checkpoint_every=checkpoint_every))
+                 options=FitOptions(precheck=False, report_every=1, checkpoint_every=checkpoint_every,
+                                    history=TrialHistory))
     (output / PLACEMENT_GROUP_FILE).unlink(missing_ok=True)  # the run ended: Train removed its group
     latest, error = TrainToTune.read_state(state_file)
     if error is not None:
