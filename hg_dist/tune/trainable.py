@@ -41,8 +41,19 @@ trial's ``result.json``, its history):
 The trial's last result carries a checkpoint that Tune keeps
 (``ResultGrid.get_best_result().checkpoint``, ``ExperimentAnalysis.get_best_checkpoint``):
 a one-worker trial's solver state (:func:`trial_checkpoint`), or a multi-worker trial's
-final Ray Train checkpoint. A non-finite outer metric raises :class:`TrialDivergedError`; Tune
-records the trial as failed, with that error, and the search goes on.
+final Ray Train checkpoint.
+
+**A trial that fails deterministically is not retried.** Tune retries a trial that
+raised (``FailureConfig(max_failures)``) from its checkpoint, where divergence
+(a non-finite outer metric: :class:`TrialDivergedError`, a non-finite loss, a
+diverging IHVP), bad settings (``ValueError``/``TypeError``) or a multi-worker run
+that ended on such an error (:class:`~hg_dist.distributed.RunFailedError`) would
+only fail again (:data:`NOT_RETRIED`). The trial catches them, writes ``failed``
+with the error and ``"retried": false`` to its ``result.json``, and ends normally
+with a last result that says so (:func:`failure_result`: ``hg_dist_error``,
+``solve_failed = 1``, the metric NaN), so Tune does not retry it and the search
+still lists it as ``failed`` with its error (:func:`hg_dist.tune.progress.trial_status`).
+Other errors (a lost process, a broken connection) propagate, and Tune retries them.
 """
 
 from __future__ import annotations
@@ -65,24 +76,24 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from hg_dist import checkpoint as solver_checkpoint
 from hg_dist.callbacks import HistoryWriter
+from hg_dist.distributed.train_loop import NOT_RETRIED as RUN_NOT_RETRIED
+from hg_dist.distributed.train_loop import RunFailedError
 from hg_dist.experiment import ExperimentConfig, read_result, run_local, update_result, write_json
 from hg_dist.recording import write_parquet
 from hg_dist.solver import BaseSolver
 from hg_dist.status import RunStatus
+from hg_dist.tune.progress import ERROR_KEY, FAILED_KEY
 from hg_dist.tune.space import to_experiment_config
 
-__all__ = ["ERROR_KEY", "ResultTracker", "SolveReporter", "TRIAL_CPU", "TrainToTune", "TrialDivergedError",
-           "TrialHistory", "TrialSolver", "check_trial_solver", "end_history_at", "make_trainable", "release_workers",
-           "trial_demand", "trial_resources",
-           "update_result", "upload_run_files"]
+__all__ = ["ERROR_KEY", "FAILED_KEY", "NOT_RETRIED", "ResultTracker", "SolveReporter", "TRIAL_CPU", "TrainToTune",
+           "TrialDivergedError", "TrialHistory", "TrialSolver", "check_trial_solver", "end_history_at",
+           "failure_result", "make_trainable", "release_workers", "trial_demand", "trial_resources", "update_result",
+           "upload_run_files"]
 
 BuildSolver = Callable[..., Any]
 
 TRIAL_CPU = 0.01
 """CPU a multi-worker trial holds itself (its Train workers hold the rest)."""
-
-ERROR_KEY = "hg_dist_error"
-"""Result key of an error found while forwarding a Train run's reports (the trial is then failed)."""
 
 TRAIN_POLL_INTERVAL_S = 0.2
 """Poll interval of a multi-worker trial's Train controller (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``).
@@ -104,6 +115,12 @@ TRACKER_FILE = "trial_state.json"
 
 class TrialDivergedError(RuntimeError):
     """The outer metric became NaN or infinite: the trial diverged."""
+
+
+NOT_RETRIED = (*RUN_NOT_RETRIED, RunFailedError, TrialDivergedError, KeyError)
+"""Errors that end a trial without a Tune retry (a retry would meet them again): divergence and
+NaN/inf, bad settings (``ValueError``, ``TypeError``; ``KeyError``: a metric the solver does not
+record), and a multi-worker run that ended on one of those (:class:`~hg_dist.distributed.RunFailedError`)."""
 
 
 SOLVE_TIME = "wall_time_s"
@@ -538,6 +555,17 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
             lambda: nullcontext(result.checkpoint))
 
 
+def failure_result(metric: str, error: str, outer_step: int) -> dict[str, Any]:
+    """The last result of a trial that ended on an error it is not retried for (:data:`NOT_RETRIED`).
+
+    ``metric`` and ``best_metric`` are NaN (a searcher learns nothing good from the trial,
+    and a scheduler has the keys it reads), ``hg_dist_error`` holds ``"Type: message"``
+    and ``solve_failed = 1`` tells the search the trial failed although Tune saw it end.
+    """
+    return {metric: math.nan, "best_metric": math.nan, "outer_step": int(outer_step), ERROR_KEY: error,
+            FAILED_KEY: 1.0}
+
+
 def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".strip()
 
@@ -563,7 +591,8 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
 
     The trial's outputs go to ``trials_dir/<trial name>`` (``None``: ``run/`` in the trial's Tune working
     directory, which Tune syncs to a URI storage). Its ``result.json`` gets
-    ``status`` ``completed`` or, with the error, ``failed``. With ``upload_to`` (the URI
+    ``status`` ``completed`` or, with the error, ``failed``. An error in :data:`NOT_RETRIED`
+    ends the trial normally with a :func:`failure_result` (no Tune retry); others are raised. With ``upload_to`` (the URI
     of Tune's experiment folder) the trial copies its files to
     ``<upload_to>/<trial dir>/run`` once it has ended (:func:`upload_run_files`).
     """
@@ -578,9 +607,10 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
     try:
         experiment = to_experiment_config(config, base, output=output)
     except (TypeError, ValueError) as error:
-        update_result(output, status=RunStatus.FAILED, error=_error_text(error), config=config)
+        update_result(output, status=RunStatus.FAILED, error=_error_text(error), retried=False, config=config)
         _upload_ending(output, destination)
-        raise
+        tune.report(failure_result(metric, _error_text(error), 0))
+        return
     try:
         if experiment.workers == 1:
             tracker, final, info, final_checkpoint = _solve_here(build_solver, experiment, metric, mode,
@@ -592,10 +622,18 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
                 checkpoint_every=checkpoint_every, max_failures=max_failures, train_storage=storage)
     except Exception as error:
         # A status the search wrote (stopped, interrupted) says it ended the trial (its workers are gone).
-        if read_result(output).get("status") not in (RunStatus.STOPPED, RunStatus.INTERRUPTED):
-            update_result(output, status=RunStatus.FAILED, error=_error_text(error), config=experiment.to_dict())
+        ended_by_search = read_result(output).get("status") in (RunStatus.STOPPED, RunStatus.INTERRUPTED)
+        final_error = isinstance(error, NOT_RETRIED) and not ended_by_search
+        text = error.error if isinstance(error, RunFailedError) else _error_text(error)
+        if not ended_by_search:
+            update_result(output, status=RunStatus.FAILED, error=text, config=experiment.to_dict(),
+                          **({"retried": False} if final_error else {}))
         _upload_ending(output, destination)
-        raise
+        if not final_error:
+            raise
+        # Ends normally: Tune retries a trial that raised, and this one would fail the same way again.
+        tune.report(failure_result(metric, text, read_result(output).get("outer_steps") or 0))
+        return
     last = tracker.final(final, int(final.get("outer_step", 0)))
     update_result(output, status=RunStatus.COMPLETED, error=None, wall_time_s=last["wall_time_s"],
                   startup_s=last["startup_s"], **info)
