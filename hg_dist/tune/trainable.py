@@ -592,8 +592,8 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
     The trial's outputs go to ``trials_dir/<trial name>`` (``None``: ``run/`` in the trial's Tune working
     directory, which Tune syncs to a URI storage). Its ``result.json`` gets
     ``status`` ``completed`` or, with the error, ``failed``. An error in :data:`NOT_RETRIED`
-    ends the trial normally with a :func:`failure_result` (no Tune retry); others are raised. With ``upload_to`` (the URI
-    of Tune's experiment folder) the trial copies its files to
+    ends the trial normally with a :func:`failure_result` (no Tune retry); others are raised.
+    With ``upload_to`` (the URI of Tune's experiment folder) the trial copies its files to
     ``<upload_to>/<trial dir>/run`` once it has ended (:func:`upload_run_files`).
     """
     context = tune.get_context()
