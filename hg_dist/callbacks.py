@@ -11,16 +11,19 @@ from its constructor arguments:
 * ``progress`` → :class:`ProgressBar` (tqdm, with the live losses);
 * ``logger``   → :class:`LogRows` (each history row to a standard-library logger).
 
-:class:`Checkpointer` (the solver's whole state to a file on a schedule) is added
-by :func:`hg_dist.experiment.run_local`, which resumes from that file.
+A runner adds what one run needs through ``solver.run(callbacks, log_dir=...,
+progress=...)`` (:func:`run_callbacks`), never by changing the built solver: e.g.
+:class:`Checkpointer` (the solver's whole state to a file on a schedule), added by
+:func:`hg_dist.experiment.run_local`, which resumes from that file.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,8 +33,20 @@ from hg_dist.recording import HISTORY_FILE, TENSORBOARD_DIR, ParquetHistory, Ten
 if TYPE_CHECKING:  # pragma: no cover
     from hg_dist.solver import BaseSolver
 
-__all__ = ["Callback", "Checkpointer", "HistoryWriter", "Interval", "LogRows", "ProgressBar", "as_callback",
-           "run_callbacks"]
+__all__ = ["AS_BUILT", "Callback", "Checkpointer", "HistoryWriter", "Interval", "LogRows", "ProgressBar",
+           "as_callback", "run_callbacks"]
+
+
+class _AsBuilt(enum.Enum):
+    AS_BUILT = "as built"
+
+    def __repr__(self) -> str:
+        return "AS_BUILT"
+
+
+AS_BUILT = _AsBuilt.AS_BUILT
+"""Default of ``log_dir``/``progress`` in ``solver.run(...)``: the value the solver was built with
+(``None`` is a value there: no files, or a bar only on a terminal)."""
 
 
 class Callback:
@@ -233,12 +248,29 @@ class LogRows(Callback):
         self.logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
 
 
-def run_callbacks(solver: "BaseSolver") -> list[Callback]:
-    """The callbacks of one ``run()``: the standard ones for ``progress``/``log_dir``/``logger``, then the user's."""
-    standard: list[Callback] = [ProgressBar(enabled=solver.progress)]
-    own_history = any(isinstance(cb, HistoryWriter) for cb in solver.callbacks)
-    if solver.log_dir is not None and not own_history:  # a HistoryWriter among the user's replaces the standard one
-        standard.append(HistoryWriter(solver.log_dir))
+def run_callbacks(solver: "BaseSolver", callbacks: Iterable[Any] = (), *,
+                  log_dir: str | os.PathLike | None | _AsBuilt = AS_BUILT,
+                  progress: bool | None | _AsBuilt = AS_BUILT) -> list[Callback]:
+    """The callbacks of one ``run()``: the standard ones, then the solver's own, then ``callbacks``.
+
+    The standard ones come from ``progress``/``log_dir`` (:data:`AS_BUILT`: the solver's
+    constructor arguments) and the solver's ``logger``. A :class:`HistoryWriter` among
+    the solver's callbacks or ``callbacks`` replaces the standard one.
+
+    Raises:
+        TypeError: an entry of ``callbacks`` is neither a :class:`Callback` nor callable;
+            ``progress`` is not a bool or ``None``.
+    """
+    extra = [as_callback(cb) for cb in callbacks]
+    log_dir = solver.log_dir if log_dir is AS_BUILT else log_dir
+    progress = solver.progress if progress is AS_BUILT else progress
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (a bar only on a terminal), "
+                        f"got {type(progress).__name__}")
+    own = [as_callback(cb) for cb in solver.callbacks] + extra
+    standard: list[Callback] = [ProgressBar(enabled=progress)]
+    if log_dir is not None and not any(isinstance(cb, HistoryWriter) for cb in own):
+        standard.append(HistoryWriter(log_dir))
     if solver.logger is not None:
         standard.append(LogRows(solver.logger))
-    return standard + [as_callback(cb) for cb in solver.callbacks]
+    return standard + own

@@ -50,14 +50,14 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from hg_dist import checkpoint
 from hg_dist._checks import check_int
 from hg_dist.atomic import NoSpaceError, write_json
-from hg_dist.callbacks import Checkpointer, Interval
+from hg_dist.callbacks import AS_BUILT, Callback, Checkpointer, Interval
 from hg_dist.checkpoint import seed_everything
 from hg_dist.guards import NonFiniteLossError
 from hg_dist.ihvp import METHODS, IHVPDivergenceError, NonFiniteHypergradientError
@@ -462,8 +462,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 """The latest checkpoint of a one-process run, in its output folder."""
 
 
-def run_local(build_solver: SolverBuilder, config: ExperimentConfig, *,
-              checkpoint_every: Interval | None = None) -> dict[str, float]:
+def run_local(build_solver: SolverBuilder, config: ExperimentConfig, *, checkpoint_every: Interval | None = None,
+              callbacks: Iterable[Callback | Callable] = (), progress: bool | None = AS_BUILT) -> dict[str, float]:
     """Build the solver (rank 0 of 1), run it here, write the outputs; return the final metrics.
 
     Writes ``config.output``/``history.parquet``, ``result.json``, ``tb/``, ``run.json``
@@ -477,6 +477,9 @@ def run_local(build_solver: SolverBuilder, config: ExperimentConfig, *,
     the folder has one: the same command, after Ctrl-C, ``SIGTERM`` or ``kill -9``,
     continues where the checkpoint left off, its history kept up to that step and
     appended to. ``None``: no checkpoints, and every run starts at step 0.
+
+    ``callbacks`` and ``progress`` are passed to ``solver.run`` (with ``log_dir=config.output``):
+    they apply to this run only, and the built solver is not changed.
 
     ``result.json`` has ``"status"`` (:class:`~hg_dist.status.RunStatus`): ``completed``,
     ``failed`` (the run raised; ``"error"`` holds ``"Type: message"``), ``interrupted``
@@ -502,13 +505,13 @@ def run_local(build_solver: SolverBuilder, config: ExperimentConfig, *,
     _check_rank_fits(solver, config)
     with claim_output(output, build_solver, config):
         resumed_from = None
+        extra = list(callbacks)
         if checkpoint_every is not None:
             resumed_from = _resume(solver, output / CHECKPOINT_FILE)
-            solver.callbacks = (*solver.callbacks, Checkpointer(output / CHECKPOINT_FILE, checkpoint_every))
-        solver.log_dir = str(output)
+            extra.append(Checkpointer(output / CHECKPOINT_FILE, checkpoint_every))
         info = {"resumed_from_step": resumed_from,
                 "checkpoint": None if checkpoint_every is None else str(output / CHECKPOINT_FILE)}
-        return _run(solver, config, info)
+        return _run(solver, config, info, lambda: solver.run(extra, log_dir=str(output), progress=progress))
 
 
 @contextlib.contextmanager
@@ -536,8 +539,9 @@ def _resume(solver: Any, path: Path) -> int | None:
     return solver.global_step
 
 
-def _run(solver: Any, config: ExperimentConfig, info: dict[str, Any]) -> dict[str, float]:
-    """``solver.run()`` with every ending recorded in ``result.json``."""
+def _run(solver: Any, config: ExperimentConfig, info: dict[str, Any],
+         run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``run()`` (``solver.run(...)``) with every ending recorded in ``result.json``."""
     tic = time.perf_counter()
 
     def record(status: RunStatus, error: BaseException) -> None:
@@ -545,7 +549,7 @@ def _run(solver: Any, config: ExperimentConfig, info: dict[str, Any]) -> dict[st
 
     try:
         with terminate_as_exception(lambda signum: record(RunStatus.TERMINATED, Terminated(signum))):
-            metrics = solver.run()
+            metrics = run()
     except Exception as error:
         record(RunStatus.FAILED, error)
         raise

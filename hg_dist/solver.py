@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from hg_dist import checkpoint
 from hg_dist._checks import SUPPORTED_DTYPES, check_int
-from hg_dist.callbacks import Callback, run_callbacks
+from hg_dist.callbacks import AS_BUILT, Callback, run_callbacks
 from hg_dist.collective import Collective, Reductions, agreed_seed, check_collective, current, reduced_approx
 from hg_dist.frozen import frozen_mask, keep_frozen, merge, select
 from hg_dist.guards import (NAN_POLICIES, ForwardOutput, NonFiniteLossError, check_update, guarded_outer_step,
@@ -268,8 +268,18 @@ class BaseSolver(abc.ABC):
         """Whether step ``i`` (0-based) ends with an outer update."""
         return i > 0 and i >= self.outer_patience_iters and i % self.unroll_steps == 0
 
-    def run(self) -> dict[str, float]:
+    def run(self, callbacks: Iterable[Callback | Callable] = (), *, log_dir: str | os.PathLike | None = AS_BUILT,
+            progress: bool | None = AS_BUILT) -> dict[str, float]:
         """Run from ``global_step`` up to ``num_iters``; return the final metrics.
+
+        The arguments are for this run only (a runner's reporter, checkpointer or output
+        folder); the solver keeps its constructor settings:
+
+        Args:
+            callbacks: called after the solver's own ``callbacks`` (same kinds).
+            log_dir: where this run writes TensorBoard and history files instead of the
+                constructor's ``log_dir`` (``None``: no files); omitted: the constructor's.
+            progress: this run's progress bar instead of the constructor's ``progress``.
 
         Raises:
             NonFiniteLossError: a NaN/inf loss (the inner state is rolled back to before that update).
@@ -277,7 +287,7 @@ class BaseSolver(abc.ABC):
         """
         if self.global_step >= self.num_iters:
             return self.recorder.latest()
-        callbacks = run_callbacks(self)
+        callbacks = run_callbacks(self, callbacks, log_dir=log_dir, progress=progress)
         for callback in callbacks:
             callback.on_run_start(self)
         try:

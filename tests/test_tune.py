@@ -8,6 +8,7 @@ searches on the shared session and one interrupted-then-resumed run of the main 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -593,7 +594,8 @@ def _result_json(folder: Path) -> dict:
 def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
     """5 trials, one per grid point (CG on 2 workers). The Neumann one diverges on purpose; the last one
     gets a bad value (workers=0) through tune.sample_from, which no check before Ray can see. Both fail
-    alone, with their errors, and every other trial's results are kept."""
+    alone, with their errors, and every other trial's results are kept. Neither is retried, although
+    max_failures=1 lets Tune retry a trial: a retry would fail the same way."""
     space = {
         "approximator": tune.grid_search([
             {"name": "nystrom", "rank": tune.choice([2, 3]), "rho": tune.loguniform(0.05, 0.5)},
@@ -614,7 +616,8 @@ def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
         "num_iters": 30,
         "unroll_steps": 5,
     }
-    result = run_search(build_tiny, space, run_config=at(tmp_path / "search"),
+    run_config = dataclasses.replace(at(tmp_path / "search"), failure_config=tune.FailureConfig(max_failures=1))
+    result = run_search(build_tiny, space, run_config=run_config,
                         tune_config=tune.TuneConfig(metric="outer_loss", mode="min", scheduler=FIFOScheduler()),
                         options=SearchOptions(cpus_per_worker=0.5, checkpoint_every=2))
     rows = result.table.to_pylist()
@@ -632,6 +635,9 @@ def test_search_table_parquet_failures_and_rerun(ray_session, tmp_path):
     assert json.loads(bad["config"])["workers"] == 0
     trials = result.output / "trials"
     assert _result_json(trials / bad["trial"])["status"] == "failed"
+    failures = {str(trial): trial.num_failures for trial in tune.ExperimentAnalysis(str(result.output)).trials}
+    for row in (bad, rows["neumann"]):
+        assert failures[row["trial"]] == 0 and _result_json(trials / row["trial"])["retried"] is False
     for name in ("nystrom", "cg", "nystrom_pcg"):
         row = rows[name]
         assert row["status"] == "completed" and row["error"] is None, row

@@ -4,9 +4,12 @@ starts; everything else is Ray's ``ScalingConfig`` and ``RunConfig``."""
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from hg_dist.callbacks import Callback, HistoryWriter
 from hg_dist.data import check_workers
 from hg_dist.distributed.resources import DEFAULT_RESOURCE_TIMEOUT_S, check_timeout
 
@@ -98,12 +101,16 @@ class FitOptions:
             Train's retries of a worker group that cannot start after a lost node.
         precheck: build rank 0's solver once on the driver (CPU) before starting
             workers, so data/shard errors surface as a plain ``ValueError``.
+        history: ``history(output) -> Callback``: what writes rank 0's history and
+            TensorBoard files into ``config.output`` (a :class:`~hg_dist.callbacks.HistoryWriter`
+            or subclass; the other ranks write none). Picklable: it travels to the workers.
     """
 
     report_every: Every | int | str = REPORT_EVERY
     checkpoint_every: Every | int | str = CHECKPOINT_EVERY
     resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S
     precheck: bool = True
+    history: Callable[[str | os.PathLike], Callback] = HistoryWriter
 
     def __post_init__(self) -> None:
         for name in ("report_every", "checkpoint_every"):
@@ -115,6 +122,9 @@ class FitOptions:
         object.__setattr__(self, "resource_timeout_s", check_timeout(self.resource_timeout_s, "resource_timeout_s"))
         if not isinstance(self.precheck, bool):
             raise TypeError(f"precheck must be a bool, got {type(self.precheck).__name__}")
+        if not callable(self.history):
+            raise TypeError(f"history must be callable as history(output) -> Callback, e.g. "
+                            f"hg_dist.callbacks.HistoryWriter; got {type(self.history).__name__}")
 
 
 def check_scaling(workers: object, use_gpu: object) -> int:

@@ -5,7 +5,7 @@ Per worker (rank ``r`` of ``W``)::
     with hg_dist.collective.use(TorchDistributed()):            # the solver's collective=
         solver = build_solver(config, rank=r, world_size=W)      # its slice of every global batch
     resume from ray.train.get_checkpoint(), if it is this run's
-    solver.run()                                                 # rank 0 records every outer step
+    solver.run((history, reporter), log_dir=None, progress=False)  # rank 0 records every outer step
                                                                  # (output/history.parquet, output/tb)
         after every outer step: rank 0 decides "report now?", "checkpoint now?" (FitOptions.report_every,
         .checkpoint_every) and one small round tells every rank; after that inner step all ranks call
@@ -224,13 +224,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         with use(collective):
             solver = job.build_solver(config, rank=rank, world_size=world_size)
         check_solver(solver, world_size)
-        solver.log_dir = str(config.output) if rank == 0 else None   # rank 0 alone writes tb/ and history
-        solver.progress = False
         restored_step = resume(solver, rank, job.run_id)
         reporter = Reporter(rank, job.options, job.run_id)
-        solver.callbacks = (*solver.callbacks, reporter)
+        history = (job.options.history(config.output),) if rank == 0 else ()  # rank 0 alone writes files
         run_tic = time.perf_counter()
-        final = solver.run()
+        final = solver.run((*history, reporter), log_dir=None, progress=False)
     except NOT_RETRIED as error:
         device = solver.inner_params[0].device if solver is not None else torch.device("cpu")
         if not all_ranks_failed(collective, device):

@@ -24,20 +24,40 @@ from ray.tune.experiment import Trial
 
 from hg_dist.status import RunStatus
 
-__all__ = ["SearchProgress", "trial_status"]
+__all__ = ["SearchProgress", "trial_error", "trial_status"]
+
+ERROR_KEY = "hg_dist_error"
+"""Result key of an error a trial ended on without raising: a Train run's reports with a missing or
+non-finite metric, or an error it is not retried for (see :mod:`hg_dist.tune.trainable`)."""
+
+FAILED_KEY = "solve_failed"
+"""Result key (``1.0``) of a trial's last result when it ended on an error it is not retried for."""
 
 FINAL = (Trial.TERMINATED, Trial.ERROR)
 
 
 def trial_status(trial: Trial) -> str:
     """``completed`` (its solve ran to the end: its last result has ``solve_completed``; Tune marks a
-    trial the scheduler stopped ``done`` too), ``stopped`` (by the scheduler), ``failed``, or Tune's own
-    status in lower case (``pending``, ``running``, ``paused``) for a trial that has not ended."""
+    trial the scheduler stopped ``done`` too), ``stopped`` (by the scheduler), ``failed`` (Tune's error,
+    or a trial that ended normally on an error it is not retried for: its last result has
+    ``solve_failed``, see :mod:`hg_dist.tune.trainable`), or Tune's own status in lower case
+    (``pending``, ``running``, ``paused``) for a trial that has not ended."""
     if trial.status == Trial.ERROR:
         return RunStatus.FAILED
     if trial.status == Trial.TERMINATED:
-        return RunStatus.COMPLETED if trial.last_result.get("solve_completed") else RunStatus.STOPPED
+        last = trial.last_result or {}
+        if last.get(FAILED_KEY):
+            return RunStatus.FAILED
+        return RunStatus.COMPLETED if last.get("solve_completed") else RunStatus.STOPPED
     return trial.status.lower()
+
+
+def trial_error(trial: Trial) -> str | None:
+    """The error a trial ended on: Tune's (the trial raised), or the one its last result carries."""
+    if trial.status == Trial.ERROR:
+        return short_error(trial.get_error())
+    error = (trial.last_result or {}).get(ERROR_KEY)
+    return error if isinstance(error, str) else None
 
 
 class SearchProgress(Callback):
@@ -105,8 +125,11 @@ class SearchProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.trials = list(trials)
-        self._ended(trial, RunStatus.COMPLETED if trial.last_result.get("solve_completed") else RunStatus.STOPPED,
-                    None)
+        last = trial.last_result or {}
+        if last.get(FAILED_KEY):  # ended normally on an error it is not retried for
+            self._ended(trial, RunStatus.FAILED, trial_error(trial))
+            return
+        self._ended(trial, RunStatus.COMPLETED if last.get("solve_completed") else RunStatus.STOPPED, None)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.trials = list(trials)

@@ -19,8 +19,8 @@ trials outer step by outer step (``time_attr="outer_step"``) and stop bad ones e
   starts the same Train run again, which continues from its latest checkpoint. The
   trial itself holds :data:`TRIAL_CPU` and each worker ``cpus_per_worker``.
 
-**Histories survive whatever ends a trial.** The solver (rank 0 of a Train run)
-gets a :class:`TrialHistory`: a history row after every outer step, and every row
+**Histories survive whatever ends a trial.** The solve (rank 0 of a Train run)
+runs with a :class:`TrialHistory`: a history row after every outer step, and every row
 written at once (the Parquet file rewritten atomically, TensorBoard flushed) before
 the step is reported. An ASHA stop, an error, Ctrl-C or a killed process thus leaves
 ``history.parquet`` and ``tb/`` holding every outer step up to the last one.
@@ -41,8 +41,19 @@ trial's ``result.json``, its history):
 The trial's last result carries a checkpoint that Tune keeps
 (``ResultGrid.get_best_result().checkpoint``, ``ExperimentAnalysis.get_best_checkpoint``):
 a one-worker trial's solver state (:func:`trial_checkpoint`), or a multi-worker trial's
-final Ray Train checkpoint. A non-finite outer metric raises :class:`TrialDivergedError`; Tune
-records the trial as failed, with that error, and the search goes on.
+final Ray Train checkpoint.
+
+**A trial that fails deterministically is not retried.** Tune retries a trial that
+raised (``FailureConfig(max_failures)``) from its checkpoint, where divergence
+(a non-finite outer metric: :class:`TrialDivergedError`, a non-finite loss, a
+diverging IHVP), bad settings (``ValueError``/``TypeError``) or a multi-worker run
+that ended on such an error (:class:`~hg_dist.distributed.RunFailedError`) would
+only fail again (:data:`NOT_RETRIED`). The trial catches them, writes ``failed``
+with the error and ``"retried": false`` to its ``result.json``, and ends normally
+with a last result that says so (:func:`failure_result`: ``hg_dist_error``,
+``solve_failed = 1``, the metric NaN), so Tune does not retry it and the search
+still lists it as ``failed`` with its error (:func:`hg_dist.tune.progress.trial_status`).
+Other errors (a lost process, a broken connection) propagate, and Tune retries them.
 """
 
 from __future__ import annotations
@@ -65,24 +76,24 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from hg_dist import checkpoint as solver_checkpoint
 from hg_dist.callbacks import HistoryWriter
+from hg_dist.distributed.train_loop import NOT_RETRIED as RUN_NOT_RETRIED
+from hg_dist.distributed.train_loop import RunFailedError
 from hg_dist.experiment import ExperimentConfig, read_result, run_local, update_result, write_json
 from hg_dist.recording import write_parquet
 from hg_dist.solver import BaseSolver
 from hg_dist.status import RunStatus
+from hg_dist.tune.progress import ERROR_KEY, FAILED_KEY
 from hg_dist.tune.space import to_experiment_config
 
-__all__ = ["ERROR_KEY", "ResultTracker", "SolveReporter", "TRIAL_CPU", "TrainToTune", "TrialDivergedError",
-           "TrialHistory", "TrialSolver", "attach_callback", "end_history_at", "make_trainable", "release_workers",
-           "trial_demand", "trial_resources",
-           "update_result", "upload_run_files"]
+__all__ = ["ERROR_KEY", "FAILED_KEY", "NOT_RETRIED", "ResultTracker", "SolveReporter", "TRIAL_CPU", "TrainToTune",
+           "TrialDivergedError", "TrialHistory", "TrialSolver", "check_trial_solver", "end_history_at",
+           "failure_result", "make_trainable", "release_workers", "trial_demand", "trial_resources", "update_result",
+           "upload_run_files"]
 
 BuildSolver = Callable[..., Any]
 
 TRIAL_CPU = 0.01
 """CPU a multi-worker trial holds itself (its Train workers hold the rest)."""
-
-ERROR_KEY = "hg_dist_error"
-"""Result key of an error found while forwarding a Train run's reports (the trial is then failed)."""
 
 TRAIN_POLL_INTERVAL_S = 0.2
 """Poll interval of a multi-worker trial's Train controller (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``).
@@ -104,6 +115,12 @@ TRACKER_FILE = "trial_state.json"
 
 class TrialDivergedError(RuntimeError):
     """The outer metric became NaN or infinite: the trial diverged."""
+
+
+NOT_RETRIED = (*RUN_NOT_RETRIED, RunFailedError, TrialDivergedError, KeyError)
+"""Errors that end a trial without a Tune retry (a retry would meet them again): divergence and
+NaN/inf, bad settings (``ValueError``, ``TypeError``; ``KeyError``: a metric the solver does not
+record), and a multi-worker run that ended on one of those (:class:`~hg_dist.distributed.RunFailedError`)."""
 
 
 SOLVE_TIME = "wall_time_s"
@@ -198,7 +215,7 @@ class TrialHistory(HistoryWriter):
     A :class:`~hg_dist.callbacks.HistoryWriter` with ``flush_interval=0`` (Parquet
     rewritten atomically, TensorBoard flushed, after every row) that also logs a
     row at every outer step (the solver's own rows come every ``log_freq`` inner
-    steps). Among a solver's callbacks it replaces the standard writer. Attach it
+    steps). Among a run's callbacks it replaces the standard writer. Pass it
     before the reporter, so a reported step is on disk first.
 
     * It clocks the solve: at every outer step it records the solver metric
@@ -283,12 +300,12 @@ def end_history_at(output: str | os.PathLike, outer_step: int) -> bool:
     return True
 
 
-def attach_callback(solver: Any, callback: Any) -> Any:
-    """Append ``callback`` to ``solver.callbacks`` (the solver calls each after every outer step)."""
+def check_trial_solver(solver: Any) -> Any:
+    """``solver`` itself if it is a :class:`~hg_dist.solver.BaseSolver` (a trial runs it with its own
+    callbacks: ``solver.run(callbacks, ...)``); else ``TypeError``."""
     if not isinstance(solver, BaseSolver):
         raise TypeError(f"build_solver must return an hg_dist.solver.BaseSolver (its callbacks report each outer "
                         f"step to Tune), got {type(solver).__name__}")
-    solver.callbacks = (*solver.callbacks, callback)
     return solver
 
 
@@ -342,7 +359,8 @@ PLACEMENT_GROUP_FILE = ".train_placement_group"
 
 @dataclass(frozen=True)
 class TrialSolver:
-    """``build_solver`` for a trial's Train workers: rank 0's solver also gets a :class:`TrialHistory`.
+    """``build_solver`` for a trial's Train workers (whose rank 0 writes a :class:`TrialHistory`:
+    ``FitOptions(history=TrialHistory)``).
 
     Rank 0 also records the worker group's placement group in the trial's folder
     (:data:`PLACEMENT_GROUP_FILE`), so that the search can free it when the trial is
@@ -352,9 +370,8 @@ class TrialSolver:
     build_solver: BuildSolver
 
     def __call__(self, config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> Any:
-        solver = self.build_solver(config, rank=rank, world_size=world_size)
+        solver = check_trial_solver(self.build_solver(config, rank=rank, world_size=world_size))
         if rank == 0:
-            attach_callback(solver, TrialHistory(config.output))
             import ray.util
 
             group = ray.util.get_current_placement_group()
@@ -478,10 +495,7 @@ def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str
     built: list[BaseSolver] = []
 
     def build_trial_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> BaseSolver:
-        solver = build_solver(config, rank=rank, world_size=world_size)
-        attach_callback(solver, TrialHistory(config.output))
-        attach_callback(solver, reporter)
-        solver.progress = False
+        solver = check_trial_solver(build_solver(config, rank=rank, world_size=world_size))
         built.append(solver)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
@@ -490,7 +504,8 @@ def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str
             update_result(config.output, resumed_from_outer_step=solver.outer_step)
         return solver
 
-    final = run_local(build_trial_solver, config)
+    # The history before the reporter: a reported step is on disk first.
+    final = run_local(build_trial_solver, config, callbacks=(TrialHistory(config.output), reporter), progress=False)
     return (reporter.tracker, final, {"resumed_from_outer_step": resumed.get("resumed_from_outer_step")},
             lambda: trial_checkpoint(built[-1], reporter.tracker))
 
@@ -527,7 +542,8 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
                                       checkpoint_config=CheckpointConfig(num_to_keep=1)),
                  # report_every=1: hvps_total is summed over the forwarded reports, and each costs
                  # little with the controller polled every TRAIN_POLL_INTERVAL_S.
-                 options=FitOptions(precheck=False, report_every=1, checkpoint_every=checkpoint_every))
+                 options=FitOptions(precheck=False, report_every=1, checkpoint_every=checkpoint_every,
+                                    history=TrialHistory))
     (output / PLACEMENT_GROUP_FILE).unlink(missing_ok=True)  # the run ended: Train removed its group
     latest, error = TrainToTune.read_state(state_file)
     if error is not None:
@@ -537,6 +553,17 @@ def _solve_on_workers(build_solver: BuildSolver, config: ExperimentConfig, metri
         tracker.load_state_dict(latest)
     return (tracker, dict(result.metrics or {}), {"resumed_from_outer_step": resumed},
             lambda: nullcontext(result.checkpoint))
+
+
+def failure_result(metric: str, error: str, outer_step: int) -> dict[str, Any]:
+    """The last result of a trial that ended on an error it is not retried for (:data:`NOT_RETRIED`).
+
+    ``metric`` and ``best_metric`` are NaN (a searcher learns nothing good from the trial,
+    and a scheduler has the keys it reads), ``hg_dist_error`` holds ``"Type: message"``
+    and ``solve_failed = 1`` tells the search the trial failed although Tune saw it end.
+    """
+    return {metric: math.nan, "best_metric": math.nan, "outer_step": int(outer_step), ERROR_KEY: error,
+            FAILED_KEY: 1.0}
 
 
 def _error_text(error: BaseException) -> str:
@@ -564,8 +591,9 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
 
     The trial's outputs go to ``trials_dir/<trial name>`` (``None``: ``run/`` in the trial's Tune working
     directory, which Tune syncs to a URI storage). Its ``result.json`` gets
-    ``status`` ``completed`` or, with the error, ``failed``. With ``upload_to`` (the URI
-    of Tune's experiment folder) the trial copies its files to
+    ``status`` ``completed`` or, with the error, ``failed``. An error in :data:`NOT_RETRIED`
+    ends the trial normally with a :func:`failure_result` (no Tune retry); others are raised.
+    With ``upload_to`` (the URI of Tune's experiment folder) the trial copies its files to
     ``<upload_to>/<trial dir>/run`` once it has ended (:func:`upload_run_files`).
     """
     context = tune.get_context()
@@ -579,9 +607,10 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
     try:
         experiment = to_experiment_config(config, base, output=output)
     except (TypeError, ValueError) as error:
-        update_result(output, status=RunStatus.FAILED, error=_error_text(error), config=config)
+        update_result(output, status=RunStatus.FAILED, error=_error_text(error), retried=False, config=config)
         _upload_ending(output, destination)
-        raise
+        tune.report(failure_result(metric, _error_text(error), 0))
+        return
     try:
         if experiment.workers == 1:
             tracker, final, info, final_checkpoint = _solve_here(build_solver, experiment, metric, mode,
@@ -593,10 +622,18 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
                 checkpoint_every=checkpoint_every, max_failures=max_failures, train_storage=storage)
     except Exception as error:
         # A status the search wrote (stopped, interrupted) says it ended the trial (its workers are gone).
-        if read_result(output).get("status") not in (RunStatus.STOPPED, RunStatus.INTERRUPTED):
-            update_result(output, status=RunStatus.FAILED, error=_error_text(error), config=experiment.to_dict())
+        ended_by_search = read_result(output).get("status") in (RunStatus.STOPPED, RunStatus.INTERRUPTED)
+        final_error = isinstance(error, NOT_RETRIED) and not ended_by_search
+        text = error.error if isinstance(error, RunFailedError) else _error_text(error)
+        if not ended_by_search:
+            update_result(output, status=RunStatus.FAILED, error=text, config=experiment.to_dict(),
+                          **({"retried": False} if final_error else {}))
         _upload_ending(output, destination)
-        raise
+        if not final_error:
+            raise
+        # Ends normally: Tune retries a trial that raised, and this one would fail the same way again.
+        tune.report(failure_result(metric, text, read_result(output).get("outer_steps") or 0))
+        return
     last = tracker.final(final, int(final.get("outer_step", 0)))
     update_result(output, status=RunStatus.COMPLETED, error=None, wall_time_s=last["wall_time_s"],
                   startup_s=last["startup_s"], **info)
