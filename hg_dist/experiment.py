@@ -60,7 +60,8 @@ from hg_dist.outer_optimizers import OUTER_OPTIMIZERS
 from hg_dist.registry import Registry, Setting
 
 __all__ = ["ConfigError", "ExperimentConfig", "SolverBuilder", "add_common_args", "add_example_args",
-           "advice_flags", "setting_help", "check_example_settings", "check_output", "LOG_FREQ", "config_from_args", "exit_on_error", "parse_config",
+           "advice_flags", "check_example_settings", "check_output", "config_from_args", "exit_on_error",
+           "LOG_FREQ", "parse_config", "setting_help",
            "read_result", "run_local", "select_device", "update_result", "write_json", "write_result", "STATUSES"]
 
 RESULT_FILE = "result.json"
@@ -316,7 +317,8 @@ def advice_flags(error: BaseException, parser: argparse.ArgumentParser) -> str:
         else:
             setting = _ADVICE_REGISTRIES[advice.scope].settings().get(advice.setting)
         if setting is not None:
-            parts.append(setting.cli_flag if advice.suggestion is None else f"{setting.cli_flag} {advice.suggestion:.2g}")
+            value = "" if advice.suggestion is None else f" {advice.suggestion:.2g}"
+            parts.append(setting.cli_flag + value)
     return f" (flags: {', '.join(dict.fromkeys(parts))})" if parts else ""
 
 

@@ -187,8 +187,8 @@ def implicit_hypergradient(inner_obj: Objective,
     check_finite({solution: x, "the mixed term ∂²f/∂φ∂θ·x": mixed, "the hypergradient": hypergrad},
                  "after the IHVP solve",
                  {solution: "the IHVP diverged: lower the Neumann step lr or raise rho",
-                  "the mixed term ∂²f/∂φ∂θ·x": "the inner loss's mixed derivative ∂²f/∂φ∂θ is NaN/inf at the "
-                                               "current parameters, or x overflowed; raise rho",
+                  "the mixed term ∂²f/∂φ∂θ·x": "the inner loss's mixed derivative ∂²f/∂φ∂θ is NaN/inf at "
+                                               "the current parameters, or x overflowed; raise rho",
                   "the hypergradient": "it overflowed; raise rho"},
                  {solution: (RHO, ihvp_advice("lr")), "the mixed term ∂²f/∂φ∂θ·x": (RHO,),
                   "the hypergradient": (RHO,)})

@@ -1,7 +1,8 @@
 """Named, declared settings: one place that says what a method takes.
 
 A :class:`Setting` declares one setting of a method (or of an example) once: its
-name, type, default, valid values (a range or choices), help text and command-line flag. A :class:`Registry` holds entries
+name, type, default, valid values (a range or choices), help text and command-line flag.
+A :class:`Registry` holds entries
 (IHVP methods in :mod:`hg_dist.ihvp.registry`, outer optimizers in
 :mod:`hg_dist.outer_optimizers`) that each carry ``name`` and ``settings``, and
 turns a *spec* — one plain value such as ``{"name": "nystrom", "rank": 10,

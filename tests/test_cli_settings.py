@@ -75,8 +75,8 @@ def test_help_of_a_shared_flag_follows_each_methods_declaration(name, field, reg
 def test_help_shows_neumanns_step_and_each_methods_rho(examples, monkeypatch):
     """The two flags the issue found wrong: ``--ihvp-lr`` and ``--rho`` (ρ = 0.1 for Nyström, 0 for the others)."""
     lines = help_lines(examples["logistic_regression"], monkeypatch)
-    assert re.search(r"neumann: Neumann step α; the series converges for α < 2/λ_max\(H \+ ρI\) \(default 0\.1; > 0\)",
-                     lines["--ihvp-lr"])
+    assert re.search(r"neumann: Neumann step α; the series converges for α < 2/λ_max\(H \+ ρI\) "
+                     r"\(default 0\.1; > 0\)", lines["--ihvp-lr"])
     assert re.search(r"(^| \| )nystrom: shift ρ .*\(default 0\.1; > 0\)", lines["--rho"])
     assert re.search(r"cg, neumann, nystrom_pcg, exact: damping ρ .*\(default 0; >= 0\)", lines["--rho"])
 
@@ -256,7 +256,8 @@ def test_the_command_line_maps_advice_to_its_flags(examples):
     module = examples["logistic_regression"]
     parser = cli.make_parser(module.__doc__, module.DEFAULTS, module.add_arguments)
     cases = [([SettingAdvice("ihvp", "lr", 0.0123)], " (flags: --ihvp-lr 0.012)"),
-             ([SettingAdvice("ihvp", "rho", 2.0), SettingAdvice("inner_optimizer", "lr")], " (flags: --rho 2, --inner-lr)"),
+             ([SettingAdvice("ihvp", "rho", 2.0), SettingAdvice("inner_optimizer", "lr")],
+              " (flags: --rho 2, --inner-lr)"),
              ([SettingAdvice("outer_optimizer", "lr"), SettingAdvice("ihvp", "num_iters")],
               " (flags: --outer-lr, --ihvp-iters)"),
              ([], "")]

@@ -305,7 +305,8 @@ def test_solver_with_a_diverging_neumann_stops_before_the_outer_step():
 
 def test_solver_whose_outer_step_blows_up_the_inner_loss_names_the_outer_rate():
     solver = make_solver(outer_lr=1e7)
-    with pytest.raises(NonFiniteLossError, match=r"step 11 .*directly follows the outer step at step 10.*outer optimizer's lr") as info:
+    with pytest.raises(NonFiniteLossError,
+                       match=r"step 11 .*directly follows the outer step at step 10.*outer optimizer's lr") as info:
         solver.run()
     assert info.value.advice == (SettingAdvice("outer_optimizer", "lr"),)
     assert solver.outer_step == 1 and solver.inner_step == 11
@@ -564,7 +565,8 @@ def test_cli_divergence_in_a_real_process():
                               capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert proc.returncode == 1 and proc.stdout == ""
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert re.search(r"^logistic_regression\.py: error: IHVPDivergenceError: .*\(flags: --ihvp-lr [\d.]+\)$", proc.stderr.strip())
+        assert re.search(r"^logistic_regression\.py: error: IHVPDivergenceError: .*\(flags: --ihvp-lr [\d.]+\)$",
+                         proc.stderr.strip())
         assert _result(out)["status"] == "failed"
     finally:
         import shutil

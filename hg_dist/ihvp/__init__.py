@@ -30,7 +30,8 @@ from hg_dist.ihvp.nystrom_pcg import nystrom_pcg, randomized_nystrom
 from hg_dist.ihvp.registry import METHODS, register
 from hg_dist.ihvp.spectrum import SpectrumEstimate, estimate_lambda_max, estimate_spectrum
 
-__all__ = ["DIVERGENCE_ACTIONS", "AdvisedError", "IHVPDivergenceError", "IHVPDivergenceWarning", "IHVPResult", "IHVPStats",
-           "METHODS", "Method", "NonFiniteHypergradientError", "SettingAdvice", "SpectrumEstimate", "cg", "dense_hessian",
+__all__ = ["DIVERGENCE_ACTIONS", "AdvisedError", "IHVPDivergenceError", "IHVPDivergenceWarning", "IHVPResult",
+           "IHVPStats", "METHODS", "Method", "NonFiniteHypergradientError", "SettingAdvice", "SpectrumEstimate", "cg",
+           "dense_hessian",
            "estimate_lambda_max", "estimate_spectrum", "exact", "neumann", "nystrom", "nystrom_pcg",
            "randomized_nystrom", "register"]
