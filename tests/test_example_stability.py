@@ -50,7 +50,8 @@ def test_default_settings_stay_finite_for_ten_times_the_default_length(name, exa
     config = ten_times(module, SMALL[name])
     torch.manual_seed(config.seed)
     solver = module.build_solver(config)
-    solver.evaluate = dict                          # the final evaluation (baselines) is not under test here
+    if name != "logistic_regression":
+        solver.evaluate = dict                      # their final evaluations (baselines) are not under test here
     final = solver.run()                            # raises NonFiniteLossError on a NaN/inf loss
     assert solver.inner_step == config.num_iters
     archive = solver.recorder.archive              # every recorded value, not only the logged rows
@@ -63,14 +64,8 @@ def test_default_settings_stay_finite_for_ten_times_the_default_length(name, exa
     late = sum(outer[-len(outer) // 10:]) / (len(outer) // 10)
     assert late < 0.95 * outer[0], (outer[0], late)
     assert 0 < norms[-1] < math.inf and final["outer_step"] >= len(outer) - 1
-
-
-def test_logistic_regression_learns_large_decays_on_noise_features(examples):
-    """The hypergradient is meaningful after 10× the default length: noise features are decayed hard."""
-    module = examples["logistic_regression"]
-    config = ten_times(module, SMALL["logistic_regression"])
-    final = module.build_solver(config).run()
-    assert final["decay_noise"] > 100 * final["decay_informative"]
+    if name == "logistic_regression":           # the hypergradient still means something: noise is decayed hard
+        assert final["decay_noise"] > 100 * final["decay_informative"]
 
 
 # ---- the proximal decay step, against closed forms ------------------------------------------------------

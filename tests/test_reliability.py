@@ -491,7 +491,7 @@ CLI_USAGE_CASES = [
      r"default batch is all n_train=199 .*not a multiple of --workers 2; use --n-train 198"),
     ("data_hypercleaning", ["--n-val", "301", "--workers", "2"],
      r"full batch of 301 examples cannot be split equally over workers=2"),
-    ("data_hypercleaning", ["--batch-size", "0"], r"batch_size must be in \[1, 200\], got 0"),
+    ("data_hypercleaning", ["--batch-size", "0"], r"batch_size \(--batch-size\) must be >= 1, got 0"),
     ("data_hypercleaning", ["--batch-size", "2000"], r"batch_size must be in \[1, 200\], got 2000"),
     ("dataset_distillation", ["--images-per-class", "0"], r"images_per_class \(--images-per-class\) must be >= 1"),
     ("dataset_distillation", ["--images-per-class", "60"], r"must be >= 1 and <= 50, got 60"),
