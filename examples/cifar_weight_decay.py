@@ -119,7 +119,8 @@ class Settings(NamedTuple):
         Raises:
             ValueError / TypeError: naming the flag and the fix.
         """
-        settings = cls(**check_example_settings(config, SETTINGS, "cifar_weight_decay"))
+        extra = check_example_settings(config, SETTINGS, "cifar_weight_decay")
+        settings = cls(**{name: extra[name] for name in cls._fields})
         if settings.data == "cifar" and settings.data_dir is None:
             raise ValueError(f"--data-dir is required with --data cifar; expected {describe_expected()}; or use "
                              f"--data synthetic")
