@@ -96,9 +96,8 @@ def proximal_decay_sgd(decay: Callable[[], Params], lr: float) -> Callable[[Para
         raise ValueError(f"lr must be > 0, got {lr!r}")
 
     def step(params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
-        with torch.no_grad():
-            new = tuple(p - lr / (1 + lr * d) * g for p, g, d in zip(params, grads, decay()))
-        return new, state
+        # differentiable, like diff_sgd: an unrolled solver backpropagates through it (and through decay())
+        return tuple(p - lr / (1 + lr * d) * g for p, g, d in zip(params, grads, decay())), state
 
     return step
 
@@ -173,7 +172,7 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
     solver = LogisticRegressionSolver(
         inner, outer, inner_loader, outer_loader, make_approx(config.approximator, seed=config.seed),
         num_iters=config.num_iters, unroll_steps=config.unroll_steps,
-        inner_optimizer=proximal_decay_sgd(lambda: tuple(d.detach().exp() for d in outer.parameters()),
+        inner_optimizer=proximal_decay_sgd(lambda: tuple(d.exp() for d in outer.parameters()),
                                            extra["inner_lr"]),
         outer_optimizer=make_outer_optimizer(config.outer_optimizer, outer.parameters()),
         log_freq=extra["log_freq"], device=select_device(config, rank))
