@@ -39,8 +39,10 @@ hypergradients stay in float32); it needs ``--use-gpu``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -50,9 +52,10 @@ from torch.utils.data import TensorDataset
 
 from hg_dist import cli, make_approx
 from hg_dist.data import ShardedLoader
-from hg_dist.experiment import ExperimentConfig, add_example_args, select_device
+from hg_dist.experiment import LOG_FREQ, ExperimentConfig, add_example_args, check_example_settings, select_device
 from hg_dist.optimizers import diff_sgd
 from hg_dist.outer_optimizers import make_outer_optimizer
+from hg_dist.registry import Setting
 from hg_dist.solver import BaseImplicitSolver
 from hg_dist.utils import Params
 from hg_dist.vision import (ImageData, ImageTransform, LabeledImages, channel_stats, load_image_data, normalize,
@@ -66,52 +69,64 @@ DEFAULTS = ExperimentConfig(approximator={"name": "nystrom", "rank": 10, "rho": 
 EVAL_CHUNK = 500  # images per forward pass in evaluate()
 
 
-class Settings(NamedTuple):
-    """The example's own settings (its flags; ``config.extra`` in a config); :meth:`of` checks them."""
+SETTINGS = (
+    Setting("data", str, "cifar", "cifar: read --data-dir; synthetic: generated stand-in images",
+            choices=("cifar", "synthetic")),
+    Setting("data_dir", Path, None, f"with --data cifar: {describe_expected()}"),
+    Setting("model", str, "resnet18", "the network", choices=("resnet18", "cnn")),
+    Setting("width", int, None, "channels of the first layer (default: 64 for resnet18, 32 for cnn); smaller is "
+            "cheaper", minimum=2),
+    Setting("granularity", str, "tensor", "one learned decay per parameter tensor, or per element",
+            choices=("tensor", "element")),
+    Setting("init_decay", float, 5e-4, "initial weight decay (stored as its logarithm)", minimum=0.0,
+            exclusive_minimum=True),
+    Setting("batch_size", int, 128, "global batch of training and of validation images, all workers together",
+            minimum=1),
+    Setting("val_fraction", float, 0.1, "share of the training images held out for the outer loss", minimum=0.0,
+            maximum=1.0, exclusive_minimum=True, exclusive_maximum=True),
+    Setting("inner_lr", float, 0.05, "inner SGD step", minimum=0.0, exclusive_minimum=True),
+    Setting("momentum", float, 0.9, "inner SGD momentum", minimum=0.0, maximum=1.0, exclusive_maximum=True),
+    Setting("amp", bool, False, "bf16 autocast for the inner steps on CUDA (needs --use-gpu)"),
+    Setting("synthetic_size", int, 5000, "with --data synthetic: training images (the test set has a fifth as "
+            "many)", minimum=2),
+    dataclasses.replace(LOG_FREQ, default=50),
+)
+"""The example's own flags, declared once: ``--help``, the checks and ``config.extra`` come from here."""
 
-    data: str = "cifar"
-    data_dir: str | None = None
-    model: str = "resnet18"
-    width: int | None = None
-    granularity: str = "tensor"
-    init_decay: float = 5e-4
-    batch_size: int = 128
-    val_fraction: float = 0.1
-    inner_lr: float = 0.05
-    momentum: float = 0.9
-    amp: bool = False
-    synthetic_size: int = 5000
+
+class Settings(NamedTuple):
+    """The example's own settings (:data:`SETTINGS`, ``config.extra`` in a config); :meth:`of` checks them."""
+
+    data: str
+    data_dir: str | None
+    model: str
+    width: int | None
+    granularity: str
+    init_decay: float
+    batch_size: int
+    val_fraction: float
+    inner_lr: float
+    momentum: float
+    amp: bool
+    synthetic_size: int
+    log_freq: int
 
     @classmethod
     def of(cls, config: ExperimentConfig) -> "Settings":
-        """The settings in ``config.extra`` (defaults for those left out), checked."""
-        settings = cls(**{k: v for k, v in config.extra.items() if k in cls._fields})
-        settings.check()
-        return settings
+        """The settings in ``config.extra`` (defaults for those left out), each checked against its
+        declaration, then the flags that must go together.
 
-    def check(self) -> None:
-        """Raise ``ValueError`` naming the flag for a value out of range or flags that do not go together."""
-        for name, choices in (("data", ("cifar", "synthetic")), ("model", ("resnet18", "cnn")),
-                              ("granularity", ("tensor", "element"))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        if self.data == "cifar" and self.data_dir is None:
+        Raises:
+            ValueError / TypeError: naming the flag and the fix.
+        """
+        extra = check_example_settings(config, SETTINGS, "cifar_weight_decay")
+        settings = cls(**{name: extra[name] for name in cls._fields})
+        if settings.data == "cifar" and settings.data_dir is None:
             raise ValueError(f"--data-dir is required with --data cifar; expected {describe_expected()}; or use "
                              f"--data synthetic")
-        if self.data == "synthetic" and self.data_dir is not None:
+        if settings.data == "synthetic" and settings.data_dir is not None:
             raise ValueError("--data-dir is not read with --data synthetic; drop one of them")
-        if self.width is not None and self.width < 2:
-            raise ValueError(f"--width must be >= 2 (channels of the first layer), got {self.width}")
-        if not (math.isfinite(self.init_decay) and self.init_decay > 0):
-            raise ValueError(f"--init-decay must be > 0 (it is stored as its logarithm), got {self.init_decay}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if not (math.isfinite(self.inner_lr) and self.inner_lr > 0):
-            raise ValueError(f"--inner-lr must be > 0, got {self.inner_lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.synthetic_size < 2:
-            raise ValueError(f"--synthetic-size must be >= 2, got {self.synthetic_size}")
+        return settings
 
 
 class LogDecay(nn.Module):
@@ -246,7 +261,7 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
         inner_optimizer=functools.partial(diff_sgd, lr=settings.inner_lr, momentum=settings.momentum,
                                           weight_decay=0),
         outer_optimizer=make_outer_optimizer(config.outer_optimizer, outer.parameters()),
-        log_freq=config.extra.get("log_freq", 50), device=device,
+        log_freq=settings.log_freq, device=device,
         splits=splits, amp=settings.amp)
 
 
@@ -261,27 +276,7 @@ def check(config: ExperimentConfig) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Settings()
-    add = parser.add_argument
-    add("--data", choices=("cifar", "synthetic"), default=d.data,
-        help="cifar: read --data-dir; synthetic: generated stand-in images (default: %(default)s)")
-    add("--data-dir", default=d.data_dir, help=f"with --data cifar: {describe_expected()}")
-    add("--model", choices=("resnet18", "cnn"), default=d.model, help="the network (default: %(default)s)")
-    add("--width", type=int, default=d.width,
-        help="channels of the first layer (default: 64 for resnet18, 32 for cnn); smaller is cheaper")
-    add("--granularity", choices=("tensor", "element"), default=d.granularity,
-        help="one learned decay per parameter tensor, or per element (default: %(default)s)")
-    add("--init-decay", type=float, default=d.init_decay, help="initial weight decay (default: %(default)s)")
-    add("--batch-size", type=int, default=d.batch_size,
-        help="global batch of training and of validation images, all workers together (default: %(default)s)")
-    add("--val-fraction", type=float, default=d.val_fraction,
-        help="share of the training images held out for the outer loss (default: %(default)s)")
-    add("--inner-lr", type=float, default=d.inner_lr, help="inner SGD step (default: %(default)s)")
-    add("--momentum", type=float, default=d.momentum, help="inner SGD momentum (default: %(default)s)")
-    add("--amp", action="store_true", help="bf16 autocast for the inner steps on CUDA (needs --use-gpu)")
-    add("--synthetic-size", type=int, default=d.synthetic_size,
-        help="with --data synthetic: training images (the test set has a fifth as many) (default: %(default)s)")
-    add_example_args(parser, (), check)  # choice flags, so declared above; check() runs as a usage check
+    add_example_args(parser, SETTINGS, check)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

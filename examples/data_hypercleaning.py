@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 
 from hg_dist import cli, make_approx
 from hg_dist.data import ShardedLoader, full_batch
-from hg_dist.experiment import ExperimentConfig, add_example_args, check_example_settings, select_device
+from hg_dist.experiment import LOG_FREQ, ExperimentConfig, add_example_args, check_example_settings, select_device
 from hg_dist.optimizers import diff_sgd
 from hg_dist.outer_optimizers import make_outer_optimizer
 from hg_dist.registry import Setting
@@ -47,8 +47,12 @@ SETTINGS = (
     Setting("n_train", int, 1000, "training examples", minimum=1),
     Setting("n_val", int, 300, "clean validation examples", minimum=1),
     Setting("inner_lr", float, 0.3, "inner SGD step (momentum 0.9)", minimum=0.0, exclusive_minimum=True),
+    Setting("batch_size", int, None, "global inner batch (all workers together); default: all training examples",
+            minimum=1),
+    LOG_FREQ,
 )
-"""The example's own flags besides ``--batch-size`` (whose default, all training examples, is not a number)."""
+"""The example's own flags (``--noise``, ``--n-train``, ``--n-val``, ``--inner-lr``, ``--batch-size``,
+``--log-freq``)."""
 
 
 def check_config(config: ExperimentConfig) -> dict:
@@ -62,7 +66,7 @@ def check_config(config: ExperimentConfig) -> dict:
     if n_train + n_val >= DIGITS:
         raise ValueError(f"n_train + n_val (--n-train + --n-val) must be < {DIGITS} (the digits set, which also "
                          f"holds the test examples), got {n_train} + {n_val}")
-    if extra.get("batch_size") is None:
+    if extra["batch_size"] is None:
         if n_train % workers:
             raise ValueError(f"the default batch is all n_train={n_train} training examples (--n-train), which is "
                              f"not a multiple of --workers {workers}; use --n-train {n_train - n_train % workers} "
@@ -174,7 +178,7 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
         num_iters=config.num_iters, unroll_steps=config.unroll_steps,
         inner_optimizer=functools.partial(diff_sgd, lr=extra["inner_lr"], momentum=0.9, weight_decay=0),
         outer_optimizer=make_outer_optimizer(config.outer_optimizer, outer.parameters()),
-        log_freq=extra.get("log_freq", 20), device=select_device(config, rank))
+        log_freq=extra["log_freq"], device=select_device(config, rank))
     solver.data = data
     solver.initial_params = tuple(p.detach().clone() for p in solver.inner_params)
     return solver
@@ -182,8 +186,6 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_example_args(parser, SETTINGS, check_config)
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="global inner batch (all workers together); default: all training examples")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

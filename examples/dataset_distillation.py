@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 
 from hg_dist import cli, make_approx
 from hg_dist.data import ShardedLoader
-from hg_dist.experiment import ExperimentConfig, add_example_args, check_example_settings, select_device
+from hg_dist.experiment import LOG_FREQ, ExperimentConfig, add_example_args, check_example_settings, select_device
 from hg_dist.optimizers import diff_sgd
 from hg_dist.outer_optimizers import make_outer_optimizer
 from hg_dist.registry import Setting
@@ -44,8 +44,12 @@ SETTINGS = (
     Setting("batch_size", int, 256, "global batch of real images (all workers)", minimum=1),
     Setting("inner_lr", float, 0.1, "inner SGD step (momentum 0.9)", minimum=0.0, exclusive_minimum=True),
     Setting("eval_steps", int, 300, "training steps of the final evaluation", minimum=0),
+    Setting("n_train", int, 1200, "real training images (the outer loss); the rest of the 1797 digits are the "
+            "test set", minimum=10, maximum=1796),
+    LOG_FREQ,
 )
-"""The example's own flags (``--images-per-class``, ``--batch-size``, ``--inner-lr``, ``--eval-steps``)."""
+"""The example's own flags (``--images-per-class``, ``--batch-size``, ``--inner-lr``, ``--eval-steps``,
+``--n-train``, ``--log-freq``)."""
 
 
 def check_config(config: ExperimentConfig) -> dict:
@@ -55,7 +59,6 @@ def check_config(config: ExperimentConfig) -> dict:
         ValueError / TypeError: naming the flag and the fix (the command line reports it as a usage error).
     """
     extra = check_example_settings(config, SETTINGS, "dataset_distillation")
-    extra.setdefault("n_train", 1200)
     ShardedLoader(range(extra["n_train"]), extra["batch_size"], world_size=config.workers)  # checks only
     return extra
 
@@ -158,7 +161,7 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
         inner, outer, [labels], outer_loader, make_approx(config.approximator, seed=config.seed),
         num_iters=config.num_iters, unroll_steps=config.unroll_steps, inner_optimizer=inner_optimizer,
         outer_optimizer=make_outer_optimizer(config.outer_optimizer, outer.parameters()),
-        log_freq=extra.get("log_freq", 20), device=select_device(config, rank))
+        log_freq=extra["log_freq"], device=select_device(config, rank))
     solver.data, solver.labels = data, labels
     solver.initial_images = images.clone().to(solver.outer.images.device)
     solver.eval_steps, solver.eval_seed = extra["eval_steps"], config.seed + 1

@@ -10,13 +10,25 @@ set is small, so the best decays are small on the informative features and large
 on the rest. The seed library's example uses the raw decay ``φ_j``; here it is
 ``exp(φ_j)`` so that no step can make the inner problem unbounded.
 
+The decay is unbounded above (it grows on the noise features), so plain SGD at a
+fixed step would diverge once ``lr·exp(φ_j) > 2``. The inner step is therefore
+proximal in the decay (:func:`proximal_decay_sgd`)::
+
+    θ ← (θ − lr ∇ℓ(θ)) / (1 + lr exp(φ))  =  θ − lr/(1 + lr exp(φ)) ⊙ ∇_θ f(θ, φ)
+
+stable for every decay (the step along a coordinate shrinks as its curvature
+grows), with the same fixed point ``∇_θ f = 0``, so the implicit hypergradient is
+unchanged.
+
     python examples/logistic_regression.py --approx nystrom --rank 5 --output runs/logreg
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +37,7 @@ from torch.utils.data import TensorDataset
 
 from hg_dist import cli, make_approx
 from hg_dist.data import ShardedLoader, full_batch
-from hg_dist.experiment import ExperimentConfig, add_example_args, check_example_settings, select_device
-from hg_dist.optimizers import diff_sgd
+from hg_dist.experiment import LOG_FREQ, ExperimentConfig, add_example_args, check_example_settings, select_device
 from hg_dist.outer_optimizers import make_outer_optimizer
 from hg_dist.registry import Setting
 from hg_dist.solver import BaseImplicitSolver
@@ -41,10 +52,15 @@ SETTINGS = (
     Setting("dim", int, 30, "features", minimum=1),
     Setting("informative", int, 5, "features with signal (at most --dim)", minimum=1),
     Setting("n_train", int, 100, "training examples", minimum=1),
+    Setting("n_val", int, 200, "validation examples (the outer loss)", minimum=1),
+    Setting("n_test", int, 1000, "test examples (final metrics only)", minimum=1),
     Setting("batch_size", int, 50, "global inner batch (all workers together)", minimum=1),
-    Setting("inner_lr", float, 0.2, "inner SGD step", minimum=0.0, exclusive_minimum=True),
+    Setting("inner_lr", float, 0.2, "inner step (proximal in the decay; stable for lr < 1/L of the data loss)",
+            minimum=0.0, exclusive_minimum=True),
+    LOG_FREQ,
 )
-"""The example's own flags (``--dim``, ``--informative``, ``--n-train``, ``--batch-size``, ``--inner-lr``)."""
+"""The example's own flags (``--dim``, ``--informative``, ``--n-train``, ``--n-val``, ``--n-test``,
+``--batch-size``, ``--inner-lr``, ``--log-freq``)."""
 
 
 def check_config(config: ExperimentConfig) -> dict:
@@ -58,8 +74,32 @@ def check_config(config: ExperimentConfig) -> dict:
         raise ValueError(f"informative (--informative) must be <= dim (--dim {extra['dim']}), "
                          f"got {extra['informative']}")
     ShardedLoader(range(extra["n_train"]), extra["batch_size"], world_size=config.workers)  # checks only
-    full_batch(range(extra.get("n_val", 200)), 0, config.workers)
+    full_batch(range(extra["n_val"]), 0, config.workers)
     return extra
+
+
+def proximal_decay_sgd(decay: Callable[[], Params], lr: float) -> Callable[[Params, Params, Any], tuple[Params, Any]]:
+    """The inner step ``θ ← θ − lr/(1 + lr·d) ⊙ g`` with ``d = decay()`` (one tensor per parameter).
+
+    For ``g = ∇ℓ(θ) + d ⊙ θ`` (the gradient of a loss plus ``½ Σ d ⊙ θ²``) this is the
+    proximal step of the quadratic decay: ``θ ← (θ − lr ∇ℓ(θ)) / (1 + lr·d)``. The decay
+    part contracts by ``1/(1 + lr·d) ∈ (0, 1]`` whatever ``d``, so the step is stable
+    whenever ``lr`` is below ``1/L`` of the loss ``ℓ`` alone; a fixed point satisfies
+    ``g = 0``, the stationarity the implicit hypergradient assumes. ``decay`` is
+    called every step, so it follows the outer parameters as they change.
+
+    Returns:
+        ``step(params, grads, state) -> (params, state)``, the inner optimizer's signature
+        (no state: ``state`` is passed through).
+    """
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+
+    def step(params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
+        # differentiable, like diff_sgd: an unrolled solver backpropagates through it (and through decay())
+        return tuple(p - lr / (1 + lr * d) * g for p, g, d in zip(params, grads, decay())), state
+
+    return step
 
 
 class LogDecay(nn.Module):
@@ -122,8 +162,7 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
     """The solver for ``config``; rank ``rank`` of ``world_size`` takes its slice of every global batch."""
     extra = check_config(config)
     dim, informative = extra["dim"], extra["informative"]
-    data = make_data(dim, informative, extra["n_train"], extra.get("n_val", 200),
-                     extra.get("n_test", 1000), config.seed)
+    data = make_data(dim, informative, extra["n_train"], extra["n_val"], extra["n_test"], config.seed)
     inner_loader = ShardedLoader(TensorDataset(*data["train"]), extra["batch_size"], rank=rank,
                                  world_size=world_size, seed=config.seed)
     outer_loader = full_batch(TensorDataset(*data["val"]), rank, world_size)
@@ -133,9 +172,10 @@ def build_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -
     solver = LogisticRegressionSolver(
         inner, outer, inner_loader, outer_loader, make_approx(config.approximator, seed=config.seed),
         num_iters=config.num_iters, unroll_steps=config.unroll_steps,
-        inner_optimizer=functools.partial(diff_sgd, lr=extra["inner_lr"], momentum=0, weight_decay=0),
+        inner_optimizer=proximal_decay_sgd(lambda: tuple(d.exp() for d in outer.parameters()),
+                                           extra["inner_lr"]),
         outer_optimizer=make_outer_optimizer(config.outer_optimizer, outer.parameters()),
-        log_freq=extra.get("log_freq", 20), device=select_device(config, rank))
+        log_freq=extra["log_freq"], device=select_device(config, rank))
     solver.data, solver.informative = data, informative
     return solver
 

@@ -39,6 +39,8 @@ non-finite run (``IHVPDivergenceError``, ``NonFiniteHypergradientError``,
 ``NonFiniteLossError``) or a full disk into one line on stderr and exit status 1,
 and Ctrl-C / ``SIGTERM`` into one line and exit status 130 / 143, for command-line
 entry points.
+The settings an error's advice names are mapped to their flags there
+(:func:`advice_flags`), since the core's messages name settings, not flags.
 """
 
 from __future__ import annotations
@@ -67,11 +69,11 @@ from hg_dist.registry import Registry, Setting
 from hg_dist.run_folder import OutputClaimError, claim
 from hg_dist.status import RunStatus
 
-__all__ = ["CHECKPOINT_FILE", "ConfigError", "ExperimentConfig", "RunStatus", "SolverBuilder", "Terminated",
-           "add_common_args", "add_example_args", "check_example_settings", "check_output", "claim_output",
-           "config_from_args",
-           "exit_on_error", "parse_config", "read_result", "run_local", "select_device", "terminate_as_exception",
-           "update_result", "write_json", "write_result"]
+__all__ = ["CHECKPOINT_FILE", "ConfigError", "ExperimentConfig", "LOG_FREQ", "RunStatus", "SolverBuilder",
+           "Terminated", "add_common_args", "add_example_args", "advice_flags", "check_example_settings",
+           "check_output", "claim_output", "config_from_args", "exit_on_error", "parse_config", "read_result",
+           "run_local", "select_device", "setting_help", "terminate_as_exception", "update_result", "write_json",
+           "write_result"]
 
 RESULT_FILE = "result.json"
 
@@ -188,7 +190,8 @@ def add_common_args(parser: argparse.ArgumentParser,
             owners = [entry.name for entry in registry if any(s.name == setting.name for s in entry.settings)]
             try:
                 group.add_argument(setting.cli_flag, dest=_dest(setting.cli_flag), type=setting.kind,
-                                   default=argparse.SUPPRESS, help=f"{setting.help} ({', '.join(owners)})")
+                                   default=argparse.SUPPRESS,
+                                   help=setting_help(registry, setting.name, getattr(defaults, field)))
             except argparse.ArgumentError as error:
                 raise ValueError(f"{registry.kind} setting {setting.name!r} of {owners} has the flag "
                                  f"{setting.cli_flag}, which another flag already uses; declare "
@@ -201,6 +204,26 @@ def add_common_args(parser: argparse.ArgumentParser,
     add("--use-gpu", action="store_true", default=defaults.use_gpu, help="run on CUDA")
     parser.set_defaults(**{_DEFAULTS_KEY: defaults})
     return parser
+
+
+def setting_help(registry: Registry, name: str, chosen: Mapping[str, Any] | None = None) -> str:
+    """``--help`` of the shared setting ``name``: what it means, its default and range for each entry taking it.
+
+    Entries whose declarations agree (help, default, range) share one clause:
+    ``"nystrom: shift ρ … (default 0.1; > 0) | cg, neumann, …: damping ρ … (default 0; >= 0)"``.
+    ``chosen``: the example's default spec; its entry shows the example's value as its default.
+    """
+    clauses: dict[tuple[str, Any, str], list[str]] = {}
+    for entry in registry:
+        setting = next((s for s in entry.settings if s.name == name), None)
+        if setting is None:
+            continue
+        default = setting.default
+        if chosen is not None and chosen.get("name") == entry.name:
+            default = chosen.get(name, default)
+        clauses.setdefault((setting.help, default, setting.bounds()), []).append(entry.name)
+    return " | ".join(f"{', '.join(owners)}: {text} (default {default:g}; {bounds})"
+                      for (text, default, bounds), owners in clauses.items())
 
 
 def _spec_from_flags(values: dict[str, Any], name_flag: str, registry: Registry,
@@ -285,7 +308,7 @@ def exit_on_error(parser: argparse.ArgumentParser) -> Iterator[None]:
     except ConfigError as error:
         parser.error(_one_line(error))
     except RUN_ERRORS as error:
-        parser.exit(1, f"{parser.prog}: error: {_describe(error)}\n")
+        parser.exit(1, f"{parser.prog}: error: {_describe(error)}{advice_flags(error, parser)}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted (Ctrl-C); {_how_to_resume()}\n")
     except Terminated as error:
@@ -295,6 +318,31 @@ def exit_on_error(parser: argparse.ArgumentParser) -> Iterator[None]:
 def _how_to_resume() -> str:
     return ("result.json records it; the same command resumes from the latest checkpoint "
             "(see --checkpoint-every)")
+
+
+_ADVICE_REGISTRIES: dict[str, Registry] = {"ihvp": METHODS, "outer_optimizer": OUTER_OPTIMIZERS}
+
+
+def advice_flags(error: BaseException, parser: argparse.ArgumentParser) -> str:
+    """The flags that set what ``error.advice`` names, with the suggested values: ``" (flags: --rho 0.35)"``.
+
+    The core names settings as the Python API spells them (``rho``, the outer
+    optimizer's ``lr``); here each :class:`~hg_dist.ihvp.SettingAdvice` becomes its flag:
+    an IHVP or outer-optimizer setting its registry's flag (``--rho``, ``--ihvp-lr``,
+    ``--outer-lr``), the inner optimizer's ``lr`` the example's ``inner_lr`` setting
+    (``--inner-lr``) when the example declares one. ``""`` when nothing maps.
+    """
+    example = {s.name: s for s in (parser.get_default(_EXAMPLE_KEY) or ((), None))[0]}
+    parts = []
+    for advice in getattr(error, "advice", ()):
+        if advice.scope == "inner_optimizer":
+            setting = example.get(f"inner_{advice.setting}")
+        else:
+            setting = _ADVICE_REGISTRIES[advice.scope].settings().get(advice.setting)
+        if setting is not None:
+            value = "" if advice.suggestion is None else f" {advice.suggestion:.2g}"
+            parts.append(setting.cli_flag + value)
+    return f" (flags: {', '.join(dict.fromkeys(parts))})" if parts else ""
 
 
 def check_output(output: str | os.PathLike) -> Path:
@@ -326,28 +374,54 @@ def check_output(output: str | os.PathLike) -> Path:
 _EXAMPLE_KEY = "hg_dist_example_checks"
 
 
+LOG_FREQ = Setting("log_freq", int, 20, "write a row of metrics (history, TensorBoard) every N inner steps",
+                   minimum=1)
+"""The logging interval every example declares (``--log-freq``; ``dataclasses.replace`` it for another default)."""
+
+
+def _example_argument(setting: Setting) -> dict[str, Any]:
+    """``add_argument`` keywords for an example's ``setting``: its type, choices and help with default and range."""
+    if setting.kind is bool:
+        return {"action": argparse.BooleanOptionalAction, "default": setting.default,
+                "help": f"{setting.help} (default: {'on' if setting.default else 'off'})"}
+    # argparse lists the choices itself; an optional setting's help says what leaving it out means
+    shown = [] if setting.default is None else [f"default: {setting.default}"]
+    shown += [] if setting.choices is not None or setting.kind is Path else [setting.bounds()]
+    keywords: dict[str, Any] = {"type": str if setting.kind is Path else setting.kind, "default": setting.default,
+                                "help": f"{setting.help} ({'; '.join(shown)})" if shown else setting.help}
+    if setting.kind is Path:
+        keywords["metavar"] = "PATH"
+    if setting.choices is not None:
+        keywords["choices"] = setting.choices
+    return keywords
+
+
 def add_example_args(parser: argparse.ArgumentParser, settings: Sequence[Setting],
                      check: Callable[["ExperimentConfig"], Any] | None = None) -> argparse.ArgumentParser:
-    """An example's own flags, one per :class:`~hg_dist.registry.Setting` (type, default, help, range).
+    """An example's own flags, one per :class:`~hg_dist.registry.Setting` (type, default, help, valid values).
 
-    The values land in ``config.extra`` under the settings' names. :func:`parse_config`
-    then checks each against its declared range and calls ``check(config)`` for
-    constraints between flags (e.g. the batch against the data and ``--workers``),
-    so a bad value is a usage error before anything runs. The example's
-    ``build_solver`` calls the same ``check`` (it serves the Python API too).
+    Numbers get their range, strings their ``choices``, switches ``--x/--no-x``, paths
+    ``PATH``; ``--help`` shows each with its default. The values land in
+    ``config.extra`` under the settings' names. :func:`parse_config` then checks each
+    against its declaration and calls ``check(config)`` for constraints between flags
+    (e.g. the batch against the data and ``--workers``), so a bad value is a usage
+    error before anything runs. The example's ``build_solver`` calls the same
+    ``check`` (it serves the Python API too).
     """
+    group = parser.add_argument_group("example settings")
     for setting in settings:
-        parser.add_argument(setting.cli_flag, dest=setting.name, type=setting.kind, default=setting.default,
-                            help=f"{setting.help} (default: {setting.default}; {setting.bounds()})")
+        group.add_argument(setting.cli_flag, dest=setting.name, **_example_argument(setting))
     parser.set_defaults(**{_EXAMPLE_KEY: (tuple(settings), check)})
     return parser
 
 
 def check_example_settings(config: "ExperimentConfig", settings: Sequence[Setting], owner: str) -> dict[str, Any]:
-    """``config.extra`` completed with the settings' defaults, each value checked against its range.
+    """``config.extra`` completed with the settings' defaults, each value checked against its declaration.
 
     Raises:
-        ValueError / TypeError: naming the setting and its flag, e.g. ``n_train (--n-train) must be >= 1``.
+        ValueError: a value is out of range or not one of the choices; the message names
+            the setting and its flag, e.g. ``n_train (--n-train) must be >= 1``.
+        TypeError: a value of the wrong type.
     """
     extra = dict(config.extra)
     for setting in settings:

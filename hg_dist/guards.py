@@ -8,7 +8,9 @@ that into ``{name: value}``. A non-finite recorded loss is an error
 outer parameter changes), and so is a diverged IHVP solve
 (:class:`~hg_dist.ihvp.IHVPDivergenceError`); with ``nan_policy="skip_outer"`` the
 solver drops such an outer step instead (:func:`guarded_outer_step`). Each message
-names the flag to change (``--inner-lr``, ``--outer-lr``, ``--rho``, ``--ihvp-lr``).
+names the setting to change (the inner or outer optimizer's ``lr``, the IHVP's ``rho``),
+and each error carries it as data (``error.advice``, :class:`~hg_dist.ihvp.SettingAdvice`)
+for a command line to map to its flags.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from hg_dist.hypergradient import Hypergradient, NonFiniteHypergradientError
 from hg_dist.ihvp import IHVPDivergenceError
+from hg_dist.ihvp._errors import INNER_LR, OUTER_LR, RHO, AdvisedError
 from hg_dist.recording import to_floats
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,8 +39,12 @@ NAN_POLICIES = ("raise", "skip_outer")
 whose IHVP solve diverged, and go on."""
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss returned by ``inner_update`` / ``outer_update``, or a parameter, was NaN or infinite."""
+class NonFiniteLossError(AdvisedError, FloatingPointError):
+    """A loss returned by ``inner_update`` / ``outer_update``, or a parameter, was NaN or infinite.
+
+    Attributes:
+        advice: the settings to change (:class:`~hg_dist.ihvp.SettingAdvice`), first the likeliest.
+    """
 
 
 class ForwardOutput(NamedTuple):
@@ -77,32 +84,35 @@ def check_update(metrics: Mapping[str, Any], where: str, step: int, *, outer_ste
                  after_outer_step: bool = False) -> dict[str, float]:
     """``metrics`` as floats (one host sync), or :class:`NonFiniteLossError` naming the bad ones.
 
-    The hint names the learning rate that most likely diverged. For ``inner_update``:
-    the outer one (``--outer-lr``) when the failing step directly follows an outer
-    step (``after_outer_step``: that step moved the outer parameters to where the
-    inner loss is NaN/inf), the inner one (``--inner-lr`` in the examples) when no
-    outer step has been taken (``outer_steps == 0``), else both. For
-    ``outer_update``: the outer one.
+    The hint (and ``error.advice``) names the learning rate that most likely diverged.
+    For ``inner_update``: the outer optimizer's ``lr`` when the failing step directly
+    follows an outer step (``after_outer_step``: that step moved the outer parameters
+    to where the inner loss is NaN/inf), the inner optimizer's ``lr`` when no outer
+    step has been taken (``outer_steps == 0``), else both. For ``outer_update``: the
+    outer one (and ``rho``).
     """
     values = to_floats(metrics) if metrics else {}
     bad = [name for name, value in values.items() if not math.isfinite(value)]
     if bad:
         if where != "inner_update":
-            hint = "lower the outer learning rate (--outer-lr), raise rho (--rho), or pass nan_policy='skip_outer'"
+            hint = "lower the outer optimizer's lr, raise rho, or pass nan_policy='skip_outer'"
+            advice = (OUTER_LR, RHO)
         elif after_outer_step:
             hint = (f"the inner parameters were rolled back to before that step. It directly follows the outer step "
                     f"at step {step - 1}, which moved the outer parameters to where the inner loss is NaN/inf: "
-                    f"lower the outer learning rate (--outer-lr)")
+                    f"lower the outer optimizer's lr")
+            advice = (OUTER_LR,)
         elif outer_steps == 0:
             hint = ("the inner parameters were rolled back to before that step; no outer step has been taken yet, "
-                    "so lower the inner learning rate (--inner-lr in the examples) or check the data and the "
-                    "initial outer parameters")
+                    "so lower the inner optimizer's lr or check the data and the initial outer parameters")
+            advice = (INNER_LR,)
         else:
-            hint = (f"the inner parameters were rolled back to before that step. Lower the inner learning rate "
-                    f"(--inner-lr in the examples); if the inner problem became unstable only after the {outer_steps} "
-                    f"outer step(s), lower the outer learning rate (--outer-lr) instead")
+            hint = (f"the inner parameters were rolled back to before that step. Lower the inner optimizer's lr; if "
+                    f"the inner problem became unstable only after the {outer_steps} outer step(s), lower the "
+                    f"outer optimizer's lr instead")
+            advice = (INNER_LR, OUTER_LR)
         raise NonFiniteLossError(f"{where} at step {step} returned non-finite {', '.join(bad)} "
-                                 f"({', '.join(f'{n}={values[n]}' for n in bad)}); {hint}")
+                                 f"({', '.join(f'{n}={values[n]}' for n in bad)}); {hint}", advice=advice)
     return values
 
 
@@ -134,8 +144,8 @@ def hypergradient_norm(grads: Any, params: Sequence[Tensor]) -> dict[str, float]
     if not math.isfinite(norm):
         raise NonFiniteHypergradientError(
             f"the hypergradient assigned to outer_grad has non-finite entries (norm={norm}); "
-            f"the outer parameters were not changed. Raise rho (--rho), lower the inner learning rate "
-            f"(--inner-lr in the examples), or pass nan_policy='skip_outer' to drop such steps")
+            f"the outer parameters were not changed. Raise rho, lower the inner optimizer's lr, or pass "
+            f"nan_policy='skip_outer' to drop such steps", advice=(RHO, INNER_LR))
     metrics = {"hypergrad_norm": norm}
     if isinstance(grads, Hypergradient):
         stats = grads.stats
@@ -161,7 +171,7 @@ def guarded_outer_step(solver: "BaseSolver", i: int) -> bool:
             raise NonFiniteLossError(
                 f"the outer parameters became NaN/inf in outer_update at step {i}; assign the "
                 f"hypergradient through solver.outer_grad (it is checked before the step) and lower "
-                f"the outer learning rate (--outer-lr)")
+                f"the outer optimizer's lr", advice=(OUTER_LR,))
         solver.recorder.add_many(values)
         return True
     except (NonFiniteHypergradientError, NonFiniteLossError, IHVPDivergenceError) as err:
@@ -170,9 +180,9 @@ def guarded_outer_step(solver: "BaseSolver", i: int) -> bool:
         solver.outer.zero_grad(set_to_none=True)
         if not all_finite(solver.inner_params):
             raise NonFiniteLossError(f"the inner parameters are NaN/inf at step {i}; skipping outer "
-                                     f"steps cannot recover from that. Lower the inner learning rate "
-                                     f"(--inner-lr in the examples), or the outer learning rate (--outer-lr) "
-                                     f"if earlier outer steps made the inner problem unstable") from err
+                                     f"steps cannot recover from that. Lower the inner optimizer's lr, or the "
+                                     f"outer optimizer's lr if earlier outer steps made the inner problem "
+                                     f"unstable", advice=(INNER_LR, OUTER_LR)) from err
         if not all_finite(list(solver.outer.parameters())):
             raise
         solver.skipped_outer_steps += 1

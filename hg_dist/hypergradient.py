@@ -46,7 +46,7 @@ from torch.func import grad
 from hg_dist._checks import HALF_DTYPES, SUPPORTED_DTYPES, check_params  # noqa: F401  (re-exported)
 from hg_dist.hessian import HessianOperator, in_dtype, linearize, mixed_vjp
 from hg_dist.ihvp import IHVPResult, IHVPStats
-from hg_dist.ihvp._errors import RHS_HINT, NonFiniteHypergradientError, check_finite
+from hg_dist.ihvp._errors import RHO, RHS_HINT, NonFiniteHypergradientError, check_finite, ihvp_advice
 from hg_dist.utils import Objective, Params, params_to_vector, vector_to_params
 
 __all__ = ["Hypergradient", "IHVPSolve", "NonFiniteHypergradientError", "Reduce", "check_params",
@@ -156,8 +156,10 @@ def implicit_hypergradient(inner_obj: Objective,
     solution = f"the IHVP solution x ({stats.method})"
     check_finite({solution: x, "the mixed term ∂²f/∂φ∂θ·x": mixed, "the hypergradient": hypergrad},
                  "after the IHVP solve",
-                 {solution: "the IHVP diverged: lower the Neumann step (--ihvp-lr) or raise rho (--rho)",
-                  "the mixed term ∂²f/∂φ∂θ·x": "the inner loss's mixed derivative ∂²f/∂φ∂θ is NaN/inf at the "
-                                               "current parameters, or x overflowed; raise rho (--rho)",
-                  "the hypergradient": "it overflowed; raise rho (--rho)"})
+                 {solution: "the IHVP diverged: lower the Neumann step lr or raise rho",
+                  "the mixed term ∂²f/∂φ∂θ·x": "the inner loss's mixed derivative ∂²f/∂φ∂θ is NaN/inf at "
+                                               "the current parameters, or x overflowed; raise rho",
+                  "the hypergradient": "it overflowed; raise rho"},
+                 {solution: (RHO, ihvp_advice("lr")), "the mixed term ∂²f/∂φ∂θ·x": (RHO,),
+                  "the hypergradient": (RHO,)})
     return Hypergradient(vector_to_params(hypergrad.to(out_params[0].dtype), out_params), stats)

@@ -1,7 +1,8 @@
 """Named, declared settings: one place that says what a method takes.
 
-A :class:`Setting` declares one setting of a method once: its name, type, default,
-valid range, help text and command-line flag. A :class:`Registry` holds entries
+A :class:`Setting` declares one setting of a method (or of an example) once: its
+name, type, default, valid values (a range or choices), help text and command-line flag.
+A :class:`Registry` holds entries
 (IHVP methods in :mod:`hg_dist.ihvp.registry`, outer optimizers in
 :mod:`hg_dist.outer_optimizers`) that each carry ``name`` and ``settings``, and
 turns a *spec* — one plain value such as ``{"name": "nystrom", "rank": 10,
@@ -14,25 +15,36 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["Entry", "Registry", "Setting"]
+__all__ = ["KINDS", "Entry", "Registry", "Setting"]
+
+
+KINDS = (int, float, str, bool, Path)
+"""What a setting may hold: numbers, strings (with or without ``choices``), switches, paths.
+
+A ``Path`` setting holds its value as a ``str`` (``~`` expanded), so configs stay plain JSON."""
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting of a registered method, declared once.
+    """One setting of a registered method or example, declared once.
 
     Attributes:
         name: the keyword, e.g. ``"rank"``.
-        kind: ``int`` or ``float``.
-        default: the value used when a spec leaves the setting out.
+        kind: ``int``, ``float``, ``str``, ``bool`` (a switch: ``--amp`` / ``--no-amp``) or
+            ``pathlib.Path`` (a file or folder, held as a ``str``).
+        default: the value used when a spec leaves the setting out; ``None`` makes the
+            setting optional (``None`` is then a valid value, and ``help`` says what it means).
         help: one line for ``--help`` and the docs.
-        minimum, maximum: bounds (``None``: unbounded).
+        minimum, maximum: bounds of a number (``None``: unbounded).
         exclusive_minimum, exclusive_maximum: whether a bound itself is invalid
             (``rho > 0``: ``minimum=0, exclusive_minimum=True``).
+        choices: the only valid values (e.g. ``("cifar", "synthetic")``), or ``None``.
         flag: command-line flag without dashes (default: ``name`` with ``-``),
             shared by every method that has a setting of this name.
         argument: the keyword the method's function takes for it (default
@@ -42,7 +54,7 @@ class Setting:
 
     name: str
     kind: type
-    default: int | float
+    default: Any
     help: str
     minimum: float | None = None
     maximum: float | None = None
@@ -51,10 +63,21 @@ class Setting:
     flag: str | None = None
     argument: str | None = "="
     hint: str = ""
+    choices: tuple[Any, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in (int, float):
-            raise TypeError(f"Setting {self.name!r}: kind must be int or float, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise TypeError(f"Setting {self.name!r}: kind must be one of int, float, str, bool, pathlib.Path, "
+                            f"got {self.kind!r}")
+        numeric = self.kind in (int, float)
+        if not numeric and (self.minimum is not None or self.maximum is not None):
+            raise TypeError(f"Setting {self.name!r}: minimum/maximum apply to int and float settings, not "
+                            f"{self.kind.__name__}")
+        if self.choices is not None:
+            if self.kind in (bool, Path) or not self.choices:
+                raise TypeError(f"Setting {self.name!r}: choices must be a non-empty tuple of str, int or float "
+                                f"values (not for {self.kind.__name__} settings)")
+            object.__setattr__(self, "choices", tuple(self.check(c, "its choices") for c in self.choices))
         self.check(self.default, "its default")
 
     @property
@@ -68,7 +91,15 @@ class Setting:
         return self.name if self.argument == "=" else self.argument
 
     def bounds(self) -> str:
-        """The valid range in words, e.g. ``"> 0"``, ``"in [1, 100]"``, ``"any"``."""
+        """The valid values in words, e.g. ``"> 0"``, ``">= 1 and <= 100"``, ``"one of a, b"``, ``"any"``."""
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.kind is bool:
+            return "a switch"
+        if self.kind is Path:
+            return "a path"
+        if self.kind is str:
+            return "any text"
         low = None if self.minimum is None else ("> " if self.exclusive_minimum else ">= ") + f"{self.minimum:g}"
         high = None if self.maximum is None else ("< " if self.exclusive_maximum else "<= ") + f"{self.maximum:g}"
         if low and high:
@@ -85,7 +116,7 @@ class Setting:
             return False
         return True
 
-    def check(self, value: Any, owner: str, *, name: str | None = None) -> int | float:
+    def check(self, value: Any, owner: str, *, name: str | None = None) -> Any:
         """Return ``value`` converted to :attr:`kind`, or raise naming the setting and ``owner``.
 
         Args:
@@ -94,18 +125,34 @@ class Setting:
                 (Neumann's function calls its ``lr`` ``alpha``).
 
         Raises:
-            TypeError: not a number of the right kind (an ``int`` setting refuses ``2.5``
-                and ``True``).
-            ValueError: out of range or not finite.
+            TypeError: not a value of the right kind (an ``int`` setting refuses ``2.5``
+                and ``True``; a ``str`` setting refuses ``3``).
+            ValueError: out of range, not finite, not one of the choices, or an empty path.
         """
         name = name or self.name
         suffix = f" ({owner})" + (f"; {self.hint}" if self.hint else "")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+        if value is None and self.default is None:
+            return None
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r}){suffix}")
+            return value
+        if self.kind is Path:
+            if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+                raise TypeError(f"{name} must be a non-empty path, got {type(value).__name__} ({value!r}){suffix}")
+            return os.path.expanduser(os.fspath(value))
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {type(value).__name__} ({value!r}){suffix}")
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real) or (
                 self.kind is int and not isinstance(value, numbers.Integral)):
             raise TypeError(f"{name} must be {'an int' if self.kind is int else 'a real number'}, got "
                             f"{type(value).__name__} ({value!r}){suffix}")
-        value = self.kind(value)
-        if not self.admits(value):
+        else:
+            value = self.kind(value)
+            if not self.admits(value):
+                raise ValueError(f"{name} must be {self.bounds()}, got {value!r}{suffix}")
+        if self.choices is not None and value not in self.choices:
             raise ValueError(f"{name} must be {self.bounds()}, got {value!r}{suffix}")
         return value
 

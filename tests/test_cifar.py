@@ -278,7 +278,7 @@ def test_bad_data_dir_is_a_usage_error_naming_what_was_expected(tmp_path, capsys
         ["--data", "synthetic", "--data-dir", str(tmp_path)], capsys)
     assert "--amp (bf16 autocast for the inner steps) is for CUDA: add --use-gpu" in usage_error(
         ["--data", "synthetic", "--amp"], capsys)
-    assert "--val-fraction must be in (0, 1), got 1.5" in usage_error(
+    assert "val_fraction (--val-fraction) must be > 0 and < 1, got 1.5" in usage_error(
         ["--data", "synthetic", "--val-fraction", "1.5"], capsys)
     assert "batch_size=7 is not a multiple of workers=2" in usage_error(
         ["--data", "synthetic", "--synthetic-size", "40", "--workers", "2", "--batch-size", "7"], capsys)

@@ -300,9 +300,13 @@ def test_estimate_spectrum_leaves_the_global_rng_alone():
 
 def test_neumann_above_two_over_lambda_max_raises_with_an_estimate():
     matrix = spd(torch.linspace(1.0, 10.0, P))
-    with pytest.raises(ihvp.IHVPDivergenceError, match=r"lr < 2/λ_max ≈ 0\.2 \(--ihvp-lr\)") as info:
+    with pytest.raises(ihvp.IHVPDivergenceError, match=r"lr < 2/λ_max ≈ 0\.2, e\.g\. lr=0\.1") as info:
         ihvp.neumann(operator(matrix), torch.randn(P), num_iters=10, alpha=100.0)
     assert info.value.lambda_max == pytest.approx(10.0, rel=1e-3)
+    assert info.value.advice == (ihvp.SettingAdvice("ihvp", "lr", pytest.approx(0.1, rel=1e-3)),)
+    assert (info.value.setting, info.value.suggestion) == ("lr", pytest.approx(1 / info.value.lambda_max))
+    # the suggestion works: below 2/λ_max the same solve converges
+    ihvp.neumann(operator(matrix), torch.randn(P), num_iters=200, alpha=info.value.suggestion)
 
 
 def test_neumann_warn_returns_the_plain_sum():
@@ -328,9 +332,11 @@ def test_cg_on_an_indefinite_operator_raises_naming_rho(method):
     matrix = spd(torch.linspace(-1.0, 10.0, P))
     solve = {"cg": lambda op, v, **kw: ihvp.cg(op, v, num_iters=P, **kw),
              "nystrom_pcg": lambda op, v, **kw: ihvp.nystrom_pcg(op, v, rank=5, num_iters=P, **kw)}[method]
-    with pytest.raises(ihvp.IHVPDivergenceError, match=r"non-positive curvature.*raise rho \(--rho\) above") as info:
+    with pytest.raises(ihvp.IHVPDivergenceError, match=r"non-positive curvature.*raise rho above") as info:
         solve(operator(matrix), torch.randn(P))
     assert info.value.lambda_min < 0
+    assert info.value.setting == "rho" and info.value.advice[0].scope == "ihvp"
+    assert info.value.suggestion > -info.value.lambda_min    # past the margin: H + ρI positive definite
     # damped past −λ_min it is positive definite again, and solves exactly
     v = torch.randn(P)
     x = solve(operator(matrix), v, rho=1.5).solution

@@ -91,8 +91,8 @@ def test_registration_conflicts_are_refused():
     with pytest.raises(ValueError, match="unknown IHVP method 'nope'"):
         METHODS.unregister("nope")
     local = Registry("thing")
-    with pytest.raises(TypeError, match="kind must be int or float"):
-        Setting("x", str, "a", "a string setting")
+    with pytest.raises(TypeError, match="kind must be one of int, float, str, bool, pathlib.Path"):
+        Setting("x", list, [], "a list setting")
     with pytest.raises(ValueError, match=r"x must be >= 1, got 0 \(its default\)"):
         Setting("x", int, 0, "bad default", minimum=1)
     assert local.names() == []

@@ -38,6 +38,7 @@ from hg_dist.experiment import ConfigError, ExperimentConfig, run_local
 from hg_dist.hessian import HessianOperator
 from hg_dist.optimizers import diff_sgd
 from hg_dist.solver import BaseImplicitSolver, NonFiniteLossError
+from hg_dist.ihvp import SettingAdvice
 
 ROOT = Path(__file__).resolve().parents[1]
 P = 12
@@ -146,25 +147,25 @@ def _api_cases():
         # the divergences
         "neumann lr=100 at λ_max=10, hypergradient": (
             lambda pb: approx_hypergrad.neumann(pb.inner(pb.spd), pb.outer, pb.theta, pb.phi, num_iters=10, lr=100.0),
-            IHVPDivergenceError, r"diverged.*lr < 2/λ_max ≈ 0\.2 \(--ihvp-lr\)"),
+            IHVPDivergenceError, r"diverged.*lr < 2/λ_max ≈ 0\.2, e\.g\. lr=0\.1"),
         "neumann lr=100 at λ_max=10, operator": (
             lambda pb: ihvp.neumann(operator(pb.spd), pb.v, num_iters=10, alpha=100.0),
-            IHVPDivergenceError, r"λ_max\(A\) ≈ 10 .*lr < 2/λ_max ≈ 0\.2 \(--ihvp-lr\)"),
+            IHVPDivergenceError, r"λ_max\(A\) ≈ 10 .*lr < 2/λ_max ≈ 0\.2, e\.g\."),
         "neumann lr=0.22 just above 2/λ_max": (
             lambda pb: ihvp.neumann(operator(pb.spd), pb.v, num_iters=40, alpha=0.22),
             IHVPDivergenceError, r"grew .*× over 40 products.*lr < 2/λ_max ≈ 0\.2"),
         "neumann on an indefinite Hessian": (
             lambda pb: ihvp.neumann(operator(pb.indefinite), pb.v, num_iters=80, alpha=0.05),
-            IHVPDivergenceError, r"not positive definite.*no lr makes the series converge; raise rho \(--rho\)"),
+            IHVPDivergenceError, r"not positive definite.*no lr makes the series converge; raise rho above"),
         "cg on an indefinite Hessian": (
             lambda pb: ihvp.cg(operator(pb.indefinite), pb.v, num_iters=P),
-            IHVPDivergenceError, r"cg diverged.*non-positive curvature.*raise rho \(--rho\) above"),
+            IHVPDivergenceError, r"cg diverged.*non-positive curvature.*raise rho above"),
         "nystrom_pcg on an indefinite Hessian": (
             lambda pb: ihvp.nystrom_pcg(operator(pb.indefinite), pb.v, rank=4, num_iters=P),
-            IHVPDivergenceError, r"nystrom_pcg diverged.*non-positive curvature.*--rho"),
+            IHVPDivergenceError, r"nystrom_pcg diverged.*non-positive curvature.*raise rho"),
         "cg on an indefinite Hessian, hypergradient": (
             lambda pb: make_approx(SPECS["cg"])(pb.inner(pb.indefinite), pb.outer, pb.theta, pb.phi),
-            IHVPDivergenceError, r"cg diverged.*raise rho \(--rho\)"),
+            IHVPDivergenceError, r"cg diverged.*raise rho above"),
         # non-finite inputs, before any solve
         "NaN ∂g/∂θ never reaches the solve": (
             lambda pb: implicit_hypergradient(pb.inner(pb.spd), nan_theta_outer(pb), pb.theta, pb.phi, must_not_solve),
@@ -296,7 +297,7 @@ def same(a, b) -> bool:
 def test_solver_with_a_diverging_neumann_stops_before_the_outer_step():
     solver = make_solver(approx=make_approx({"name": "neumann", "num_iters": 10, "lr": 100.0}))
     outer_before = solver.outer.log_decay.detach().clone()
-    with pytest.raises(IHVPDivergenceError, match=r"lr < 2/λ_max ≈ .*\(--ihvp-lr\)"):
+    with pytest.raises(IHVPDivergenceError, match=r"lr < 2/λ_max ≈ .*, e\.g\. lr="):
         solver.run()
     assert torch.equal(solver.outer.log_decay, outer_before) and solver.outer_step == 0
     assert solver.outer.log_decay.grad is None
@@ -304,17 +305,20 @@ def test_solver_with_a_diverging_neumann_stops_before_the_outer_step():
 
 def test_solver_whose_outer_step_blows_up_the_inner_loss_names_the_outer_rate():
     solver = make_solver(outer_lr=1e7)
-    with pytest.raises(NonFiniteLossError, match=r"step 11 .*directly follows the outer step at step 10.*--outer-lr"):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"step 11 .*directly follows the outer step at step 10.*outer optimizer's lr") as info:
         solver.run()
+    assert info.value.advice == (SettingAdvice("outer_optimizer", "lr"),)
     assert solver.outer_step == 1 and solver.inner_step == 11
     assert all(bool(t.isfinite().all()) for t in solver.inner_params)  # rolled back to before the bad step
 
 
 def test_solver_whose_inner_steps_diverge_names_the_inner_rate():
     solver = make_solver(inner_lr=1e10, unroll_steps=29)
-    with pytest.raises(NonFiniteLossError, match=r"no outer step has been taken yet, so lower the inner learning "
-                                                 r"rate \(--inner-lr in the examples\)"):
+    with pytest.raises(NonFiniteLossError, match=r"no outer step has been taken yet, so lower the inner "
+                                                 r"optimizer's lr") as info:
         solver.run()
+    assert info.value.setting == "lr" and info.value.advice[0].scope == "inner_optimizer"
     assert solver.outer_step == 0 and all(bool(t.isfinite().all()) for t in solver.inner_params)
 
 
@@ -419,7 +423,7 @@ def _result(folder):
 def test_run_local_marks_a_failed_run(examples, workdir):
     config = ExperimentConfig(approximator={"name": "neumann", "lr": 100.0}, num_iters=30, unroll_steps=10,
                               output="out")
-    with pytest.raises(IHVPDivergenceError, match=r"--ihvp-lr"):
+    with pytest.raises(IHVPDivergenceError, match=r"e\.g\. lr="):
         run_local(examples["logistic_regression"].build_solver, config)
     result = _result(workdir / "out")
     assert result["status"] == "failed" and result["error"].startswith("IHVPDivergenceError: the Neumann series")
@@ -490,7 +494,7 @@ CLI_USAGE_CASES = [
      r"default batch is all n_train=199 .*not a multiple of --workers 2; use --n-train 198"),
     ("data_hypercleaning", ["--n-val", "301", "--workers", "2"],
      r"full batch of 301 examples cannot be split equally over workers=2"),
-    ("data_hypercleaning", ["--batch-size", "0"], r"batch_size must be in \[1, 200\], got 0"),
+    ("data_hypercleaning", ["--batch-size", "0"], r"batch_size \(--batch-size\) must be >= 1, got 0"),
     ("data_hypercleaning", ["--batch-size", "2000"], r"batch_size must be in \[1, 200\], got 2000"),
     ("dataset_distillation", ["--images-per-class", "0"], r"images_per_class \(--images-per-class\) must be >= 1"),
     ("dataset_distillation", ["--images-per-class", "60"], r"must be >= 1 and <= 50, got 60"),
@@ -534,11 +538,12 @@ def test_cli_usage_error(example, flags, pattern, examples, workdir, no_ray, cap
 
 CLI_RUN_CASES = [
     ("logistic_regression", ["--approx", "neumann", "--ihvp-lr", "100"], "IHVPDivergenceError",
-     r"IHVPDivergenceError: the Neumann series diverged.*lr < 2/λ_max ≈ [\d.]+ \(--ihvp-lr\)"),
+     r"IHVPDivergenceError: the Neumann series diverged.*lr < 2/λ_max ≈ [\d.]+, e\.g\. lr=([\d.]+) "
+     r"\(flags: --ihvp-lr \1\)$"),
     ("logistic_regression", ["--outer-lr", "1000"], "NonFiniteLossError",
-     r"NonFiniteLossError: inner_update at step 11 .*lower the outer learning rate \(--outer-lr\)"),
+     r"NonFiniteLossError: inner_update at step 11 .*lower the outer optimizer's lr \(flags: --outer-lr\)$"),
     ("dataset_distillation", ["--approx", "cg", "--ihvp-iters", "3"], "IHVPDivergenceError",
-     r"cg diverged: .*non-positive curvature.*raise rho \(--rho\) above"),
+     r"cg diverged: .*non-positive curvature.*raise rho above .*\(e\.g\. rho=([\d.e+-]+)\).*\(flags: --rho \1\)$"),
 ]
 
 
@@ -563,7 +568,8 @@ def test_cli_divergence_in_a_real_process():
                               capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert proc.returncode == 1 and proc.stdout == ""
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert re.search(r"^logistic_regression\.py: error: IHVPDivergenceError: .*\(--ihvp-lr\)", proc.stderr)
+        assert re.search(r"^logistic_regression\.py: error: IHVPDivergenceError: .*\(flags: --ihvp-lr [\d.]+\)$",
+                         proc.stderr.strip())
         assert _result(out)["status"] == "failed"
     finally:
         import shutil

@@ -18,8 +18,8 @@ setting to change, or an :class:`IHVPDivergenceWarning` with
 estimate the extreme eigenvalues of an operator by a few Lanczos steps.
 """
 
-from hg_dist.ihvp._errors import (DIVERGENCE_ACTIONS, IHVPDivergenceError, IHVPDivergenceWarning,
-                                  NonFiniteHypergradientError)
+from hg_dist.ihvp._errors import (DIVERGENCE_ACTIONS, AdvisedError, IHVPDivergenceError, IHVPDivergenceWarning,
+                                  NonFiniteHypergradientError, SettingAdvice)
 from hg_dist.ihvp._method import Method
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 from hg_dist.ihvp.cg import cg
@@ -30,7 +30,8 @@ from hg_dist.ihvp.nystrom_pcg import nystrom_pcg, randomized_nystrom
 from hg_dist.ihvp.registry import METHODS, register
 from hg_dist.ihvp.spectrum import SpectrumEstimate, estimate_lambda_max, estimate_spectrum
 
-__all__ = ["DIVERGENCE_ACTIONS", "IHVPDivergenceError", "IHVPDivergenceWarning", "IHVPResult", "IHVPStats",
-           "METHODS", "Method", "NonFiniteHypergradientError", "SpectrumEstimate", "cg", "dense_hessian",
+__all__ = ["DIVERGENCE_ACTIONS", "AdvisedError", "IHVPDivergenceError", "IHVPDivergenceWarning", "IHVPResult",
+           "IHVPStats", "METHODS", "Method", "NonFiniteHypergradientError", "SettingAdvice", "SpectrumEstimate", "cg",
+           "dense_hessian",
            "estimate_lambda_max", "estimate_spectrum", "exact", "neumann", "nystrom", "nystrom_pcg",
            "randomized_nystrom", "register"]

@@ -37,7 +37,8 @@ from torch import Tensor
 
 from hg_dist._checks import check_float
 from hg_dist.hessian import HessianOperator, shifted
-from hg_dist.ihvp._errors import (PRODUCTS_HINT, RHS_HINT, IHVPDivergenceError, NonFiniteHypergradientError,
+from hg_dist.ihvp._errors import (INNER_LR, PRODUCTS_HINT, RHO, RHS_HINT, IHVPDivergenceError,
+                                  NonFiniteHypergradientError, ihvp_advice, suggest_rho,
                                   check_on_divergence, report_divergence)
 from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method, checks_rhs
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
@@ -141,7 +142,7 @@ def _check_solve(a: HessianOperator, v: Tensor, x: Tensor, r: Tensor, curvatures
         report_divergence(_indefinite_error(a, v, int(first_bad), curvature, rho, method), on_divergence)
     elif not x_finite:
         raise NonFiniteHypergradientError(f"non-finite values in the Hessian-vector products ({method}); "
-                                          f"{PRODUCTS_HINT}")
+                                          f"{PRODUCTS_HINT}", advice=(INNER_LR,))
     return residual
 
 
@@ -153,11 +154,13 @@ def _indefinite_error(a: HessianOperator, v: Tensor, iteration: int, curvature: 
     try:
         lam_min, lam_max, steps = estimate_spectrum(a, v)
     except (ArithmeticError, RuntimeError):
-        return IHVPDivergenceError(f"{head}; raise rho (--rho) or use nystrom", method=method)
+        return IHVPDivergenceError(f"{head}; raise rho or use nystrom", method=method, advice=(RHO,))
     bound = min(lam_min, curvature)  # both bound λ_min(H + ρI) from above
+    suggestion = suggest_rho(rho, bound, lam_max)
     return IHVPDivergenceError(
-        f"{head}; λ_min(H + ρI) ≈ {bound:.3g} (Lanczos, {steps} products), so raise rho (--rho) above "
-        f"{rho - bound:.3g}, or use nystrom", method=method, lambda_min=bound, lambda_max=lam_max)
+        f"{head}; λ_min(H + ρI) ≈ {bound:.3g} (Lanczos, {steps} products), so raise rho above "
+        f"{rho - bound:.3g} (e.g. rho={suggestion:.2g}), or use nystrom", method=method, lambda_min=bound,
+        lambda_max=lam_max, advice=(ihvp_advice("rho", suggestion),))
 
 
 METHOD = Method(

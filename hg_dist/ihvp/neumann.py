@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from hg_dist.hessian import HessianOperator, shifted
-from hg_dist.ihvp._errors import (PRODUCTS_HINT, RHS_HINT, IHVPDivergenceError, NonFiniteHypergradientError,
+from hg_dist.ihvp._errors import (INNER_LR, PRODUCTS_HINT, RHS_HINT, IHVPDivergenceError,
+                                  NonFiniteHypergradientError, ihvp_advice, suggest_rho,
                                   check_on_divergence, report_divergence)
 from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method, checks_rhs
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
@@ -133,7 +134,7 @@ def _check_terms(a: HessianOperator, v: Tensor, norms: Tensor, first_product: Te
         unit = v / torch.linalg.vector_norm(v)
         if not bool(a.matvec(unit).isfinite().all()):
             raise NonFiniteHypergradientError(f"non-finite values in the Hessian-vector products (neumann); "
-                                              f"{PRODUCTS_HINT}")
+                                              f"{PRODUCTS_HINT}", advice=(INNER_LR,))
     report_divergence(_divergence_error(a, v, norms, alpha, rho, max_growth), on_divergence)
 
 
@@ -165,15 +166,21 @@ def _divergence_error(a: HessianOperator, v: Tensor, norms: Tensor, alpha: float
     try:
         lam_min, lam_max, steps = estimate_spectrum(a, v)
     except (ArithmeticError, RuntimeError):
-        return IHVPDivergenceError(f"{head}; lower lr (--ihvp-lr) or use cg or nystrom", method="neumann")
+        return IHVPDivergenceError(f"{head}; lower lr or use cg or nystrom", method="neumann",
+                                   advice=(ihvp_advice("lr"),))
     estimate = f"λ_min(A) ≈ {lam_min:.3g}, λ_max(A) ≈ {lam_max:.3g} ({steps} Lanczos products)"
     if lam_min <= 0:
+        suggestion = suggest_rho(rho, lam_min, lam_max)
         advice = (f"{estimate}: A is not positive definite (the inner problem is not convex here), so no lr makes "
-                  f"the series converge; raise rho (--rho) above {rho - lam_min:.3g}, or use nystrom")
+                  f"the series converge; raise rho above {rho - lam_min:.3g} (e.g. rho={suggestion:.2g}), or use "
+                  f"nystrom")
+        setting = ihvp_advice("rho", suggestion)
     else:
         suggestion = min(1 / lam_max, alpha / 2)  # the estimate is a lower bound of λ_max
-        advice = f"{estimate}, so use lr < 2/λ_max ≈ {2 / lam_max:.3g} (--ihvp-lr), e.g. lr={suggestion:.2g}"
-    return IHVPDivergenceError(f"{head}; {advice}", method="neumann", lambda_min=lam_min, lambda_max=lam_max)
+        advice = f"{estimate}, so use lr < 2/λ_max ≈ {2 / lam_max:.3g}, e.g. lr={suggestion:.2g}"
+        setting = ihvp_advice("lr", suggestion)
+    return IHVPDivergenceError(f"{head}; {advice}", method="neumann", lambda_min=lam_min, lambda_max=lam_max,
+                               advice=(setting,))
 
 
 METHOD = Method(name="neumann", function=neumann, summary="truncated Neumann series α Σ (I − αA)^j v",
