@@ -48,9 +48,8 @@ STOP_RATIO = 1.5
 
 SAMPLES_PER_SIZE = 2
 """Timed chunks per explored size; the fastest one is its figure. A size's first chunk
-pays one-time costs: at p = 4,810 (float32, one thread) single timings measured
-chunks of 2 and 4 at 1.5× and 1.14× a loop and stopped exploring, although chunks of 8
-run 20 rows in 0.63× the time of a loop (``benchmarks/results/scaling.md``)."""
+pays one-time costs, so a single timing can make a size look slower than a loop and end
+exploring before the size that wins (``benchmarks/results/scaling.md``)."""
 
 CALIBRATIONS: dict[tuple, "Calibration"] = {}
 """Process-wide cache: :func:`calibration_key` → :class:`Calibration`."""

@@ -17,11 +17,10 @@ For an inner objective ``f(θ, φ)`` at a point ``(θ, φ)``:
   are made one chunk at a time, so no ``p×k`` identity block is ever allocated.
 * ``∂²f/∂φ∂θ · x`` (shaped like ``φ``) is one more VJP, of ``φ ↦ ∇_θ f(θ, φ)``.
 
-Measured (``benchmarks/results/scaling.md``): rows beat the old column layout,
-whose strided ``(p, k)`` tangents made every batched product at ``p = 536k`` cost
-1.7 gradients instead of 0.95; forward over reverse (``jvp`` of the gradient, ``k``
-tangents in one ``vmap``) recomputes the gradient per block and lost to reverse over
-reverse at every size measured (1.35–8 gradients per product against 0.95–1.1).
+Rows rather than columns, because a strided ``(p, k)`` block of tangents makes every
+batched product slower; reverse over reverse rather than forward over reverse (``jvp``
+of the gradient), because the latter recomputes the gradient per block. The numbers
+behind both choices are in ``benchmarks/results/scaling.md``.
 
 The IHVP methods in :mod:`hg_dist.ihvp` see only :class:`HessianOperator`, so the
 distributed layer can hand them an operator whose products end in an allreduce.

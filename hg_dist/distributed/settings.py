@@ -87,7 +87,7 @@ class FitOptions:
     Rank 0 records every outer step locally (history, TensorBoard) whatever these
     say; ``report_every`` and ``checkpoint_every`` only bound how often the workers
     stop together to talk to Ray Train (each ``ray.train.report`` synchronises all
-    workers with the Train controller, ≈2 s here). Both are decided on rank 0 and
+    workers with the Train controller, which polls every few seconds). Both are decided on rank 0 and
     agreed by all ranks after the outer step, so all ranks always report together.
     The end of a run is always reported, with a checkpoint.
 
