@@ -148,6 +148,7 @@ def test_fit_passes_the_cluster_defaults_to_ray_train(monkeypatch, tmp_path):
     clusters = {"one": fixed({"CPU": 2}), "many": fixed({"CPU": 2}, {"CPU": 2})}
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
     monkeypatch.setattr(runner, "validate", lambda build_solver, config, options: config.workers)
+    monkeypatch.setattr(runner, "check_loadable_on_workers", lambda build_solver: None)   # no Ray in this test
     for name, cluster in clusters.items():
         monkeypatch.setattr(runner, "prepare_workers", lambda workers, bundle, timeout_s, cluster=cluster: cluster)
         config = ExperimentConfig(workers=2, output=str(tmp_path / name))
