@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,7 @@ ray = pytest.importorskip("ray")
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 
 from ray_heads import (DOC, DOC_BLOCKS, FIXED_HEAD, FIXED_JOB, FIXED_TOO_MANY, REPO,  # noqa: E402
-                       doc_block, doc_blocks, doc_output_after, run_block, start_head, stop_head)
+                       doc_block, doc_blocks, doc_output_after, ray_cli, run_block, start_head, stop_head)
 
 CLUSTERS = REPO / "clusters"
 CLUSTER_YAMLS = ["gpu.yaml", "cpu.yaml", "local.yaml"]
@@ -244,43 +245,80 @@ def test_every_local_doc_command_is_run_by_a_test():
                          for block in cloud)
 
 
-@pytest.fixture
-def fixed_head():
-    """The head of docs/clusters.md section 1 (its own command), on free ports and a temp dir of its own."""
-    head = start_head(doc_block(FIXED_HEAD))
-    try:
-        yield head
-    finally:
-        stop_head(head)
+def _quick_start_then_head(home: Path):
+    """The order a new user meets: the Quick start's local Ray (it writes ``~/.ray/auth_token`` under
+    ``home``), then docs/clusters.md section 1's head, started by its own block as that user."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS_SKIP_REGEX",
+                        "RAY_COLOR_PREFIX", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["HOME"] = str(home)
+    # examples/search.py starts its local instance with hg_dist.tune.launch.start_ray; the same call alone
+    # (not the whole search) makes Ray write the token file.
+    quick = ("from hg_dist import ray_env; ray_env.prepare()\n"
+             "import ray\nfrom hg_dist.tune.launch import start_ray\nassert start_ray(num_cpus=1)\nray.shutdown()")
+    proc = subprocess.run([sys.executable, "-c", quick], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    token = home / ".ray" / "auth_token"
+    assert token.is_file(), "the local run did not write ~/.ray/auth_token (the situation this test is about)"
+    written = token.read_text()
+    head = start_head(doc_block(FIXED_HEAD), home=home)
+    assert token.read_text() == written                         # `ray get-auth-token --generate` kept it
+    assert not any(k.startswith("RAY_AUTH") for k in head.env)  # the doc's client block must say it
+    return head
 
 
-def test_local_recipe(fixed_head, tmp_path):
-    """Section 1 of docs/clusters.md, in order: submit, status, logs, `ray status`, the results, and
-    a driver asking for more workers than the fixed head holds (the error as the doc shows it)."""
+@pytest.mark.cluster
+def test_local_recipe(tmp_path):
+    """Section 1 of docs/clusters.md in the order a new user meets it, in a fresh HOME: the Quick start's
+    local Ray (token file written), the head (token authentication from that file), then the job block:
+    submit, status, logs, `ray status`, the results; `ray job list` and a JobSubmissionClient with the
+    doc's RAY_AUTH_MODE, a client without it refused; and a driver asking for more workers than the fixed
+    head holds (the error as the doc shows it)."""
     import pyarrow.parquet as pq
 
-    started = time.time()
-    proc = run_block(fixed_head, doc_block(FIXED_JOB), tmp_path)
-    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}\n--- head ---\n{fixed_head.log()}"
-    print(f"job + checks in {time.time() - started:.0f} s")
-    out = tmp_path / "lr2"
-    result = json.loads((out / "result.json").read_text())
-    assert result["workers"] == 2 and result["config"]["num_iters"] == 40
-    assert pq.read_table(out / "history.parquet").num_rows > 0
-    assert (proc.stdout + proc.stderr).count("Job 'lr2' succeeded") == 2   # ray job submit, ray job status
-    assert "Active:" in proc.stdout and "0.0/2.0 CPU" in proc.stdout     # ray status --address ...
-    assert f"'val_acc': {result['metrics']['val_acc']}" in proc.stdout   # result.json's metrics printed
-    assert "pyarrow.Table" in proc.stdout and "step: [[20,40]]" in proc.stdout   # the history
+    home = tmp_path / "home"
+    home.mkdir()
+    head = _quick_start_then_head(home)
+    try:
+        started = time.time()
+        proc = run_block(head, doc_block(FIXED_JOB), tmp_path)
+        assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}\n--- head ---\n{head.log()}"
+        print(f"job + checks in {time.time() - started:.0f} s")
+        out = tmp_path / "lr2"
+        result = json.loads((out / "result.json").read_text())
+        assert result["workers"] == 2 and result["config"]["num_iters"] == 40
+        assert pq.read_table(out / "history.parquet").num_rows > 0
+        assert (proc.stdout + proc.stderr).count("Job 'lr2' succeeded") == 2   # ray job submit, ray job status
+        assert "Active:" in proc.stdout and "0.0/2.0 CPU" in proc.stdout     # ray status --address ...
+        assert f"'val_acc': {result['metrics']['val_acc']}" in proc.stdout   # result.json's metrics printed
+        assert "pyarrow.Table" in proc.stdout and "step: [[20,40]]" in proc.stdout   # the history
 
-    started = time.time()
-    proc = run_block(fixed_head, doc_block(FIXED_TOO_MANY), tmp_path)
-    elapsed = time.time() - started
-    shown = " ".join(doc_output_after(FIXED_TOO_MANY).split())
-    assert proc.returncode == 0 and "exit status 1" in proc.stdout, proc.stderr[-4000:]
-    error_line = proc.stderr.strip().splitlines()[-1]
-    assert error_line == shown.replace(" exit status 1", ""), (error_line, shown)
-    assert not (tmp_path / "too-many").exists()                          # nothing written
-    assert elapsed < 60, f"the fixed-cluster error took {elapsed:.0f} s"
+        token_env = {**head.env, "RAY_AUTH_MODE": "token"}
+        listed = subprocess.run(ray_cli() + ["job", "list", "--address", head.url], cwd=REPO, env=token_env,
+                                capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0 and "lr2" in listed.stdout, listed.stderr[-3000:]
+        sdk = subprocess.run([sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient; "
+                              "print(JobSubmissionClient(sys.argv[1]).get_job_status('lr2'))", head.url], cwd=REPO,
+                             env=token_env, capture_output=True, text=True, timeout=120)
+        assert sdk.returncode == 0 and "SUCCEEDED" in sdk.stdout, sdk.stderr[-3000:]
+        # Without the doc's RAY_AUTH_MODE, the client is refused: the failure the recipe avoids.
+        refused = subprocess.run(ray_cli() + ["job", "list", "--address", head.url], cwd=REPO, env=head.env,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "uthentication" in refused.stdout + refused.stderr
+
+        started = time.time()
+        proc = run_block(head, doc_block(FIXED_TOO_MANY), tmp_path)
+        elapsed = time.time() - started
+        shown = " ".join(doc_output_after(FIXED_TOO_MANY).split())
+        assert proc.returncode == 0 and "exit status 1" in proc.stdout, proc.stderr[-4000:]
+        error_line = proc.stderr.strip().splitlines()[-1]
+        assert error_line == shown.replace(" exit status 1", ""), (error_line, shown)
+        assert not (tmp_path / "too-many").exists()                          # nothing written
+        assert elapsed < 60, f"the fixed-cluster error took {elapsed:.0f} s"
+    finally:
+        stop_head(head)
 
 
 def test_readme_cluster_commands_are_the_docs():

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -287,49 +286,4 @@ def test_every_entry_point_listens_on_loopback_only(tmp_path):
         assert "\x1b[" not in err, f"{name}: colour codes in its output (not a terminal)"
         assert "Token authentication is enabled" not in err and "startup concurrency" not in err
 
-
-# ---- the cluster recipe after the Quick start, in a fresh HOME --------------------------------
-
-@pytest.mark.cluster
-def test_cluster_recipe_after_the_quick_start(tmp_path):
-    """The order a new user meets: a local run (Ray writes ~/.ray/auth_token), then docs/clusters.md's head
-    (its own block: token authentication from that file), then its job block (`ray job submit`, status, logs,
-    `ray status`, the results), then `ray job list` and a JobSubmissionClient; the head is stopped at the end."""
-    from ray_heads import FIXED_HEAD, FIXED_JOB, doc_block, ray_cli, run_block, start_head, stop_head
-
-    home = tmp_path / "home"
-    home.mkdir()
-    env = _clean_env(HOME=str(home))
-    # The Quick start's Ray: examples/search.py starts its local instance with hg_dist.tune.launch.start_ray;
-    # the same call alone (not the whole search) makes Ray write the token file.
-    quick = ("from hg_dist import ray_env; ray_env.prepare()\n"
-             "import ray\nfrom hg_dist.tune.launch import start_ray\nassert start_ray(num_cpus=1)\nray.shutdown()")
-    proc = subprocess.run([sys.executable, "-c", quick], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    token = home / ".ray" / "auth_token"
-    assert token.is_file(), "the local run did not write ~/.ray/auth_token (the situation this test is about)"
-    written = token.read_text()
-
-    head = start_head(doc_block(FIXED_HEAD), home=home)
-    try:
-        assert token.read_text() == written                       # `ray get-auth-token --generate` kept it
-        assert not any(k.startswith("RAY_AUTH") for k in head.env)  # the doc's client block must say it
-        proc = run_block(head, doc_block(FIXED_JOB), tmp_path / "runs")
-        assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}\n--- head ---\n{head.log()}"
-        result = json.loads((tmp_path / "runs" / "lr2" / "result.json").read_text())
-        assert result["workers"] == 2 and "val_acc" in result["metrics"]
-        listed = subprocess.run(ray_cli() + ["job", "list", "--address", head.url], cwd=REPO,
-                                env={**head.env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                                timeout=120)
-        assert listed.returncode == 0 and "lr2" in listed.stdout, listed.stderr[-3000:]
-        sdk = subprocess.run([sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient; "
-                              "print(JobSubmissionClient(sys.argv[1]).get_job_status('lr2'))", head.url], cwd=REPO,
-                             env={**head.env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
-        assert sdk.returncode == 0 and "SUCCEEDED" in sdk.stdout, sdk.stderr[-3000:]
-        # Without the doc's RAY_AUTH_MODE, the client is refused: the failure the recipe avoids.
-        refused = subprocess.run(ray_cli() + ["job", "list", "--address", head.url], cwd=REPO, env=head.env,
-                                 capture_output=True, text=True, timeout=120)
-        assert refused.returncode != 0 and "uthentication" in refused.stdout + refused.stderr
-    finally:
-        stop_head(head)
+# The cluster recipe after the Quick start, in a fresh HOME, is tests/test_clusters.py::test_local_recipe.

@@ -43,7 +43,6 @@ The Ray internals this needs are in :mod:`hg_dist.distributed.ray_internals`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
