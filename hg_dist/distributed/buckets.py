@@ -30,13 +30,20 @@ gradients and the loss scaled into it in one pass each, no cat, clone or divide 
 Both return views of buffers that the next call overwrites: consume the gradients (an
 optimizer step) before the next call, and do not keep them as state (the in-place
 optimizers ``diff_sgd_`` / ``diff_adam_`` copy; the pure ``diff_sgd`` with momentum keeps
-its first gradient as the momentum buffer, so pass it ``tuple(g.clone() for g in grads)``). API, for wiring into a solver::
+its first gradient as the momentum buffer, so pass it ``tuple(g.clone() for g in grads)``)::
 
     mean = BucketedGradMean(params)                      # once, from the inner parameters
     grads, loss = mean.grad_and_value(f, params, *args)  # each step: f(params, *args) -> scalar
 
     flat = FlatGradMean(params)                          # seed-style updates
     grads, loss = flat(grads, loss)
+
+The solvers use them through :class:`TorchGradientMean`, the
+:class:`~hg_dist.collective.GradientMean` that
+:meth:`~hg_dist.distributed.collectives.TorchDistributed.gradient_mean` returns: the default
+``inner_update`` of :class:`~hg_dist.solver.BaseImplicitSolver` takes the bucketed
+``grad_and_value``, and :meth:`~hg_dist.solver.BaseSolver.mean_gradients` the flat mean
+(copying what it returns, which the caller may keep).
 
 ``group=None`` is the default process group (gloo on CPU, NCCL on GPU).
 """
