@@ -61,6 +61,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from hg_dist import make_approx
+from hg_dist.collective import Collective
 from hg_dist.distributed import CountingAllreduce, SingleProcess, TorchDistributed
 from hg_dist.distributed.hypergrad import AllreduceGrads, distributed_approx
 from hg_dist.optimizers import diff_sgd
@@ -78,7 +79,7 @@ TARGET_EFFICIENCY = 0.8    # at W = 2, 1 thread per worker
 # Workers: one process per rank (gloo / NCCL), each with a fixed number of threads
 # ---------------------------------------------------------------------------------------
 
-class TimedCollective:
+class TimedCollective(Collective):
     """A collective that adds up the seconds spent inside ``allreduce_sum`` (device synchronised)."""
 
     def __init__(self, collective, device: torch.device) -> None:

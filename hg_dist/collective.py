@@ -36,10 +36,10 @@ import torch
 from torch import Tensor
 
 from hg_dist.approx_hypergrad import Approximator
-from hg_dist.utils import Params, params_to_vector, vector_to_params
+from hg_dist.utils import Params, grad_and_value, params_to_vector, vector_to_params
 
-__all__ = ["Collective", "CommStats", "CountingAllreduce", "Reductions", "SingleProcess", "current",
-           "reduced_approx", "use"]
+__all__ = ["AllreduceGradientMean", "Collective", "CommStats", "CountingAllreduce", "GradientMean", "Reductions",
+           "SingleProcess", "current", "reduced_approx", "use"]
 
 
 @runtime_checkable
@@ -50,18 +50,25 @@ class Collective(Protocol):
     dtype, returns ``Σ_r t_r`` on every rank (a new tensor with identical bits
     everywhere; the input is untouched). Every rank must make the same calls in the
     same order.
+
+    ``gradient_mean(params)`` gives the :class:`GradientMean` a solver averages its
+    inner gradients with (built once per solver, for parameters shaped like
+    ``params``). Subclass ``Collective`` to inherit the default,
+    :class:`AllreduceGradientMean` (one ``allreduce_sum`` of the flattened gradients
+    and the loss); a runtime with a faster scheme (buckets overlapped with backward
+    over ``torch.distributed``) returns its own.
     """
 
-    @property
-    def rank(self) -> int: ...
-
-    @property
-    def world_size(self) -> int: ...
+    rank: int
+    world_size: int
 
     def allreduce_sum(self, tensor: Tensor) -> Tensor: ...
 
+    def gradient_mean(self, params: Sequence[Tensor]) -> GradientMean:
+        return AllreduceGradientMean(self)
 
-class SingleProcess:
+
+class SingleProcess(Collective):
     """The trivial group: ``rank = 0``, ``world_size = 1``, ``allreduce_sum`` = identity."""
 
     rank = 0
@@ -69,6 +76,67 @@ class SingleProcess:
 
     def allreduce_sum(self, tensor: Tensor) -> Tensor:
         return tensor
+
+
+class GradientMean(Protocol):
+    """``(mean_r ∇_θ f_r, mean_r f_r)`` over a collective's ``W`` replicas, for parameters of fixed shapes.
+
+    * ``grad_and_value(f, params, *args)``: the gradient of ``f_r = f(params, *args)``
+      (a scalar; ``args`` are this rank's data) by plain reverse mode, averaged with
+      the loss over the replicas. Parameters ``f`` does not use get zero gradients;
+      nothing is differentiable.
+    * ``averager(grads, loss)``: the mean of finished gradients (e.g. from
+      ``torch.func``; kept differentiable when they require grad) and of ``loss``
+      (``None``: ``(mean grads, None)``).
+
+    ``last`` is the communication of the latest call. When ``reuses_buffers`` is true
+    the results are views of buffers the next call overwrites: consume them (an
+    in-place optimizer step) or copy them before the next call.
+    """
+
+    last: CommStats
+    reuses_buffers: bool
+
+    def grad_and_value(self, f: Callable[..., Tensor], params: Sequence[Tensor],
+                       *args: Any) -> tuple[Params, Tensor]: ...
+
+    def __call__(self, grads: Sequence[Tensor], loss: Tensor | None = None) -> tuple[Params, Tensor | None]: ...
+
+
+class AllreduceGradientMean:
+    """The default :class:`GradientMean`: one ``allreduce_sum`` of ``[vec(grads), loss]``, divided by ``W``.
+
+    ``W = 1`` sends nothing and returns its inputs. The results are fresh tensors
+    (``reuses_buffers = False``); ``last`` counts one round of ``(n + 1)`` elements
+    (``n`` without a loss) per call on ``W > 1``.
+    """
+
+    reuses_buffers = False
+
+    def __init__(self, collective: Collective) -> None:
+        self.collective = collective
+        self.last = CommStats()
+
+    def grad_and_value(self, f: Callable[..., Tensor], params: Sequence[Tensor],
+                       *args: Any) -> tuple[Params, Tensor]:
+        grads, loss = grad_and_value(f, tuple(params), *args)
+        mean, mean_loss = self(grads, loss)
+        return mean, mean_loss
+
+    def __call__(self, grads: Sequence[Tensor], loss: Tensor | None = None) -> tuple[Params, Tensor | None]:
+        grads = tuple(grads)
+        world_size = self.collective.world_size
+        if world_size == 1:
+            self.last = CommStats()
+            return grads, loss
+        flat = params_to_vector(grads)
+        if loss is not None:
+            flat = torch.cat([flat, loss.detach().reshape(1).to(flat)])
+        self.last = CommStats(1, flat.numel() * flat.element_size())
+        mean = self.collective.allreduce_sum(flat) / world_size
+        if loss is None:
+            return vector_to_params(mean, grads), None
+        return vector_to_params(mean[:-1], grads), mean[-1].to(loss.dtype)
 
 
 _CURRENT: contextvars.ContextVar[Collective | None] = contextvars.ContextVar("hg_dist_collective", default=None)
@@ -101,8 +169,9 @@ def use(collective: Collective) -> Iterator[Collective]:
 def check_collective(collective: object) -> Collective:
     """``collective`` if it follows the protocol, else ``TypeError`` naming what it lacks."""
     if not isinstance(collective, Collective):
-        raise TypeError(f"collective must have rank, world_size and allreduce_sum(tensor) (hg_dist.collective."
-                        f"Collective; e.g. hg_dist.collective.SingleProcess()), got {type(collective).__name__}")
+        raise TypeError(f"collective must have rank, world_size, allreduce_sum(tensor) and gradient_mean(params) "
+                        f"(subclass hg_dist.collective.Collective, which supplies gradient_mean; e.g. "
+                        f"hg_dist.collective.SingleProcess()), got {type(collective).__name__}")
     if not 0 <= collective.rank < collective.world_size:
         raise ValueError(f"collective.rank must be in [0, world_size={collective.world_size}), "
                          f"got {collective.rank}")
@@ -147,6 +216,11 @@ class CountingAllreduce:
     def snapshot(self) -> CommStats:
         """The running totals now; ``after - before`` gives a span's cost."""
         return self.total
+
+    def count(self, stats: CommStats) -> None:
+        """Add communication done outside :meth:`sum` (a :class:`GradientMean`'s ``last``) to the totals."""
+        self._rounds += stats.rounds
+        self._bytes += stats.bytes
 
     def __call__(self, tensor: Tensor) -> Tensor:
         world_size = self.collective.world_size

@@ -40,15 +40,15 @@ from torch import Tensor, nn
 from hg_dist import checkpoint
 from hg_dist._checks import SUPPORTED_DTYPES, check_int
 from hg_dist.callbacks import AS_BUILT, Callback, run_callbacks
-from hg_dist.collective import Collective, Reductions, agreed_seed, check_collective, current, reduced_approx
+from hg_dist.collective import (Collective, GradientMean, Reductions, agreed_seed, check_collective, current,
+                                reduced_approx)
 from hg_dist.frozen import frozen_mask, keep_frozen, merge, select
 from hg_dist.guards import (NAN_POLICIES, ForwardOutput, NonFiniteLossError, check_update, guarded_outer_step,
                             hypergradient_norm, update_metrics)
 from hg_dist.loaders import InfiniteLoader
 from hg_dist.optimizers import in_place
 from hg_dist.recording import Recorder
-from hg_dist.utils import (Params, check_no_running_stats, detached, make_functional, params_to_vector,
-                           vector_to_params)
+from hg_dist.utils import Params, check_no_running_stats, detached, grad_and_value, make_functional
 
 __all__ = ["BaseImplicitSolver", "BaseSolver", "BaseUnrolledSolver", "ForwardOutput", "InfiniteLoader",
            "NAN_POLICIES", "NonFiniteLossError", "Recorder"]
@@ -168,6 +168,8 @@ class BaseSolver(abc.ABC):
         self.collective = check_collective(current() if collective is None else collective)
         self.reductions = Reductions(self.collective)
         self._reduced_loss: Tensor | None = None    # the loss mean_gradients averaged in this inner step
+        # How inner gradients are averaged (its buffers are allocated at their first use).
+        self.gradient_mean: GradientMean = self.collective.gradient_mean(self.inner_params)
 
     # ---- what users write -------------------------------------------------------------
 
@@ -212,19 +214,22 @@ class BaseSolver(abc.ABC):
         whole global batch, so every replica takes the same step (as one process on
         the union of the shards). Return the averaged loss from ``inner_update``: the
         loop then records it as it is, without another round. ``loss=None`` gives
-        ``(grads, None)``.
+        ``(grads, None)``. The mean is the collective's :meth:`gradient_mean` (over
+        ``torch.distributed``: one allreduce of a preallocated flat buffer); the
+        results are the caller's to keep (e.g. as a momentum buffer).
         """
         grads = tuple(grads)
         if self.collective.world_size == 1:
             return grads, loss
-        flat = params_to_vector(grads)
+        averager = self.gradient_mean
+        grads, mean_loss = averager(grads, loss)
+        self.reductions.inner.count(averager.last)
+        if averager.reuses_buffers:
+            grads = tuple(g.clone() for g in grads)
+            mean_loss = None if mean_loss is None else mean_loss.clone()
         if loss is not None:
-            flat = torch.cat([flat, loss.detach().reshape(1).to(flat)])
-        mean = self.reductions.inner(flat)
-        if loss is None:
-            return vector_to_params(mean, grads), None
-        self._reduced_loss = mean[-1].to(loss.dtype)
-        return vector_to_params(mean[:-1], grads), self._reduced_loss
+            self._reduced_loss = mean_loss
+        return grads, mean_loss
 
     def mean_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """``{name: mean_r value_r}`` over the replicas in one round (unchanged for ``W = 1``).
@@ -404,7 +409,9 @@ class BaseImplicitSolver(BaseSolver):
     step.
 
     On ``W > 1`` replicas (``collective=``), the default ``inner_update`` steps with
-    the replicas' mean gradient (:meth:`~BaseSolver.mean_gradients`), and
+    the replicas' mean gradient (the collective's
+    :class:`~hg_dist.collective.GradientMean`: over ``torch.distributed``, buckets
+    reduced while backward runs), and
     ``approx_ihvp`` is built with ``reduce=`` the replicas' mean
     (:func:`hg_dist.collective.reduced_approx`), so ``∂g/∂θ``, every Hessian product
     and the hypergradient are means over the shards: an ``outer_update`` that calls
@@ -458,12 +465,21 @@ The other arguments are :class:`BaseSolver`'s.
             self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
                                                                              self.inner_optim_state)
             return loss
-        grads, loss = grad_and_value(self.inner_forward, self.inner_params, self.outer_params(), *batch)
-        grads, loss = self.mean_gradients(grads, loss)    # the replicas' mean (nothing to do on one process)
+        # The replicas' mean (nothing to send on one process); over torch.distributed it is reduced in
+        # buckets while backward runs, into a buffer the next step reuses.
+        averager = self.gradient_mean
+        grads, loss = averager.grad_and_value(self.inner_forward, self.inner_params, self.outer_params(), *batch)
+        self.reductions.inner.count(averager.last)
+        if averager.reuses_buffers:
+            loss = loss.clone()                           # recorded after the buffer is reused
+        if self.collective.world_size > 1:
+            self._reduced_loss = loss
         # In place only when nothing is frozen: the loop restores frozen entries from the tensors the
         # step was given (hg_dist.frozen.keep_frozen), which an in-place step would have changed.
         step_ = None if any(self.frozen_inner) else in_place(self.inner_optimizer)
         if step_ is None:
+            if averager.reuses_buffers:                   # a pure optimizer may keep them (momentum)
+                grads = tuple(g.clone() for g in grads)
             self.inner_params, self.inner_optim_state = self.inner_optimizer(self.inner_params, grads,
                                                                              self.inner_optim_state)
         elif finite_step(loss, grads, self.global_step):    # in place: nothing to roll back to, so check first
@@ -494,22 +510,6 @@ The other arguments are :class:`BaseSolver`'s.
         if gen is None:
             gen = getattr(self.approx_ihvp, "keywords", {}).get("generator")
         return [gen] if isinstance(gen, torch.Generator) else []
-
-
-def grad_and_value(f: Callable[..., Tensor], params: Params, *args: Any) -> tuple[Params, Tensor]:
-    """``(∇_θ f(θ, *args), f(θ, *args))`` by plain reverse mode on detached leaves.
-
-    Unlike ``torch.func.grad_and_value`` no double-backward-ready graph is kept and
-    fused backward kernels (e.g. GroupNorm's) are used, so one step costs what
-    ``loss.backward()`` costs. The gradient is not differentiable: unrolled solvers,
-    which need the graph through the step, differentiate their own way. Parameters
-    ``f`` does not use get zero gradients. The returned loss is detached.
-    """
-    with torch.enable_grad():
-        leaves = tuple(p.detach().requires_grad_() for p in params)
-        loss = f(leaves, *args)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-    return grads, loss.detach()
 
 
 _ACCUMULATE = {torch.float64: torch.float64, torch.complex128: torch.complex128}

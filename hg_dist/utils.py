@@ -79,6 +79,22 @@ def vector_to_params(vec: Tensor, like: Sequence[Tensor]) -> Params:
 vector_to_tree = vector_to_params  # the seed library's name
 
 
+def grad_and_value(f: Callable[..., Tensor], params: Params, *args: Any) -> tuple[Params, Tensor]:
+    """``(∇_θ f(θ, *args), f(θ, *args))`` by plain reverse mode on detached leaves.
+
+    Unlike ``torch.func.grad_and_value`` no double-backward-ready graph is kept and
+    fused backward kernels (e.g. GroupNorm's) are used, so one step costs what
+    ``loss.backward()`` costs. The gradient is not differentiable: unrolled solvers,
+    which need the graph through the step, differentiate their own way. Parameters
+    ``f`` does not use get zero gradients. The returned loss is detached.
+    """
+    with torch.enable_grad():
+        leaves = tuple(p.detach().requires_grad_() for p in params)
+        loss = f(leaves, *args)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    return grads, loss.detach()
+
+
 def hvp(f: Callable[[Params], Tensor],
         primal: Params,
         tangent: Params,

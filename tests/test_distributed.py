@@ -285,8 +285,16 @@ def test_overriding_solver_two_workers_equal_one(tmp_path, solver_class, method)
 
 def test_solver_refuses_what_is_not_a_collective(tmp_path):
     config = config_for(tmp_path)
-    with pytest.raises(TypeError, match="collective must have rank, world_size and allreduce_sum"):
+    with pytest.raises(TypeError, match="collective must have rank, world_size, allreduce_sum"):
         build(LogRegSolver, config, collective="gloo")
+
+    class NoGradientMean:                     # the three members but not the Collective subclass
+        rank, world_size = 0, 1
+
+        def allreduce_sum(self, tensor):
+            return tensor
+    with pytest.raises(TypeError, match="subclass hg_dist.collective.Collective"):
+        build(LogRegSolver, config, collective=NoGradientMean())
     assert build(LogRegSolver, config, collective=SingleProcess()).collective.world_size == 1
 
 

@@ -30,13 +30,20 @@ gradients and the loss scaled into it in one pass each, no cat, clone or divide 
 Both return views of buffers that the next call overwrites: consume the gradients (an
 optimizer step) before the next call, and do not keep them as state (the in-place
 optimizers ``diff_sgd_`` / ``diff_adam_`` copy; the pure ``diff_sgd`` with momentum keeps
-its first gradient as the momentum buffer, so pass it ``tuple(g.clone() for g in grads)``). API, for wiring into a solver::
+its first gradient as the momentum buffer, so pass it ``tuple(g.clone() for g in grads)``)::
 
     mean = BucketedGradMean(params)                      # once, from the inner parameters
     grads, loss = mean.grad_and_value(f, params, *args)  # each step: f(params, *args) -> scalar
 
     flat = FlatGradMean(params)                          # seed-style updates
     grads, loss = flat(grads, loss)
+
+The solvers use them through :class:`TorchGradientMean`, the
+:class:`~hg_dist.collective.GradientMean` that
+:meth:`~hg_dist.distributed.collectives.TorchDistributed.gradient_mean` returns: the default
+``inner_update`` of :class:`~hg_dist.solver.BaseImplicitSolver` takes the bucketed
+``grad_and_value``, and :meth:`~hg_dist.solver.BaseSolver.mean_gradients` the flat mean
+(copying what it returns, which the caller may keep).
 
 ``group=None`` is the default process group (gloo on CPU, NCCL on GPU).
 """
@@ -50,7 +57,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["BucketedGradMean", "FlatGradMean", "DEFAULT_BUCKET_BYTES"]
+from hg_dist.collective import AllreduceGradientMean, CommStats
+
+__all__ = ["BucketedGradMean", "FlatGradMean", "TorchGradientMean", "DEFAULT_BUCKET_BYTES"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
 """DDP's default bucket capacity (25 MiB)."""
@@ -202,3 +211,66 @@ class FlatGradMean:
             self.buffer[-1] = loss.detach() * scale
         dist.all_reduce(self.buffer, group=self.group)
         return self.views, self.buffer[-1]
+
+
+class TorchGradientMean:
+    """The :class:`~hg_dist.collective.GradientMean` of :class:`~hg_dist.distributed.collectives.TorchDistributed`.
+
+    ``grad_and_value`` is :class:`BucketedGradMean`'s; ``averager(grads, loss)`` is
+    :class:`FlatGradMean`'s, except for gradients it cannot take copy-free — ones
+    that require grad (an unrolled step, whose graph must run through the
+    reduction), of mixed dtypes or devices, or shaped unlike the first ones it took —
+    which go to ``fallback``. Each buffer is allocated at its first use, for the
+    shapes of that call. Results are views of the buffers (``reuses_buffers =
+    True``). ``last`` counts one round per bucket (one for the flat mean) and the
+    buffer's bytes.
+
+    Args:
+        fallback: the mean for what the flat buffer cannot take.
+        bucket_bytes: capacity of a bucket.
+        group: the process group (``None``: the default one).
+    """
+
+    reuses_buffers = True
+
+    def __init__(self, *, fallback: AllreduceGradientMean, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 group: Any = None) -> None:
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}; e.g. 25 * 2**20")
+        self.bucket_bytes = bucket_bytes
+        self.group = group
+        self.fallback = fallback
+        self.bucketed: BucketedGradMean | None = None
+        self.flat: FlatGradMean | None = None
+        self.last = CommStats()
+
+    def grad_and_value(self, f: Callable[..., Tensor], params: Sequence[Tensor],
+                       *args: Any) -> tuple[tuple[Tensor, ...], Tensor]:
+        if self.bucketed is None:
+            self.bucketed = BucketedGradMean(params, bucket_bytes=self.bucket_bytes, group=self.group)
+        grads, loss = self.bucketed.grad_and_value(f, params, *args)
+        buffer = self.bucketed.buffer
+        self.last = CommStats(len(self.bucketed.buckets), buffer.numel() * buffer.element_size())
+        return grads, loss
+
+    def __call__(self, grads: Sequence[Tensor],
+                 loss: Tensor | None = None) -> tuple[tuple[Tensor, ...], Tensor | None]:
+        grads = tuple(grads)
+        if self.flat is None and _flat_ready(grads):
+            self.flat = FlatGradMean(grads, group=self.group)
+        flat = self.flat
+        if flat is None or not _flat_ready(grads) or [g.shape for g in grads] != flat.shapes or (
+                grads[0].dtype != flat.buffer.dtype or grads[0].device != flat.buffer.device):
+            out = self.fallback(grads, loss)
+            self.last = self.fallback.last
+            return out
+        value = torch.zeros((), dtype=flat.buffer.dtype, device=flat.buffer.device) if loss is None else loss
+        mean, mean_loss = flat(grads, value)
+        self.last = CommStats(1, flat.buffer.numel() * flat.buffer.element_size())
+        return mean, (None if loss is None else mean_loss.to(loss.dtype))
+
+
+def _flat_ready(grads: tuple[Tensor, ...]) -> bool:
+    """Whether ``grads`` can go through a :class:`FlatGradMean`: one dtype and device, no graph to keep."""
+    return bool(grads) and all(g.dtype == grads[0].dtype and g.device == grads[0].device and not g.requires_grad
+                               for g in grads)

@@ -19,28 +19,36 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from hg_dist.collective import Collective, SingleProcess
+from hg_dist.collective import AllreduceGradientMean, Collective, GradientMean, SingleProcess
+from hg_dist.distributed.buckets import DEFAULT_BUCKET_BYTES, TorchGradientMean
 
 __all__ = ["Collective", "SingleProcess", "ThreadGroup", "TorchDistributed", "run_threads"]
 
 T = TypeVar("T")
 
 
-class TorchDistributed:
+class TorchDistributed(Collective):
     """``torch.distributed``'s default process group (must already be initialised).
 
     A tensor that requires grad (an unrolled inner step) goes through the
     autograd-aware ``torch.distributed.nn.functional.all_reduce``, whose backward is
     again a sum-allreduce; otherwise a detached copy is reduced in place.
+
+    Its :meth:`gradient_mean` is a :class:`~hg_dist.distributed.buckets.TorchGradientMean`:
+    gradients reduced in buckets of about ``bucket_bytes`` launched from backward
+    hooks, and finished gradients in one copy-free flat allreduce.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}; e.g. 25 * 2**20")
+        self.bucket_bytes = bucket_bytes
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; inside a Ray Train worker it is "
                                "set up by TorchTrainer, elsewhere call torch.distributed.init_process_group "
@@ -61,6 +69,14 @@ class TorchDistributed:
         out = tensor.detach().clone()
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
         return out
+
+    def gradient_mean(self, params: Sequence[torch.Tensor]) -> GradientMean:
+        """Bucketed means for parameters of one dtype and device; the default flat mean otherwise."""
+        params = tuple(params)
+        uniform = all(p.dtype == params[0].dtype and p.device == params[0].device for p in params)
+        if not params or not uniform:
+            return AllreduceGradientMean(self)
+        return TorchGradientMean(fallback=AllreduceGradientMean(self), bucket_bytes=self.bucket_bytes)
 
 
 class ThreadGroup:
@@ -96,7 +112,7 @@ class ThreadGroup:
         return total
 
 
-class _ThreadMember:
+class _ThreadMember(Collective):
     def __init__(self, group: ThreadGroup, rank: int) -> None:
         self._group = group
         self.rank = rank
