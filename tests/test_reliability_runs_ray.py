@@ -20,12 +20,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 import ray.cloudpickle  # noqa: E402
+from ray import tune  # noqa: E402
 from ray.tune.schedulers import FIFOScheduler  # noqa: E402
 
 from hg_dist.distributed import run_experiment  # noqa: E402
 from hg_dist.distributed.reachable import WorkerImportError, check_loadable_on_workers  # noqa: E402
 from hg_dist.experiment import ConfigError, ExperimentConfig, run_local  # noqa: E402
-from hg_dist.tune import SearchExistsError, SearchFolderLostError, run_search  # noqa: E402
+from hg_dist.tune import SearchExistsError, SearchFolderLostError, SearchOptions, run_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # trials load this module's functions by value
@@ -59,6 +60,11 @@ def test_a_build_solver_module_the_workers_cannot_import_is_named(ray_session, t
     assert not (tmp_path / "out").exists()                   # refused before anything was written
 
 
+def _at(folder: Path) -> "tune.RunConfig":
+    """The search folder ``folder`` as Tune's ``RunConfig`` (``storage_path/name``)."""
+    return tune.RunConfig(storage_path=str(folder.parent), name=folder.name)
+
+
 def build_deleting_its_search(config, rank=0, world_size=1):
     """A trial that deletes the whole search folder (``<search>/trials/<trial>``), as a user's ``rm -r`` would."""
     sys.path.insert(0, str(ROOT))
@@ -72,21 +78,22 @@ def test_a_search_whose_folder_is_deleted_mid_run_fails_clearly(ray_session, tmp
     output = tmp_path / "search"
     with pytest.raises(SearchFolderLostError, match=rf"the search folder {output} was deleted or moved while the "
                                                     rf"search ran \(search\.json is gone\).*start the search again"):
-        run_search(build_deleting_its_search, SPACE, output=output, scheduler=FIFOScheduler(), cpus_per_worker=0.5,
-                   progress=False, print_table=False, plot=False)
+        run_search(build_deleting_its_search, SPACE, tune_config=tune.TuneConfig(scheduler=FIFOScheduler()),
+                   run_config=_at(output),
+                   options=SearchOptions(cpus_per_worker=0.5, progress=False, print_table=False, plot=False))
     assert not (output / "results.parquet").exists() and not (output / "best_config.json").exists()
 
 
 def test_resume_of_a_search_whose_tune_state_is_damaged_is_named(ray_session, tmp_path):
     output = tmp_path / "search"
-    (output / "tune").mkdir(parents=True)
+    output.mkdir(parents=True)          # the search folder is Tune's experiment folder
     (output / "search.json").write_text(json.dumps({"metric": "outer_loss", "mode": "min", "search": "random",
                                                     "num_samples": 1}))
-    (output / "tune" / "tuner.pkl").write_bytes(b"not a pickle")
-    (output / "tune" / "experiment_state-2026-01-01_00-00-00.json").write_text("{truncated")
+    (output / "tuner.pkl").write_bytes(b"not a pickle")
+    (output / "experiment_state-2026-01-01_00-00-00.json").write_text("{truncated")
     before = sorted(p.name for p in output.rglob("*"))
     with pytest.raises(SearchExistsError, match=rf"cannot resume the search in {output}: Tune cannot read its saved "
-                                                rf"state in {output}/tune .*it is damaged: start the search again"):
-        run_search(build_deleting_its_search, SPACE, output=output, resume=True, progress=False, print_table=False,
-                   plot=False)
+                                                rf"state in {output} .*it is damaged: start the search again"):
+        run_search(build_deleting_its_search, SPACE, run_config=_at(output), resume=True,
+                   options=SearchOptions(progress=False, print_table=False, plot=False))
     assert sorted(p.name for p in output.rglob("*")) == before
