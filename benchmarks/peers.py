@@ -186,23 +186,35 @@ def memory_child(model_name: str, kind: str, quick: bool, device: torch.device, 
     return {"peak_mb": peak / 2 ** 20, "before_first_step_mb": base / 2 ** 20, "step_peak_mb": (peak - base) / 2 ** 20}
 
 
-def measure_memory(model_name: str, kind: str, args) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-child", model_name, kind,
-               "--device", args.device] + (["--quick"] if args.quick else [])
-    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure_memory(pairs: list[tuple[str, str]], args) -> dict[tuple[str, str], dict]:
+    """:func:`memory_child` of each ``(model, kind)`` in a process of its own, two at a time (each process's
+    peak is its own, so running them side by side changes no number; nothing is timed meanwhile)."""
+    found: dict[tuple[str, str], dict] = {}
+    pending = list(pairs)
+    while pending:
+        batch, pending = pending[:2], pending[2:]
+        running = {pair: subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--memory-child", *pair, "--device", args.device]
+            + (["--quick"] if args.quick else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}) for pair in batch}
+        for pair, child in running.items():
+            out, err = child.communicate()
+            if child.returncode != 0:
+                raise RuntimeError(f"memory child {pair} failed (exit {child.returncode}):\n{err[-3000:]}")
+            found[pair] = json.loads(out.strip().splitlines()[-1])
+    return found
 
 
 def inner_rows(args, device: torch.device) -> list[dict]:
     rows = []
+    peaks = measure_memory([(name, kind) for name in INNER_MODELS for kind in ("hg_dist", "pytorch")], args)
     for name in INNER_MODELS:
         model, batch = _model(name, args.quick, device)
         x, y = _images(batch, device)
         contenders = {kind: inner_contender(kind, model, x, y) for kind in ("hg_dist", "pytorch")}
         rounds = args.rounds if name == "cnn" else max(3, args.rounds // 2)
         timing = summary(alternate(contenders, rounds, device), "hg_dist", "pytorch")
-        memory = {kind: measure_memory(name, kind, args) for kind in ("hg_dist", "pytorch")}
+        memory = {kind: peaks[name, kind] for kind in ("hg_dist", "pytorch")}
         rows.append({"row": f"inner step, {name}, batch {batch}", "model": name, "batch": batch, **timing,
                      "memory": memory,
                      "memory_ratio": memory["hg_dist"]["step_peak_mb"] / memory["pytorch"]["step_peak_mb"],

@@ -20,6 +20,23 @@ RAY_FIXTURES = frozenset({"ray_session"})
 CLUSTER_FIXTURES = frozenset({"fixed", "busy", "sim", "fixed_head"})
 
 
+# The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml's addopts). The Ray
+# and cluster tests are one group that one worker runs in order, first (they share that worker's Ray session,
+# and two Ray instances competing for 2 cores would slow both); the other tests fill both workers, those that
+# share a module-scoped fixture kept together so that the fixture is built once.
+RAY_GROUP = "ray"
+
+
+def _starts_ray(item) -> bool:
+    return item.get_closest_marker("ray") is not None or item.get_closest_marker("cluster") is not None
+
+
+def _uses_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values())
+
+
+@pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
@@ -27,6 +44,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cluster)
         elif names & RAY_FIXTURES:
             item.add_marker(pytest.mark.ray)
+        if _starts_ray(item):
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+        elif _uses_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: not _starts_ray(item))     # stable: the Ray group first, each part in file order
 
 
 @pytest.fixture(autouse=True)

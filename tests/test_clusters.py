@@ -30,6 +30,7 @@ pytest.importorskip("jsonschema")  # ray[default] brings it; validate_config nee
 ray = pytest.importorskip("ray")
 from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 
+from loopback import ListeningSockets, clean_env  # noqa: E402
 from ray_heads import (DOC, DOC_BLOCKS, FIXED_HEAD, FIXED_JOB, FIXED_TOO_MANY, REPO,  # noqa: E402
                        doc_block, doc_blocks, doc_output_after, ray_cli, run_block, start_head, stop_head)
 
@@ -246,20 +247,22 @@ def test_every_local_doc_command_is_run_by_a_test():
 
 
 def _quick_start_then_head(home: Path):
-    """The order a new user meets: the Quick start's local Ray (it writes ``~/.ray/auth_token`` under
-    ``home``), then docs/clusters.md section 1's head, started by its own block as that user."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS_SKIP_REGEX",
-                        "RAY_COLOR_PREFIX", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["HOME"] = str(home)
-    # examples/search.py starts its local instance with hg_dist.tune.launch.start_ray; the same call alone
-    # (not the whole search) makes Ray write the token file.
+    """The order a new user meets: a local run's Ray (it writes ``~/.ray/auth_token`` under ``home``), then
+    docs/clusters.md section 1's head, started by its own block as that user."""
+    env = clean_env(HOME=str(home))
+    # The local Ray of every command but examples/search.py: hg_dist.distributed.resources.connect without an
+    # address, after hg_dist.ray_env.prepare() (the examples' --workers N, `python -m hg_dist.tune.rerun`, fit;
+    # examples/train_loop.py's TorchTrainer makes the same bare ray.init()). Starting it makes Ray write the
+    # token file; while it runs, it listens on 127.0.0.1 only (search.py's start_ray: tests/test_tune.py).
     quick = ("from hg_dist import ray_env; ray_env.prepare()\n"
-             "import ray\nfrom hg_dist.tune.launch import start_ray\nassert start_ray(num_cpus=1)\nray.shutdown()")
-    proc = subprocess.run([sys.executable, "-c", quick], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+             "import time, ray\nfrom hg_dist.distributed.resources import connect\nconnect(num_cpus=1)\n"
+             "time.sleep(1.5)\nray.shutdown()")
+    local = subprocess.Popen([sys.executable, "-c", quick], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    with ListeningSockets(local.pid) as sockets:
+        _, err = local.communicate(timeout=120)
+    assert local.returncode == 0, err[-3000:]
+    sockets.assert_loopback_only("hg_dist.distributed.resources.connect()")
     token = home / ".ray" / "auth_token"
     assert token.is_file(), "the local run did not write ~/.ray/auth_token (the situation this test is about)"
     written = token.read_text()
@@ -271,8 +274,8 @@ def _quick_start_then_head(home: Path):
 
 @pytest.mark.cluster
 def test_local_recipe(tmp_path):
-    """Section 1 of docs/clusters.md in the order a new user meets it, in a fresh HOME: the Quick start's
-    local Ray (token file written), the head (token authentication from that file), then the job block:
+    """Section 1 of docs/clusters.md in the order a new user meets it, in a fresh HOME: a local run's Ray
+    (on 127.0.0.1 only; token file written), the head (token authentication from that file), then the job block:
     submit, status, logs, `ray status`, the results; `ray job list` and a JobSubmissionClient with the
     doc's RAY_AUTH_MODE, a client without it refused; and a driver asking for more workers than the fixed
     head holds (the error as the doc shows it)."""

@@ -4,11 +4,9 @@
   noise filter (checked against Ray's own log deduplicator and the raylet's message),
   colour codes off a terminal, the loopback warning, and that every example and
   ``python -m hg_dist.tune.rerun`` set the variables before Ray is imported.
-* ``@pytest.mark.ray``: the command-line entry points' two ways of starting Ray, each run
-  with tiny settings in a process of its own; while it runs, every listening socket of its
-  process tree is on 127.0.0.1 (psutil reads them; no traffic is sent).
-* ``@pytest.mark.cluster``: in a fresh ``HOME``, a local run (which makes Ray write
-  ``~/.ray/auth_token``), then docs/clusters.md's head and job commands as written.
+
+Where Ray listens when an entry point starts it is checked by the tests that run each one
+(tests/loopback.py); the cluster recipe after the Quick start is tests/test_clusters.py.
 """
 
 from __future__ import annotations
@@ -17,12 +15,12 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from hg_dist import ray_env
+from loopback import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.stem for p in (REPO / "examples").glob("*.py"))
@@ -30,16 +28,6 @@ RAYLET_WARNING = ("WARNING: 14 PYTHON worker processes have been started on node
                   "which is 7x the maximum expected startup concurrency (2). This could be a result of using a "
                   "large number of actors, tasks blocked in ray.get() calls, or tasks with fractional CPU "
                   "requests (e.g., num_cpus=0.1) allowing high concurrency.")
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """This environment without the variables ray_env sets (conftest sets one), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS_SKIP_REGEX",
-                        "RAY_COLOR_PREFIX", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
 
 
 # ---- hg_dist.ray_env, no Ray ------------------------------------------------------------------
@@ -176,7 +164,7 @@ def test_examples_prepare_ray_before_importing_it():
     """Each example's ``main`` (hg_dist.cli) sets the variables before a run imports Ray (stopped here by a
     usage error after parsing, so no Ray starts); Ray imported afterwards reads ENABLE_RAY_CLUSTER = False."""
     names = [e for e in EXAMPLES if e != "search"]
-    proc = subprocess.run([sys.executable, "-c", EXAMPLES_PROBE.format(names=names)], cwd=REPO, env=_clean_env(),
+    proc = subprocess.run([sys.executable, "-c", EXAMPLES_PROBE.format(names=names)], cwd=REPO, env=clean_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == [f"{name} True True True 0" for name in names] + ["ENABLE_RAY_CLUSTER False"]
@@ -195,7 +183,7 @@ def test_search_and_rerun_set_the_variables_before_ray_is_imported(module_args, 
         "              os.environ.get('RAY_USAGE_STATS_ENABLED'), flush=True)\n"
         "    return _import(name, *args, **kwargs)\n"
         "builtins.__import__ = _record\n")
-    env = _clean_env()
+    env = clean_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
     proc = subprocess.run([sys.executable, *module_args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -204,86 +192,6 @@ def test_search_and_rerun_set_the_variables_before_ray_is_imported(module_args, 
     assert "-v, --verbose" in proc.stdout
 
 
-# ---- every entry point's Ray listens on 127.0.0.1 only ----------------------------------------
-
-psutil = pytest.importorskip("psutil")
-
-
-def _listening(root_pid: int, names: dict[int, set[str]]) -> set[tuple[str, int, int]]:
-    """(address, port, pid) of every listening TCP socket of ``root_pid`` and its descendants; adds each
-    process's current name to ``names[pid]`` (Ray renames a worker after the task it runs)."""
-    found = set()
-    try:
-        root = psutil.Process(root_pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return found
-    for proc in procs:
-        try:
-            names.setdefault(proc.pid, set()).add(proc.name())
-            for conn in proc.net_connections(kind="tcp"):
-                if conn.status == psutil.CONN_LISTEN:
-                    found.add((conn.laddr.ip, conn.laddr.port, proc.pid))
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
-
-
-def _run_watching_sockets(argv: list[str], env: dict[str, str], timeout: float = 300):
-    """Run ``argv``; sample its process tree's listening sockets every 0.3 s until it exits."""
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen: set[tuple[str, int, int]] = set()
-    names: dict[int, set[str]] = {}
-    deadline = time.time() + timeout
-    try:
-        while proc.poll() is None and time.time() < deadline:
-            seen |= _listening(proc.pid, names)
-            time.sleep(0.3)
-        out, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, out, err, seen, names
-
-
-def _loopback(ip: str) -> bool:
-    return ip.removeprefix("::ffff:") in ("127.0.0.1", "::1") or ip.startswith("127.")
-
-
-def _torch_store(seen: set[tuple[str, int, int]], names: dict[int, set[str]]) -> set[tuple[str, int, int]]:
-    """torch.distributed's rendezvous store (a TCPStore on the rank-0 Train worker): torch binds it on every
-    interface and has no setting to bind it elsewhere, so it is reported and left out of the check (one at most)."""
-    train_workers = {pid for pid, seen_as in names.items() if any("RayTrainWorker" in n for n in seen_as)}
-    return {s for s in seen if s[0] in ("::", "0.0.0.0") and s[2] in train_workers}
-
-
-@pytest.mark.ray
-def test_every_entry_point_listens_on_loopback_only(tmp_path):
-    """examples/search.py (its Ray: hg_dist.tune.launch.start_ray) and an example with --workers 2 (every
-    example's hg_dist.cli.main; its Ray: hg_dist.distributed.resources.connect), with tiny settings, in a clean
-    environment (no RAY_* variables) and a fresh HOME. ``python -m hg_dist.tune.rerun --workers 2`` starts its
-    Ray through the same ``connect``; that it sets the variables before Ray is imported is checked above
-    without Ray (the two runs here take 2-6 min on 2 shared cores, a third would add half of that)."""
-    env = _clean_env(HOME=str(tmp_path / "home"))
-    tiny = ["--num-iters", "4", "--unroll-steps", "2"]
-    runs = {
-        "search": [sys.executable, "examples/search.py", "--num-samples", "1", "--workers", "1", "--n-train", "50",
-                   "--output", str(tmp_path / "search"), "--progress-interval", "0", *tiny],
-        "example": [sys.executable, "examples/logistic_regression.py", "--workers", "2",
-                    "--output", str(tmp_path / "lr"), *tiny],
-    }
-    for name, argv in runs.items():
-        code, out, err, seen, names = _run_watching_sockets(argv, env)
-        assert code == 0, f"{name}: exit {code}\n{out[-2000:]}\n{err[-4000:]}"
-        shown = [(ip, port, sorted(names.get(pid, ()))) for ip, port, pid in sorted(seen)]
-        everyone = set().union(*(names.get(pid, set()) for _, _, pid in seen))
-        assert {"gcs_server", "raylet"} <= everyone, f"{name}: Ray's sockets were not seen: {shown}"
-        store = _torch_store(seen, names)
-        assert len(store) <= 1, store
-        outside = [(ip, port, sorted(names[pid])) for ip, port, pid in sorted(seen - store) if not _loopback(ip)]
-        assert not outside, f"{name}: listening beyond loopback: {outside}"
-        assert "\x1b[" not in err, f"{name}: colour codes in its output (not a terminal)"
-        assert "Token authentication is enabled" not in err and "startup concurrency" not in err
-
-# The cluster recipe after the Quick start, in a fresh HOME, is tests/test_clusters.py::test_local_recipe.
+# Every entry point's Ray listens on 127.0.0.1 only: checked while the tests that already run each command
+# run it (tests/loopback.py names them). The cluster recipe after the Quick start, in a fresh HOME, is
+# tests/test_clusters.py::test_local_recipe.

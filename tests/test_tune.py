@@ -809,40 +809,45 @@ def _left_behind(pids: set[int], wait: float) -> list[str]:
 
 def _run_main_job(args: list[str], *, interrupt_after: str | None, timeout: float = 400) -> tuple[int, str, float,
                                                                                                      set[int]]:
-    """Run examples/search.py; with ``interrupt_after``, send SIGINT once a line contains it.
+    """Run examples/search.py as a user would (no RAY_* variables set); with ``interrupt_after``, send SIGINT
+    once a line contains it. While it runs, its Ray must listen on 127.0.0.1 only (tests/loopback.py).
 
     Returns ``(exit code, output, seconds from SIGINT to exit, every process it started)``.
     """
-    import os
     import signal
     import subprocess
     import time
 
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    process = subprocess.Popen([sys.executable, str(SEARCH_PY), *args], cwd=ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    from loopback import ListeningSockets, clean_env
+
+    process = subprocess.Popen([sys.executable, str(SEARCH_PY), *args], cwd=ROOT, env=clean_env(PYTHONUNBUFFERED="1"),
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen: set[int] = set()
     lines: list[str] = []
     stopped_at = None
     deadline = time.monotonic() + timeout
     try:
-        for line in process.stdout:
-            lines.append(line)
-            seen |= _descendants(process.pid)
-            if interrupt_after is not None and stopped_at is None and interrupt_after in line:
+        with ListeningSockets(process.pid) as sockets:
+            for line in process.stdout:
+                lines.append(line)
                 seen |= _descendants(process.pid)
-                stopped_at = time.monotonic()
-                process.send_signal(signal.SIGINT)
-            if time.monotonic() > deadline:
-                break
-        code = process.wait(timeout=60)
+                if interrupt_after is not None and stopped_at is None and interrupt_after in line:
+                    seen |= _descendants(process.pid)
+                    stopped_at = time.monotonic()
+                    process.send_signal(signal.SIGINT)
+                if time.monotonic() > deadline:
+                    break
+            code = process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    sockets.assert_loopback_only("examples/search.py")
+    text = "".join(lines)
+    assert "\x1b[" not in text, "colour codes in the main job's output (not a terminal)"
+    assert "Token authentication is enabled" not in text and "startup concurrency" not in text
     elapsed = time.monotonic() - stopped_at if stopped_at is not None else 0.0
-    return code, "".join(lines), elapsed, seen
+    return code, text, elapsed, seen
 
 
 def _fingerprint(folder: Path) -> dict[str, bytes]:
@@ -851,9 +856,10 @@ def _fingerprint(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.ray
 def test_main_job_interrupt_then_resume(tmp_path):
-    """Ctrl-C on examples/search.py (Optuna searcher): exit 130 within 10 s with the command that continues,
-    no process left; `--resume` then keeps every finished trial as it was (never rerun), continues the
-    others from their trial checkpoints (the searcher's state restored), and rebuilds a complete table."""
+    """Ctrl-C on examples/search.py (Optuna searcher; its Ray on 127.0.0.1 only, no colour codes, no Ray noise):
+    exit 130 within 10 s with the command that continues, no process left; `--resume` then keeps every
+    finished trial as it was (never rerun), continues the others from their trial checkpoints (the
+    searcher's state restored), and rebuilds a complete table."""
     output = tmp_path / "search"
     args = ["--search", "optuna", "--workers", "1", "--num-samples", "3", "--num-iters", "120", "--unroll-steps",
             "5", "--n-train", "150", "--num-cpus", "1", "--checkpoint-every", "2", "--progress-interval", "5",
