@@ -36,18 +36,21 @@ def _uses_module_fixture(item) -> bool:
     return info is not None and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values())
 
 
-@pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups
+def pytest_itemcollected(item):
+    """Markers and groups as each test is collected (pytest-xdist reads the groups in its own
+    ``pytest_collection_modifyitems``, which may run before ours)."""
+    names = set(getattr(item, "fixturenames", ()))
+    if names & CLUSTER_FIXTURES:
+        item.add_marker(pytest.mark.cluster)
+    elif names & RAY_FIXTURES:
+        item.add_marker(pytest.mark.ray)
+    if _starts_ray(item):
+        item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+    elif _uses_module_fixture(item):
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        names = set(getattr(item, "fixturenames", ()))
-        if names & CLUSTER_FIXTURES:
-            item.add_marker(pytest.mark.cluster)
-        elif names & RAY_FIXTURES:
-            item.add_marker(pytest.mark.ray)
-        if _starts_ray(item):
-            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
-        elif _uses_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     items.sort(key=lambda item: not _starts_ray(item))     # stable: the Ray group first, each part in file order
 
 
