@@ -12,6 +12,12 @@ import torch
 # set here, before any test module imports ray.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+# On a pytest-xdist worker, one thread per worker: two workers with torch's default thread count each would
+# oversubscribe the cores (processes the tests start inherit OMP_NUM_THREADS).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 
 # Test tiers. ``python -m pytest -q -m "not ray and not cluster"`` is the quick loop; the full command runs all.
 # A test that takes one of these fixtures starts Ray (``ray``) or a ``ray start`` cluster of its own (``cluster``)
@@ -52,6 +58,16 @@ def pytest_itemcollected(item):
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not _starts_ray(item))     # stable: the Ray group first, each part in file order
+
+
+def pytest_collection_finish(session):
+    """On a pytest-xdist worker with ``--dist loadgroup``: every Ray test carries the group in its node id (the
+    scheduler reads nothing else), or the run stops here instead of starting Ray tests on both workers."""
+    if getattr(session.config.option, "loadgroup", False):
+        lost = [item.nodeid for item in session.items if _starts_ray(item) and not item.nodeid.endswith("@" + RAY_GROUP)]
+        if lost:
+            raise pytest.UsageError(f"pytest-xdist did not group {len(lost)} Ray tests (e.g. {lost[0]}); pytest "
+                                    f"9.2 breaks its grouping (install the test extra: pytest<9.2), or run with -n 0")
 
 
 @pytest.fixture(autouse=True)
