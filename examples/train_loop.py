@@ -12,7 +12,9 @@ hg_dist's pieces inside:
   with a checkpoint (:func:`hg_dist.distributed.checkpoint_of`) every few outer steps.
 * ``main`` configures the run with Ray's own objects: ``ScalingConfig`` (workers,
   resources) and ``RunConfig`` (checkpoints and results in ``<output>/<name>``,
-  restarts with ``FailureConfig``, ``CheckpointConfig``), then ``TorchTrainer.fit``.
+  restarts with ``FailureConfig``, ``CheckpointConfig``), then ``TorchTrainer.fit``
+  with :class:`hg_dist.distributed.process_group.NodeBoundTorchConfig` (torch's
+  rendezvous store on the node's address, not on every interface).
 
 Inner problem (θ: a linear classifier on ``dim`` features, φ: one log decay per feature)::
 
@@ -180,10 +182,13 @@ def main(argv: list[str] | None = None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from hg_dist.distributed.process_group import NodeBoundTorchConfig
+
     if __name__ != "__main__":   # imported as a module the workers cannot import: ship its functions by value
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     trainer = TorchTrainer(
         train_func_per_worker,
+        torch_config=NodeBoundTorchConfig(),   # torch's rendezvous store on the node's address only
         train_loop_config={name: args[name] for name in SETTINGS},
         scaling_config=ScalingConfig(num_workers=args["workers"],
                                      resources_per_worker={"CPU": args["cpus_per_worker"]}),

@@ -707,8 +707,11 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_as_uninterrupted(tmp_pa
 @pytest.mark.ray
 def test_a_diverging_run_ends_at_once_without_restarts(tmp_path, ray_session):
     """The inner loss goes to inf (a huge inner step) on 2 workers allowed 2 restarts: the workers agree,
-    end the run at once (each built its solver once: no restart), result.json says why, fit raises."""
+    end the run at once (each built its solver once: no restart), result.json says why, fit raises.
+    Meanwhile every socket of this process tree (the session's Ray, the Train workers) listens on
+    127.0.0.1 only, torch's rendezvous store on rank 0 included (hg_dist.distributed.process_group)."""
     import ray.cloudpickle
+    from loopback import ListeningSockets
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     from hg_dist.distributed import RunFailedError
@@ -716,11 +719,14 @@ def test_a_diverging_run_ends_at_once_without_restarts(tmp_path, ray_session):
 
     builds = tmp_path / "builds"
     config = config_for(tmp_path, workers=2, extra={"batch_size": 16, "lr": 1e100, "builds": str(builds)})
-    with pytest.raises(RunFailedError, match=r"NonFiniteLossError: .*not retried"):
+    with ListeningSockets(os.getpid(), interval=0.1) as sockets, \
+            pytest.raises(RunFailedError, match=r"NonFiniteLossError: .*not retried"):
         fit(build_logged_solver, config, options=FitOptions(precheck=False),
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
             run_config=RunConfig(name="diverges", storage_path=str(tmp_path / "ray"),
                                  failure_config=FailureConfig(max_failures=2)))
+    sockets.assert_loopback_only("fit on the session's Ray")
+    assert sockets.train_worker_sockets(), "the Train workers' sockets (torch's store) were not seen"
     assert sorted(builds.read_text().split()) == ["0", "1"]               # one attempt, no restart
     written = json.loads((Path(config.output) / "result.json").read_text())
     assert written["status"] == "failed" and written["retried"] is False and written["workers"] == 2

@@ -249,6 +249,25 @@ def test_replace_restored_callback_run_config_of_a_tuner():
         pytest.fail(_failed(use, error))
 
 
+def test_torch_backend_class_and_set_rank_env_vars():
+    use = "ray.train.torch.config._TorchBackend and _set_torch_distributed_env_vars (torch_backend_class, " \
+          "set_rank_env_vars)"
+    try:
+        from ray.train.backend import Backend
+        from ray.train.torch.config import _set_torch_distributed_env_vars
+
+        backend = ray_internals.torch_backend_class()
+        assert issubclass(backend, Backend), "not a ray.train.backend.Backend"
+        for hook in ("on_start", "on_shutdown", "on_training_start"):
+            assert list(inspect.signature(getattr(backend, hook)).parameters) == [
+                "self", "worker_group", "backend_config"], hook
+        assert not inspect.signature(_set_torch_distributed_env_vars).parameters
+        from hg_dist.distributed.process_group import NodeBoundTorchConfig
+        assert NodeBoundTorchConfig().backend_cls.__mro__[1] is backend
+    except (ImportError, AttributeError, AssertionError) as error:
+        pytest.fail(_failed(use, error))
+
+
 # ---- the same uses against a running Ray ---------------------------------------------------------
 
 @pytest.mark.ray

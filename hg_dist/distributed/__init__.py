@@ -19,6 +19,8 @@ Modules, one job each:
 * :mod:`~hg_dist.distributed.resources` — before a run: reach the cluster, decide whether it
   can ever hold the workers (autoscaling or fixed, read from the cluster), wait for them.
 * :mod:`~hg_dist.distributed.train_loop` — what each Ray Train worker runs.
+* :mod:`~hg_dist.distributed.process_group` — the workers' process group, torch's rendezvous store
+  on the node's address only (imports Ray).
 * :mod:`~hg_dist.distributed.runner` — :func:`fit` and :func:`run_experiment`.
 
 Ray is imported only when a run starts, so the non-Ray parts work without it.

@@ -29,6 +29,12 @@ v1_autoscaler_status       ``ray.experimental.internal_kv``                 what
 replace_restored_callback  ``Tuner._local_tuner._run_config``               ``Tuner.restore`` takes no ``run_config``; the  2.60
                                                                             restored callbacks are unpickled copies that
                                                                             print nowhere
+torch_backend_class        ``ray.train.torch.config._TorchBackend``         a ``TorchConfig`` that sets the process group   2.60
+                                                                            up differently subclasses the backend Ray
+                                                                            Train's torch support runs on the workers
+set_rank_env_vars          ``ray.train.torch.config``                       the variables torchrun sets (``RANK``,          2.60
+                           ``._set_torch_distributed_env_vars``             ``LOCAL_RANK``, ...) are set by this function
+                                                                            only
 =========================  ===============================================  ==============================================  ======
 
 "tested": the first Ray release on which hg_dist's tests checked the use (the range they
@@ -44,7 +50,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["V2Demand", "autoscaler_v2_enabled", "bootstrap_address", "cluster_config_bounds", "gcs_client",
-           "replace_restored_callback", "started_local_head", "v1_autoscaler_status", "v2_demand", "v2_demand_of"]
+           "replace_restored_callback", "set_rank_env_vars", "started_local_head", "torch_backend_class",
+           "v1_autoscaler_status", "v2_demand", "v2_demand_of"]
 
 
 def bootstrap_address(address: str | None) -> str | None:
@@ -163,3 +170,18 @@ def replace_restored_callback(tuner: Any, kind: type, callback: Any) -> bool:
         callbacks.append(callback)
     run_config.callbacks = callbacks
     return True
+
+
+def torch_backend_class() -> type:
+    """Ray Train's torch backend (``on_start`` sets the process group up, ``on_shutdown`` destroys it)."""
+    from ray.train.torch.config import _TorchBackend
+
+    return _TorchBackend
+
+
+def set_rank_env_vars() -> None:
+    """On a Ray Train worker: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``NODE_RANK`` (as
+    torchrun sets them), from the worker's train context."""
+    from ray.train.torch.config import _set_torch_distributed_env_vars
+
+    _set_torch_distributed_env_vars()

@@ -210,9 +210,11 @@ def fit(build_solver: Callable[..., Any], config: Any, *,
     os.makedirs(config.output, exist_ok=True)
     from ray.train.torch import TorchTrainer
 
+    from hg_dist.distributed.process_group import NodeBoundTorchConfig
+
     job = Job(build_solver, config, options)
     trainer = TorchTrainer(train_loop, train_loop_config={"job": job}, scaling_config=scaling,
-                           run_config=run_config)
+                           run_config=run_config, torch_config=NodeBoundTorchConfig())
     # Ray Train replaces the SIGINT handler for the run (Ctrl-C aborts it) and never
     # puts the previous one back: do so, so that Ctrl-C works again afterwards.
     previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
