@@ -30,7 +30,7 @@ from hg_dist.distributed import ray_internals
 
 __all__ = ["NodeBoundTorchConfig"]
 
-# Rank 0's listening socket, kept open from binding until torch's store takes it over.
+# Rank 0's listening socket; torch's store serves on it, so it stays open for the worker's life.
 _LISTENING: socket.socket | None = None
 
 
