@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+from loopback import free_port
 
 # Ray binds to 127.0.0.1 only (no traffic leaves loopback). Ray reads this when it is imported, so it is
 # set here, before any test module imports ray.
@@ -80,12 +80,6 @@ def _float64_and_seed():
     torch.set_default_dtype(previous)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """A local Ray instance for the whole test session (4 logical CPUs on 2 cores).
@@ -98,7 +92,7 @@ def ray_session(tmp_path_factory):
     # Without a dashboard of its own, Ray's state API (which Ray Train's placement-group cleaner polls to see
     # whether the controller lives) asks 127.0.0.1:8265, where another Ray instance on this machine may
     # answer "no such actor" and get the run's workers removed. A port nobody listens on makes it fail cleanly.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, dashboard_port=_free_port(), log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, dashboard_port=free_port(), log_to_driver=False,
              configure_logging=False)
     yield ray
     ray.shutdown()

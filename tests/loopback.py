@@ -1,4 +1,5 @@
-"""Which addresses our commands' Ray listens on: a watcher for the tests that already start it.
+"""Loopback for the tests: a free port on 127.0.0.1, a gloo process group there, and which addresses our
+commands' Ray listens on (a watcher for the tests that already start it).
 
 Every command-line entry point starts a local Ray in one of two ways, after
 ``hg_dist.ray_env.prepare()`` (tests/test_first_hour.py checks, without Ray, that each sets
@@ -22,8 +23,11 @@ is on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -31,6 +35,29 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 RAY_VARIABLES = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS_SKIP_REGEX",
                  "RAY_COLOR_PREFIX", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on at 127.0.0.1 (now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, port: int) -> Iterator[None]:
+    """In a spawned test process: torch.distributed's default group (gloo, rendezvous on 127.0.0.1:``port``,
+    one torch thread), destroyed on the way out."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def clean_env(**extra: str) -> dict[str, str]:

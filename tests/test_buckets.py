@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
+
+from loopback import free_port, gloo_group
 
 from hg_dist.distributed.buckets import BucketedGradMean, FlatGradMean
 from hg_dist.utils import make_functional
@@ -39,17 +40,8 @@ def loss_fn(func):
     return f
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world_size, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         model, x, y = model_and_data()
         func, params = make_functional(model)
         f = loss_fn(func)
@@ -63,12 +55,10 @@ def _worker(rank, world_size, port, out_dir):
         grads, loss = FlatGradMean(params)(g_func, l_func)
         results["flat"] = ([g.clone() for g in grads], loss.clone())
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_bucketed_and_flat_means_equal_one_process(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
     model, x, y = model_and_data()
     func, params = make_functional(model)
     expected_grads, expected_loss = torch.func.grad_and_value(loss_fn(func))(params, x, y)

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
+from loopback import free_port, gloo_group
+
 from hg_dist import make_approx
 from hg_dist.collective import AllreduceGradientMean, SingleProcess
-from hg_dist.distributed.buckets import TorchGradientMean
 from hg_dist.distributed.collectives import TorchDistributed
 from hg_dist.optimizers import diff_sgd
 from hg_dist.solver import BaseImplicitSolver
@@ -86,17 +85,8 @@ def recorded(solver) -> dict[str, list[float]]:
             if "time" not in name and not name.startswith("comm_")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world_size, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         results = {}
         for variant in VARIANTS:
             solver = build(variant, rank, world_size, TorchDistributed(bucket_bytes=BUCKET_BYTES))
@@ -110,14 +100,12 @@ def _worker(rank, world_size, port, out_dir):
                 "buckets": None if mean.bucketed is None else len(mean.bucketed.buckets),
                 "flat": mean.flat is not None, "inner_rounds": solver.reductions.inner.total.rounds}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("solver_buckets")
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(2, free_port(), str(out)), nprocs=2, start_method="spawn", join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
