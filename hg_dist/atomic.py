@@ -10,11 +10,16 @@ file system) under a name no other process uses (``.<name>.<pid>.<random>.tmp``)
 Whatever stops the write — a full disk, an error in ``write``, Ctrl-C — the
 temporary file is removed and an existing file at ``path`` is left as it was. A
 full disk raises :class:`NoSpaceError`, whose message names the file.
+
+A file that two processes update (a Tune trial and its search both write the trial's
+``result.json``) is changed with :func:`merge_json`: read, change and replace under an
+exclusive lock, so that neither process writes over what the other wrote in between.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -95,3 +100,29 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, record: Any) -> Path:
     """Replace ``path`` by ``record`` as indented JSON atomically (values JSON cannot hold become ``str``)."""
     return write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def merge_json(path: str | os.PathLike, merge: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any]:
+    """Read, change and replace the JSON object at ``path`` as one step among processes.
+
+    ``merge(current)`` gets the object now in the file (``{}`` when it is missing or
+    unreadable) and returns the object to write, or ``None`` to leave the file as it is.
+    Every caller holds an exclusive ``flock`` on ``.<name>.lock`` beside ``path`` from
+    the read to the replace (``path`` itself cannot carry the lock: each write replaces
+    it by another file). Returns what ``path`` holds afterwards.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file is closed, or the process dies
+        try:
+            current = json.loads(path.read_text())
+        except (OSError, ValueError):
+            current = {}
+        if not isinstance(current, dict):
+            current = {}
+        merged = merge(dict(current))
+        if merged is None:
+            return current
+        write_json(path, merged)
+        return merged

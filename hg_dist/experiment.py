@@ -58,7 +58,7 @@ from typing import Any, Protocol
 
 from hg_dist import checkpoint
 from hg_dist._checks import check_int
-from hg_dist.atomic import NoSpaceError, write_json
+from hg_dist.atomic import NoSpaceError, merge_json, write_json
 from hg_dist.callbacks import AS_BUILT, Callback, Checkpointer, Interval
 from hg_dist.checkpoint import seed_everything
 from hg_dist.guards import NonFiniteLossError
@@ -67,7 +67,7 @@ from hg_dist.ihvp.nystrom import RANK, check_rank
 from hg_dist.outer_optimizers import OUTER_OPTIMIZERS
 from hg_dist.registry import Registry, Setting
 from hg_dist.run_folder import OutputClaimError, claim
-from hg_dist.status import RunStatus
+from hg_dist.status import ENDED_FROM_OUTSIDE, RunStatus
 
 __all__ = ["CHECKPOINT_FILE", "ConfigError", "ExperimentConfig", "LOG_FREQ", "RunStatus", "SolverBuilder",
            "Terminated", "add_common_args", "add_example_args", "advice_flags", "check_example_settings",
@@ -459,7 +459,15 @@ def read_result(output: str | os.PathLike) -> dict[str, Any]:
 
 def update_result(output: str | os.PathLike, **fields: Any) -> Path:
     """Merge ``fields`` (e.g. ``status="stopped"``) into ``output/result.json`` atomically; return its path."""
-    return write_json(Path(output) / RESULT_FILE, {**read_result(output), **fields})
+    return merge_result(output, lambda current: {**current, **fields})[1]
+
+
+def merge_result(output: str | os.PathLike,
+                 merge: Callable[[dict[str, Any]], dict[str, Any] | None]) -> tuple[dict[str, Any], Path]:
+    """Change ``output/result.json`` by ``merge(current) -> new | None`` as one step (:func:`~hg_dist.atomic.merge_json`:
+    a trial and its search may write it at the same moment); returns the record afterwards and its path."""
+    path = Path(output) / RESULT_FILE
+    return merge_json(path, merge), path
 
 
 def _check_rank_fits(solver: Any, config: ExperimentConfig) -> None:
@@ -652,5 +660,21 @@ def _record_end(config: ExperimentConfig, solver: Any, status: RunStatus, error:
 
 def _write_end(config: ExperimentConfig, solver: Any, metrics: Mapping[str, float], status: RunStatus,
                error: str | None, wall: float, info: Mapping[str, Any]) -> None:
-    write_result(config.output, metrics, config, status=RunStatus(status), error=error, wall_time_s=wall, workers=1,
-                 global_step=solver.global_step, outer_steps=solver.outer_step, **info)
+    write_ending(config.output, {"metrics": dict(metrics), "config": config.to_dict(), "status": RunStatus(status),
+                                 "error": error, "wall_time_s": wall, "workers": 1, "global_step": solver.global_step,
+                                 "outer_steps": solver.outer_step, **info})
+
+
+def write_ending(output: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Make ``record`` (a run's ending: ``status``, ``error``, metrics...) ``output/result.json``.
+
+    A run that did not complete keeps a status in :data:`~hg_dist.status.ENDED_FROM_OUTSIDE` that
+    is already there (a search's scheduler stopped it; what failed as it was torn down is not the
+    run's error): the error goes in as ``error_while_stopped``. Checked and written as one step.
+    """
+    def merge(current: dict[str, Any]) -> dict[str, Any]:
+        if record["status"] != RunStatus.COMPLETED and current.get("status") in ENDED_FROM_OUTSIDE:
+            return {**current, "error_while_stopped": record.get("error")}
+        return dict(record)
+
+    merge_result(output, merge)

@@ -944,3 +944,69 @@ def test_a_train_run_torn_down_by_a_stop_keeps_the_stopped_status(tmp_path):
     record = json.loads((tmp_path / "result.json").read_text())
     assert record == {"status": "stopped", "metrics": {"score": 1.5},
                       "error_while_stopped": "RuntimeError: the worker group was removed"}
+
+
+def test_a_failure_the_stop_caused_after_the_search_wrote_stopped_keeps_it(tmp_path):
+    """The order seen in a resumed search: Tune stops a one-worker trial and the search writes ``stopped``; the
+    trial's thread, still running, then fails as Tune tears its session down. Neither the run's own ending
+    (run_local) nor the trial's failure record replaces ``stopped``: the error is filed aside."""
+    from types import SimpleNamespace
+
+    from hg_dist.callbacks import Callback
+    from hg_dist.experiment import run_local
+    from hg_dist.tune.search import _record_status
+    from hg_dist.tune.storage import SearchStorage
+
+    output = tmp_path / "trial"
+    config = ExperimentConfig(approximator={"name": "cg", "num_iters": 2}, num_iters=20, unroll_steps=5,
+                              output=str(output))
+    trial = SimpleNamespace(last_result={"outer_loss": 1.5, "outer_step": 2}, path=str(tmp_path))
+
+    class StoppedThenTornDown(Callback):
+        def on_outer_step(self, solver, metrics):
+            if solver.outer_step == 2:
+                _record_status(SearchStorage.parse(tmp_path), trial, str(output), "stopped", None)
+                raise AttributeError("'NoneType' object has no attribute 'close'")
+
+    with pytest.raises(AttributeError):
+        run_local(build_tiny, config, callbacks=(StoppedThenTornDown(),), progress=False)
+    record = _result_json(output)
+    assert record["status"] == "stopped" and record.get("error") is None
+    assert record["error_while_stopped"] == "AttributeError: 'NoneType' object has no attribute 'close'"
+
+    # A run that fails on its own (no stop written) still says failed.
+    config = dataclasses.replace(config, output=str(tmp_path / "own"))
+
+    class Fails(Callback):
+        def on_outer_step(self, solver, metrics):
+            raise AttributeError("its own error")
+
+    with pytest.raises(AttributeError):
+        run_local(build_tiny, config, callbacks=(Fails(),), progress=False)
+    assert _result_json(tmp_path / "own")["status"] == "failed"
+
+
+def test_result_json_updates_from_two_processes_are_never_lost(tmp_path):
+    """merge_json is one step among processes: two processes adding 1 to a counter 150 times each end at 300
+    (a read-then-replace without the lock loses updates here)."""
+    import multiprocessing
+
+    from hg_dist.atomic import merge_json
+
+    path = tmp_path / "result.json"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_add_one_times, args=(path, 150)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    assert json.loads(path.read_text())["count"] == 300
+    assert merge_json(path, lambda current: None) == {"count": 300}    # None: left as it is
+
+
+def _add_one_times(path: Path, times: int) -> None:
+    from hg_dist.atomic import merge_json
+
+    for _ in range(times):
+        merge_json(path, lambda current: {"count": current.get("count", 0) + 1})

@@ -49,7 +49,7 @@ from ray.tune.search.sample import Categorical
 from hg_dist.distributed.ray_internals import replace_restored_callback
 from hg_dist.distributed.reachable import check_loadable_on_workers
 from hg_dist.distributed.resources import connect, inspect_cluster
-from hg_dist.experiment import RESULT_FILE, ExperimentConfig, read_result, update_result
+from hg_dist.experiment import RESULT_FILE, ExperimentConfig, merge_result
 from hg_dist.tune.plots import plot_search
 from hg_dist.status import RunStatus
 from hg_dist.tune.progress import FINAL, SearchProgress, trial_status
@@ -554,9 +554,7 @@ def _record_status(storage: SearchStorage, trial: Trial, output: str, status: st
         if storage.local:
             if not Path(output).exists():
                 return  # never started: nothing to mark
-            merged = merge(read_result(output))
-            if merged is not None:
-                update_result(output, **merged)
+            merge_result(output, merge)   # as one step: the trial may be writing its ending now
         else:
             fs, name = storage.filesystem, f"{trial.path}/{RUN_DIR}/{RESULT_FILE}"
             info = fs.get_file_info(name)

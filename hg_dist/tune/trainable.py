@@ -78,7 +78,7 @@ from hg_dist import checkpoint as solver_checkpoint
 from hg_dist.callbacks import HistoryWriter
 from hg_dist.distributed.train_loop import NOT_RETRIED as RUN_NOT_RETRIED
 from hg_dist.distributed.train_loop import RunFailedError
-from hg_dist.experiment import ExperimentConfig, read_result, run_local, update_result, write_json
+from hg_dist.experiment import ExperimentConfig, merge_result, read_result, run_local, update_result, write_json
 from hg_dist.recording import write_parquet
 from hg_dist.solver import BaseSolver
 from hg_dist.status import RunStatus
@@ -621,13 +621,22 @@ def run_trial(config: dict[str, Any], *, build_solver: BuildSolver, base: Experi
                 build_solver, experiment, metric, mode, cpus_per_worker=cpus_per_worker,
                 checkpoint_every=checkpoint_every, max_failures=max_failures, train_storage=storage)
     except Exception as error:
-        # A status the search wrote (stopped, interrupted) says it ended the trial (its workers are gone).
-        ended_by_search = read_result(output).get("status") in (RunStatus.STOPPED, RunStatus.INTERRUPTED)
-        final_error = isinstance(error, NOT_RETRIED) and not ended_by_search
         text = error.error if isinstance(error, RunFailedError) else _error_text(error)
-        if not ended_by_search:
-            update_result(output, status=RunStatus.FAILED, error=text, config=experiment.to_dict(),
-                          **({"retried": False} if final_error else {}))
+        not_retried, ended_by_search = isinstance(error, NOT_RETRIED), False
+
+        def record_failure(current: dict[str, Any]) -> dict[str, Any] | None:
+            # A status the search wrote (stopped, interrupted) says it ended the trial, and an error raised while
+            # Tune tears the trial down is not the trial's: the status stands. Checked and written as one step,
+            # as the search may be writing its status at this moment.
+            nonlocal ended_by_search
+            ended_by_search = current.get("status") in (RunStatus.STOPPED, RunStatus.INTERRUPTED)
+            if ended_by_search:
+                return {**current, "error_while_stopped": text}
+            return {**current, "status": RunStatus.FAILED, "error": text, "config": experiment.to_dict(),
+                    **({"retried": False} if not_retried else {})}
+
+        merge_result(output, record_failure)
+        final_error = not_retried and not ended_by_search
         _upload_ending(output, destination)
         if not final_error:
             raise
