@@ -167,8 +167,8 @@ class DecaySolver(BaseImplicitSolver):
 
 def training(rec: Recorder, args, device: torch.device) -> None:
     torch.manual_seed(0)
-    model = (resnet18(width=8) if args.quick else resnet18()).to(device)
-    batch, steps, unroll = (8, 6, 3) if args.quick else (128, 300, 50)
+    model = (resnet18(width=4) if args.quick else resnet18()).to(device)
+    batch, steps, unroll = (4, 4, 2) if args.quick else (128, 300, 50)
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch, 3, 32, 32, generator=gen).to(device),
                 torch.randint(0, 10, (batch,), generator=gen).to(device)) for _ in range(4)]

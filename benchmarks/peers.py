@@ -9,7 +9,8 @@ against the targets:
   ``diff_sgd_`` with momentum 0.9, finiteness check, loss recorded) against
   ``loss.backward()`` + ``torch.optim.SGD(foreach=True)`` + ``loss.item()``.
   Time: contenders alternate in one process, medians. Peak memory: each contender runs in a
-  subprocess of its own (CPU: ``ru_maxrss`` minus the resident set before the first step;
+  process of its own, forked from a server that has only imported torch and hg_dist (CPU:
+  ``ru_maxrss`` minus the resident set before the first step;
   CUDA: ``max_memory_allocated`` minus the allocation before the first step).
   Targets: time ≤ 1.02×, memory ≤ 1.05×.
 * **data-parallel step, W = 2** (two gloo processes on 127.0.0.1, half the batch each):
@@ -42,7 +43,6 @@ import os
 import resource
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -188,21 +188,24 @@ def memory_child(model_name: str, kind: str, quick: bool, device: torch.device, 
 
 def measure_memory(pairs: list[tuple[str, str]], args) -> dict[tuple[str, str], dict]:
     """:func:`memory_child` of each ``(model, kind)`` in a process of its own, two at a time (each process's
-    peak is its own, so running them side by side changes no number; nothing is timed meanwhile)."""
-    found: dict[tuple[str, str], dict] = {}
-    pending = list(pairs)
-    while pending:
-        batch, pending = pending[:2], pending[2:]
-        running = {pair: subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--memory-child", *pair, "--device", args.device]
-            + (["--quick"] if args.quick else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}) for pair in batch}
-        for pair, child in running.items():
-            out, err = child.communicate()
-            if child.returncode != 0:
-                raise RuntimeError(f"memory child {pair} failed (exit {child.returncode}):\n{err[-3000:]}")
-            found[pair] = json.loads(out.strip().splitlines()[-1])
-    return found
+    peak is its own, so running them side by side changes no number; nothing is timed meanwhile).
+
+    The processes are forked from a server that has imported torch and this module once (multiprocessing's
+    ``forkserver``): each starts as a fresh interpreter would, with no model and no heap of an earlier
+    measurement, without paying torch's import again."""
+    import multiprocessing
+
+    if str(ROOT) not in sys.path:                  # the server imports this module by name
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import peers                   # by that name also when this file runs as __main__
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["benchmarks.peers"])
+    device = torch.device(args.device)
+    with context.Pool(2, maxtasksperchild=1) as pool:
+        peaks = pool.starmap(peers.memory_child, [(model, kind, args.quick, device) for model, kind in pairs],
+                             chunksize=1)
+    return dict(zip(pairs, peaks))
 
 
 def inner_rows(args, device: torch.device) -> list[dict]:
@@ -515,7 +518,7 @@ def to_markdown(report: dict) -> str:
                      f"{m['hg_dist']['step_peak_mb']:.0f} | {m['pytorch']['step_peak_mb']:.0f} | "
                      f"{r['memory_ratio']:.3f} | {r['peak_ratio']:.3f} |")
     lines += ["", "Step peak: peak resident memory (CPU) or allocation (CUDA) above what the process held before "
-              "its first step, each contender in a subprocess of its own; total peak ratio: the whole process.",
+              "its first step, each contender in a process of its own; total peak ratio: the whole process.",
               "", "## Data-parallel step, W = 2 (gloo, 127.0.0.1)", "",
               "| row | buckets ms | DDP ms | buckets / DDP | 95% bootstrap | flat allreduce / DDP | rounds |",
               "|---|---|---|---|---|---|---|"]
@@ -569,13 +572,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hyper-rounds", type=int, default=None, help="alternations for the hypergradient rows")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: inner,dp,hyper,accuracy")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(1)
-    if args.memory_child:
-        print(json.dumps(memory_child(*args.memory_child, args.quick, device)))
-        return {}
     args.rounds = args.rounds or (3 if args.quick else 21)
     args.dp_rounds = args.dp_rounds or (3 if args.quick else 15)
     args.hyper_rounds = args.hyper_rounds or (2 if args.quick else 6)
