@@ -257,14 +257,18 @@ def resnet(n_train: int = 8, n_val: int = 8, width: int = 64, seed: int = 0, rho
                    info={"n_train": n_train})
 
 
-def on_device(problem: Problem, device: torch.device) -> Problem:
+def on_device(problem: Problem, device: torch.device, dtype: torch.dtype | None = None) -> Problem:
     """``problem`` with its parameters, and the data and modules its objectives close over, on ``device``.
 
     The benchmark problems build their data on the CPU (seeded CPU generators) and close over it;
     this moves every tensor or module found in the objectives' closures (recursively through
-    nested functions), in place.
+    nested functions), in place. With ``dtype``, floating-point tensors, modules and parameters
+    are cast to it as well (the same point and data in another precision).
     """
     seen: set[int] = set()
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
 
     def move(fn) -> None:
         if id(fn) in seen or not callable(fn) or getattr(fn, "__closure__", None) is None:
@@ -273,16 +277,16 @@ def on_device(problem: Problem, device: torch.device) -> Problem:
         for cell in fn.__closure__:
             value = cell.cell_contents
             if isinstance(value, torch.Tensor):
-                cell.cell_contents = value.to(device)
+                cell.cell_contents = cast(value)
             elif isinstance(value, torch.nn.Module):
-                value.to(device)
+                value.to(device, dtype) if dtype is not None else value.to(device)
             elif callable(value):
                 move(value)
 
     move(problem.inner_obj)
     move(problem.outer_obj)
-    problem.in_params = tuple(t.to(device) for t in problem.in_params)
-    problem.out_params = tuple(t.to(device) for t in problem.out_params)
+    problem.in_params = tuple(cast(t) for t in problem.in_params)
+    problem.out_params = tuple(cast(t) for t in problem.out_params)
     return problem
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from loopback import free_port
 
 # Ray binds to 127.0.0.1 only (no traffic leaves loopback). Ray reads this when it is imported, so it is
@@ -14,7 +13,11 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 # On a pytest-xdist worker, one thread per worker: two workers with torch's default thread count each would
 # oversubscribe the cores (processes the tests start inherit OMP_NUM_THREADS).
+# (torch is imported here and in the fixtures, not at the top: pytest-xdist's controller process loads this file
+# too, and runs no test.)
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
@@ -73,6 +76,8 @@ def pytest_collection_finish(session):
 @pytest.fixture(autouse=True)
 def _float64_and_seed():
     """Tests compare numbers against ground truth in float64."""
+    import torch
+
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
