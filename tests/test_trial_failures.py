@@ -130,6 +130,29 @@ def test_a_transient_error_is_raised_for_tune_to_retry(tmp_path, trial_env):
     assert record["status"] == "failed" and "retried" not in record
 
 
+def test_an_error_after_the_search_wrote_stopped_leaves_stopped(tmp_path, trial_env, monkeypatch):
+    """Tune stopped the trial and the search wrote ``stopped`` while the trial was still running; the error
+    its teardown then raises is filed aside (``error_while_stopped``) by the run's ending and by the trial,
+    not written over the stop, and goes to Tune as raised (nothing to report: Tune already ended it)."""
+    from hg_dist.experiment import update_result
+
+    output = tmp_path / "t_00000"
+    reported = trial_env
+
+    def stopped_then_torn_down(result, checkpoint=None):
+        reported.append(result)
+        if result.get("outer_step") == 2:
+            update_result(output, status="stopped")           # what the search writes when Tune stops it
+            raise AttributeError("'NoneType' object has no attribute 'close'")
+
+    monkeypatch.setattr(tune, "report", stopped_then_torn_down)
+    with pytest.raises(AttributeError):
+        run(sampled(), tmp_path)
+    record = read_result(output)
+    assert record["status"] == "stopped" and "retried" not in record
+    assert record["error_while_stopped"] == "AttributeError: 'NoneType' object has no attribute 'close'"
+
+
 def test_the_search_lists_a_trial_ended_by_its_error_as_failed(tmp_path, trial_env):
     """trial_status, the progress line and the results table call such a trial ``failed`` with its
     error (Tune calls it TERMINATED), and a completed trial still ``completed``."""
