@@ -445,8 +445,22 @@ def select_device(config: ExperimentConfig, rank: int = 0) -> "torch.device":  #
 
 def write_result(output: str | os.PathLike, metrics: Mapping[str, float], config: ExperimentConfig,
                  **info: Any) -> Path:
-    """Write ``output/result.json``: ``{"metrics", "config", **info}`` atomically; return its path."""
-    return write_json(Path(output) / RESULT_FILE, {"metrics": dict(metrics), "config": config.to_dict(), **info})
+    """Write a run's ending ``{"metrics", "config", **info}`` as ``output/result.json``; return its path.
+
+    A run that did not complete (``info["status"]`` other than ``completed``) keeps a status in
+    :data:`~hg_dist.status.ENDED_FROM_OUTSIDE` already there (a search's scheduler stopped it;
+    what failed as it was torn down is not the run's error): ``info["error"]`` goes in as
+    ``error_while_stopped``. Checked and written as one step (:func:`merge_result`).
+    """
+    record = {"metrics": dict(metrics), "config": config.to_dict(), **info}
+
+    def merge(current: dict[str, Any]) -> dict[str, Any]:
+        if record.get("status") != RunStatus.COMPLETED and current.get("status") in ENDED_FROM_OUTSIDE:
+            return {**current, "error_while_stopped": record.get("error")}
+        return record
+
+    merge_result(output, merge)
+    return Path(output) / RESULT_FILE
 
 
 def read_result(output: str | os.PathLike) -> dict[str, Any]:
@@ -459,15 +473,15 @@ def read_result(output: str | os.PathLike) -> dict[str, Any]:
 
 def update_result(output: str | os.PathLike, **fields: Any) -> Path:
     """Merge ``fields`` (e.g. ``status="stopped"``) into ``output/result.json`` atomically; return its path."""
-    return merge_result(output, lambda current: {**current, **fields})[1]
+    merge_result(output, lambda current: {**current, **fields})
+    return Path(output) / RESULT_FILE
 
 
 def merge_result(output: str | os.PathLike,
-                 merge: Callable[[dict[str, Any]], dict[str, Any] | None]) -> tuple[dict[str, Any], Path]:
+                 merge: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any]:
     """Change ``output/result.json`` by ``merge(current) -> new | None`` as one step (:func:`~hg_dist.atomic.merge_json`:
-    a trial and its search may write it at the same moment); returns the record afterwards and its path."""
-    path = Path(output) / RESULT_FILE
-    return merge_json(path, merge), path
+    a trial and its search may write it at the same moment); returns the record afterwards."""
+    return merge_json(Path(output) / RESULT_FILE, merge)
 
 
 def _check_rank_fits(solver: Any, config: ExperimentConfig) -> None:
@@ -660,21 +674,5 @@ def _record_end(config: ExperimentConfig, solver: Any, status: RunStatus, error:
 
 def _write_end(config: ExperimentConfig, solver: Any, metrics: Mapping[str, float], status: RunStatus,
                error: str | None, wall: float, info: Mapping[str, Any]) -> None:
-    write_ending(config.output, {"metrics": dict(metrics), "config": config.to_dict(), "status": RunStatus(status),
-                                 "error": error, "wall_time_s": wall, "workers": 1, "global_step": solver.global_step,
-                                 "outer_steps": solver.outer_step, **info})
-
-
-def write_ending(output: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Make ``record`` (a run's ending: ``status``, ``error``, metrics...) ``output/result.json``.
-
-    A run that did not complete keeps a status in :data:`~hg_dist.status.ENDED_FROM_OUTSIDE` that
-    is already there (a search's scheduler stopped it; what failed as it was torn down is not the
-    run's error): the error goes in as ``error_while_stopped``. Checked and written as one step.
-    """
-    def merge(current: dict[str, Any]) -> dict[str, Any]:
-        if record["status"] != RunStatus.COMPLETED and current.get("status") in ENDED_FROM_OUTSIDE:
-            return {**current, "error_while_stopped": record.get("error")}
-        return dict(record)
-
-    merge_result(output, merge)
+    write_result(config.output, metrics, config, status=RunStatus(status), error=error, wall_time_s=wall, workers=1,
+                 global_step=solver.global_step, outer_steps=solver.outer_step, **info)

@@ -317,12 +317,11 @@ def write_ending(job: Job, run_config: "ray.train.RunConfig", workers: int, stat
     """Write ``output/result.json`` for a run that did not complete: ``status``, ``error`` and the
     metrics of the checkpoint a rerun resumes from (``{}`` if there is none). A status in
     :data:`ENDED_FROM_OUTSIDE` already there is kept (the error goes in as ``error_while_stopped``)."""
-    from hg_dist.experiment import read_result
-    from hg_dist.experiment import write_ending as write_run_ending
+    from hg_dist.experiment import read_result, update_result, write_result
 
     message = None if error is None else f"{type(error).__name__}: {error}"
-    if read_result(job.config.output).get("status") in ENDED_FROM_OUTSIDE:   # stays so: no need to read checkpoints
-        write_run_ending(job.config.output, {"status": status, "error": message})
+    if read_result(job.config.output).get("status") in ENDED_FROM_OUTSIDE:
+        update_result(job.config.output, error_while_stopped=message)
         return
     metrics, counters, path = {}, {}, latest_checkpoint(job, run_config)
     if path is not None:
@@ -335,10 +334,9 @@ def write_ending(job: Job, run_config: "ray.train.RunConfig", workers: int, stat
             counters = dict(state["counters"])
         except (OSError, ValueError, KeyError):
             pass
-    write_run_ending(job.config.output, {"metrics": metrics, "config": job.config.to_dict(), "status": status,
-                                         "error": message, "workers": workers,
-                                         "global_step": counters.get("global_step"),
-                                         "outer_steps": counters.get("outer_step"), "last_checkpoint": path, **info})
+    write_result(job.config.output, metrics, job.config, status=status, error=message, workers=workers,
+                 global_step=counters.get("global_step"), outer_steps=counters.get("outer_step"),
+                 last_checkpoint=path, **info)
 
 
 def run_experiment(build_solver: Callable[..., Any], config: Any, *,
