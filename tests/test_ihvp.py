@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -121,6 +122,32 @@ def test_nystrom_low_rank_matches_dense_formula():
     expected = torch.linalg.solve(approx + rho * torch.eye(P), v)
     assert rel_err(result.solution, expected) <= 1e-9
     assert result.stats.num_hvps == rank and result.stats.num_operator_calls == 1
+
+
+@pytest.mark.parametrize("rank_of_h, gram_path", [(None, True), (4, False)])
+def test_woodbury_gram_path_and_its_householder_fallback_match_the_dense_formula(monkeypatch, rank_of_h, gram_path):
+    """A well-conditioned ``C`` is solved through ``CᵀC`` in blocks of columns (7 here, so several blocks
+    and a ragged last one); a rank-deficient ``C`` (rank(H) = 4 < k) goes to the Householder QR. Both
+    give the dense ``(C W⁺ Cᵀ + ρI)⁻¹ v`` in float64."""
+    nystrom_module = importlib.import_module("hg_dist.ihvp.nystrom")
+    monkeypatch.setattr(nystrom_module, "_BLOCK_COLUMNS", 7)
+    calls = []
+    householder = nystrom_module._woodbury_householder
+    monkeypatch.setattr(nystrom_module, "_woodbury_householder", lambda *a: calls.append(1) or householder(*a))
+    generator = torch.Generator().manual_seed(11)
+    if rank_of_h is None:
+        matrix = spd(torch.linspace(0.1, 5.0, P))
+    else:
+        factor = torch.randn(P, rank_of_h, generator=generator, dtype=torch.float64)
+        matrix = factor @ factor.T
+    v = torch.randn(P, generator=generator, dtype=torch.float64)
+    columns = torch.randperm(P, generator=generator)[:9]
+    rows = matrix[columns].contiguous()
+    c = rows.T
+    expected = torch.linalg.solve(c @ torch.linalg.pinv(c[columns]) @ c.T + 0.05 * torch.eye(P, dtype=torch.float64), v)
+    x = nystrom_module.woodbury_solve(rows, columns, v, 0.05)
+    assert rel_err(x, expected) <= 1e-9
+    assert bool(calls) is not gram_path
 
 
 def test_nystrom_exact_for_low_rank_hessian():

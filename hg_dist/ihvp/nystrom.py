@@ -26,9 +26,12 @@ gives ``(ρW + TᵀT) u = Tᵀa``, and ``Wu = Tᵀz`` gives ``z = T⁻ᵀ W u`` 
 invertible. It needs neither ``W⁻¹`` nor a division by ρ (its Schur complement is
 ``(ρW + TᵀT)/ρ``, so it is singular exactly when Woodbury's core is). All of it is
 computed in float64 (the rows of a float32 ``C`` are exact in float64): the
-complement ``v − Q Qᵀv`` then carries ``ε₆₄‖v‖`` of noise, not ``ε₃₂‖v‖``. The price
-is a float64 copy of ``C`` (``pk·8`` bytes) for the duration of the solve; the
-result is returned in ``v``'s dtype. What float64 cannot fix is the rounding of the
+complement ``v − Q Qᵀv`` then carries ``ε₆₄‖v‖`` of noise, not ``ε₃₂‖v‖``. ``Q`` is
+not formed (``Q = C T⁻¹`` with ``T`` from the Cholesky factor of ``CᵀC``): the solve
+makes three passes over ``C`` converted to float64 a block of columns at a time, so
+it costs ``O(pk²)`` flops and ``O(p)`` float64 memory beyond ``C``; only a ``C`` too
+ill-conditioned for its Gram matrix takes a Householder QR with a float64 copy of
+``C`` (``pk·8`` bytes). The result is returned in ``v``'s dtype. What float64 cannot fix is the rounding of the
 products themselves, about ``ε‖C‖`` per entry of ``C``: a shift below that floor
 regularises nothing but noise, and :class:`NystromPrecisionWarning` names ``rho``
 and the floor.
@@ -66,35 +69,101 @@ def woodbury_solve(rows: Tensor, columns: Tensor, v: Tensor, rho: float) -> Tens
     """``(C W⁺ Cᵀ + ρI)⁻¹ v`` from ``rows = Cᵀ`` (``(k, p)``) and ``W = C[columns]``, in float64.
 
     See the module docstring for the split along ``Q`` and why it is computed in
-    float64. Warns (:class:`NystromPrecisionWarning`) when ``rho < ε‖C‖₂`` in
-    ``rows``' dtype. Returns a ``(p,)`` tensor in ``v``'s dtype.
+    float64. ``Q`` is never formed: with the Gram matrix ``G = CᵀC = TᵀT`` (Cholesky),
+    ``Q = C T⁻¹``, so ``QQᵀv = C a`` with ``a = G⁻¹Cᵀv``, ``Qᵀv = T a`` and ``Q z = C T⁻¹ z``;
+    every ``p``-long step is a pass over the rows in float64 chunks. The projection is
+    refined once (``a += G⁻¹Cᵀ(v − C a)``), which keeps the complement ``v − C a`` at
+    float64 rounding for ``cond(C)`` up to :data:`MAX_GRAM_CONDITION`; a ``C`` worse
+    conditioned than that (or rank-deficient) takes a Householder QR of ``C`` instead.
+    Warns (:class:`NystromPrecisionWarning`) when ``rho < ε‖C‖₂`` in ``rows``' dtype.
+    Returns a ``(p,)`` tensor in ``v``'s dtype.
     """
-    r = rows.to(torch.float64)
+    k = rows.shape[0]
     v64 = v.to(torch.float64)
-    q, t = torch.linalg.qr(r.T)                           # C = Q T: Q (p, k), T (k, k)
-    w = r[:, columns]                                     # (k, k): W = H[K, K]
-    w = (w + w.T) / 2
-    a = q.T @ v64                                         # (k,): Qᵀv
-    k = a.numel()
-    eye = torch.eye(k, dtype=torch.float64, device=v.device)
+    gram = torch.zeros(k, k, dtype=torch.float64, device=v.device)
+    cv = torch.zeros(k, dtype=torch.float64, device=v.device)
+    for start, block in _row_blocks(rows):               # G = CᵀC, Cᵀv
+        gram.addmm_(block, block.T)
+        cv.addmv_(block, v64[start:start + block.shape[1]])
+    t, info = torch.linalg.cholesky_ex(gram, upper=True)  # G = TᵀT, T upper (k, k)
+    singular = torch.linalg.svdvals(t.detach())
+    norm_c, smallest, info = float(singular[0]), float(singular[-1]), int(info)   # one host sync
+    if info != 0 or not smallest > norm_c / MAX_GRAM_CONDITION:
+        x, norm_c = _woodbury_householder(rows, columns, v, rho)
+        _warn_below_noise_floor(rho, rows.dtype, norm_c)
+        return x
+    a = torch.cholesky_solve(cv[:, None], t, upper=True)[:, 0]     # C a = projection of v
+    complement = v64.clone()
+    c_complement = torch.zeros_like(cv)
+    for start, block in _row_blocks(rows):               # v − C a, and Cᵀ of it for the refinement
+        part = complement[start:start + block.shape[1]]
+        part.addmv_(block.T, a, alpha=-1)
+        c_complement.addmv_(block, part)
+    correction = torch.cholesky_solve(c_complement[:, None], t, upper=True)[:, 0]
+    a += correction                                      # the complement is now v − C a (refined)
+    w = _symmetric(rows[:, columns].to(torch.float64))   # (k, k): W = H[K, K]
+    z = _core_solve(t, w, t @ a, rho)                    # (T W⁺ Tᵀ + ρI)⁻¹ Qᵀv
+    y = torch.linalg.solve_triangular(t, z[:, None], upper=True)[:, 0]   # Q z = C y
+    coefficients = y - correction / rho                  # x = C y + (complement − C correction)/ρ
+    x = torch.empty_like(v)
+    for start, block in _row_blocks(rows):
+        end = start + block.shape[1]
+        x[start:end] = torch.addmv(complement[start:end], block.T, coefficients, alpha=rho).div_(rho)
+    _warn_below_noise_floor(rho, rows.dtype, norm_c)
+    return x
+
+
+MAX_GRAM_CONDITION = 1e5
+"""Largest ``cond(C)`` solved through the Gram matrix ``G = CᵀC`` (its condition is the square,
+1e10, well inside float64); beyond it :func:`woodbury_solve` takes a Householder QR of ``C``."""
+
+_BLOCK_COLUMNS = 16384
+"""Columns of ``Cᵀ`` converted to float64 at a time (``k·16384·8`` bytes, a cache-sized block)."""
+
+
+def _row_blocks(rows: Tensor):
+    """``(start, rows[:, start:start + n] in float64)`` for consecutive column blocks of ``rows``."""
+    for start in range(0, rows.shape[1], _BLOCK_COLUMNS):
+        yield start, rows[:, start:start + _BLOCK_COLUMNS].to(torch.float64)
+
+
+def _symmetric(w: Tensor) -> Tensor:
+    return (w + w.T) / 2
+
+
+def _core_solve(t: Tensor, w: Tensor, qtv: Tensor, rho: float) -> Tensor:
+    """``z = (T W⁺ Tᵀ + ρI)⁻¹ Qᵀv`` from the ``2k×2k`` block system of the module docstring."""
+    k = qtv.numel()
+    eye = torch.eye(k, dtype=torch.float64, device=qtv.device)
     block = torch.cat([torch.cat([t, rho * eye], dim=1), torch.cat([w, -t.T], dim=1)])  # (2k, 2k)
-    rhs = torch.cat([a, torch.zeros_like(a)])
+    rhs = torch.cat([qtv, torch.zeros_like(qtv)])
     solution, info = torch.linalg.solve_ex(block, rhs)
-    norm_c = torch.linalg.matrix_norm(t, ord=2)           # ‖C‖₂ = ‖T‖₂
-    info, norm_c = int(info), float(norm_c)               # one host sync
-    if info != 0:
+    if int(info) != 0:
         solution = torch.linalg.pinv(block) @ rhs
-    z = solution[k:]                                      # (T W⁺ Tᵀ + ρI)⁻¹ a
-    floor = torch.finfo(rows.dtype).eps * norm_c
+    return solution[k:]
+
+
+def _warn_below_noise_floor(rho: float, dtype: torch.dtype, norm_c: float) -> None:
+    floor = torch.finfo(dtype).eps * norm_c
     if rho < floor:
         # One significant digit keeps the text the same from one call to the next, so Python shows it once.
         warnings.warn(f"nystrom: rho={rho:.3g} is below the rounding noise of the Hessian columns in "
-                      f"{str(rows.dtype).removeprefix('torch.')}, eps·‖C‖ ≈ {floor:.0e}, so the solution is "
+                      f"{str(dtype).removeprefix('torch.')}, eps·‖C‖ ≈ {floor:.0e}, so the solution is "
                       f"dominated by that noise; raise rho above {floor:.0e} (e.g. rho={_suggest(norm_c):.0e}, "
                       f"about 1e-3·‖H‖) or compute the Hessian products in float64",
-                      NystromPrecisionWarning, stacklevel=3)
+                      NystromPrecisionWarning, stacklevel=4)   # nystrom's caller
+
+
+def _woodbury_householder(rows: Tensor, columns: Tensor, v: Tensor, rho: float) -> tuple[Tensor, float]:
+    """:func:`woodbury_solve` through a Householder QR of ``C`` in float64 (any rank, ``pk·8`` bytes more),
+    and ``‖C‖₂``."""
+    r = rows.to(torch.float64)
+    v64 = v.to(torch.float64)
+    q, t = torch.linalg.qr(r.T)                           # C = Q T: Q (p, k), T (k, k)
+    a = q.T @ v64                                         # (k,): Qᵀv
+    z = _core_solve(t, _symmetric(r[:, columns]), a, rho)
     x = q @ z + (v64 - q @ a) / rho                       # Q(TW⁺Tᵀ + ρI)⁻¹a + (I − QQᵀ)v/ρ
-    return x.to(v.dtype)
+    return x.to(v.dtype), float(torch.linalg.matrix_norm(t, ord=2))   # ‖C‖₂ = ‖T‖₂
 
 
 def _suggest(norm_c: float) -> float:
