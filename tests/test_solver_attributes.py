@@ -37,19 +37,17 @@ training state apart; the callbacks ran and the outputs were written.
 from __future__ import annotations
 
 import ast
-import functools
 import types
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import hg_dist
-from hg_dist import make_approx
 from hg_dist.experiment import ExperimentConfig, read_result, run_local
-from hg_dist.optimizers import diff_sgd
-from hg_dist.solver import BaseImplicitSolver, BaseSolver
+from hg_dist.solver import BaseSolver
+
+import ridge
 
 PACKAGE = Path(hg_dist.__file__).parent
 SOLVER_MODULES = {PACKAGE / "solver.py", PACKAGE / "unrolled.py"}
@@ -64,39 +62,12 @@ GENERIC = frozenset({"callbacks", "device", "logger", "log_dir", "progress", "lo
 """Settings of a solver whose names other objects have too: found on solver-named objects only (rule 1)."""
 
 
-class Ridge(BaseImplicitSolver):
-    """Inner: ``½ mean (Xθ − y)² + ½ Σ exp(φ) θ²``; outer: ``½ mean (X'θ − y')²`` (float64)."""
-
-    def inner_forward(self, in_params, out_params, x, y):
-        (w,), (log_decay,) = in_params, out_params
-        return (x @ w.reshape(-1) - y).pow(2).mean() / 2 + (log_decay.exp() * w.reshape(-1).pow(2)).sum() / 2
-
-    def outer_forward(self, in_params, out_params, x, y):
-        (w,) = in_params
-        return (x @ w.reshape(-1) - y).pow(2).mean() / 2
-
-
-class Decay(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.full((dim,), -2.0, dtype=torch.float64))
-
-
 BUILT: list[tuple[BaseSolver, dict]] = []
 """Each solver :func:`build_ridge` made, with its ``__dict__`` as built."""
 
 
-def build_ridge(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> Ridge:
-    gen = torch.Generator().manual_seed(config.seed)
-    dim, n = 4, 32
-    x = torch.randn(2 * n, dim, generator=gen, dtype=torch.float64)
-    y = x @ torch.randn(dim, generator=gen, dtype=torch.float64)
-    inner = nn.Linear(dim, 1, bias=False).double()
-    outer = Decay(dim)
-    solver = Ridge(inner, outer, [(x[:n], y[:n])], [(x[n:], y[n:])], make_approx(config.approximator, seed=0),
-                   num_iters=config.num_iters, unroll_steps=config.unroll_steps,
-                   inner_optimizer=functools.partial(diff_sgd, lr=0.3, momentum=0.0, weight_decay=0.0),
-                   outer_optimizer=torch.optim.SGD(outer.parameters(), lr=0.05), log_freq=2)
+def build_ridge(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> ridge.Ridge:
+    solver = ridge.build_ridge(config, log_freq=2)
     BUILT.append((solver, dict(vars(solver))))
     return solver
 

@@ -11,38 +11,26 @@ progress callback, the results table) is checked on real Tune ``Trial`` objects.
 
 from __future__ import annotations
 
-import functools
 import math
 import types
 
 import pytest
-import torch
-from torch import nn
 
 ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 from ray.tune.experiment import Trial  # noqa: E402
 
-from hg_dist import make_approx  # noqa: E402
 from hg_dist.experiment import ExperimentConfig, read_result  # noqa: E402
-from hg_dist.optimizers import diff_sgd  # noqa: E402
-from hg_dist.solver import BaseImplicitSolver  # noqa: E402
 from hg_dist.tune import trainable  # noqa: E402
 from hg_dist.tune.progress import SearchProgress, trial_status  # noqa: E402
 from hg_dist.tune.results import table_rows  # noqa: E402
 
+import ridge  # noqa: E402
 
-class Ridge(BaseImplicitSolver):
-    """Ridge regression with a learned log-decay (float64); ``extra["nan_at"] = k``: the recorded
-    outer loss is NaN from outer step ``k`` on; ``extra["crash_at"] = k``: a RuntimeError there."""
 
-    def inner_forward(self, in_params, out_params, x, y):
-        (w,), (log_decay,) = in_params, out_params
-        return (x @ w.reshape(-1) - y).pow(2).mean() / 2 + (log_decay.exp() * w.reshape(-1).pow(2)).sum() / 2
-
-    def outer_forward(self, in_params, out_params, x, y):
-        (w,) = in_params
-        return (x @ w.reshape(-1) - y).pow(2).mean() / 2
+class FailingRidge(ridge.Ridge):
+    """``extra["nan_at"] = k``: the recorded outer loss is NaN from outer step ``k`` on;
+    ``extra["crash_at"] = k``: a RuntimeError there."""
 
     def outer_metrics(self, *batch):
         step = self.outer_step + 1
@@ -52,27 +40,12 @@ class Ridge(BaseImplicitSolver):
         return {"outer_loss": loss * math.nan if step >= self.extra.get("nan_at", math.inf) else loss}
 
 
-class Decay(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.full((dim,), -2.0, dtype=torch.float64))
-
-
 BUILDS: list[int] = []
 
 
-def build_ridge(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> Ridge:
+def build_ridge(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> FailingRidge:
     BUILDS.append(rank)
-    gen = torch.Generator().manual_seed(config.seed)
-    dim, n = 4, 32
-    x = torch.randn(2 * n, dim, generator=gen, dtype=torch.float64)
-    y = x @ torch.randn(dim, generator=gen, dtype=torch.float64)
-    outer = Decay(dim)
-    solver = Ridge(nn.Linear(dim, 1, bias=False).double(), outer, [(x[:n], y[:n])], [(x[n:], y[n:])],
-                   make_approx(config.approximator, seed=0), num_iters=config.num_iters,
-                   unroll_steps=config.unroll_steps,
-                   inner_optimizer=functools.partial(diff_sgd, lr=0.3, momentum=0.0, weight_decay=0.0),
-                   outer_optimizer=torch.optim.SGD(outer.parameters(), lr=0.05), progress=False)
+    solver = ridge.build_ridge(config, FailingRidge, progress=False)
     solver.extra = dict(config.extra)
     return solver
 
