@@ -118,13 +118,17 @@ MAX_GRAM_CONDITION = 1e5
 1e10, well inside float64); beyond it :func:`woodbury_solve` takes a Householder QR of ``C``."""
 
 _BLOCK_COLUMNS = 16384
-"""Columns of ``Cᵀ`` converted to float64 at a time (``k·16384·8`` bytes, a cache-sized block)."""
+"""Columns of ``Cᵀ`` converted to float64 at a time on the CPU (``k·16384·8`` bytes, a cache-sized block)."""
+
+_ACCELERATOR_BLOCK_COLUMNS = 1 << 20
+"""The same on an accelerator, where a block costs a kernel launch per operation and no cache is to be kept."""
 
 
 def _row_blocks(rows: Tensor):
     """``(start, rows[:, start:start + n] in float64)`` for consecutive column blocks of ``rows``."""
-    for start in range(0, rows.shape[1], _BLOCK_COLUMNS):
-        yield start, rows[:, start:start + _BLOCK_COLUMNS].to(torch.float64)
+    size = _BLOCK_COLUMNS if rows.device.type == "cpu" else _ACCELERATOR_BLOCK_COLUMNS
+    for start in range(0, rows.shape[1], size):
+        yield start, rows[:, start:start + size].to(torch.float64)
 
 
 def _symmetric(w: Tensor) -> Tensor:
