@@ -31,10 +31,10 @@ not formed (``Q = C T⁻¹`` with ``T`` from the Cholesky factor of ``CᵀC``): 
 makes three passes over ``C`` converted to float64 a block of columns at a time, so
 it costs ``O(pk²)`` flops and ``O(p)`` float64 memory beyond ``C``; only a ``C`` too
 ill-conditioned for its Gram matrix takes a Householder QR with a float64 copy of
-``C`` (``pk·8`` bytes). The result is returned in ``v``'s dtype. What float64 cannot fix is the rounding of the
-products themselves, about ``ε‖C‖`` per entry of ``C``: a shift below that floor
-regularises nothing but noise, and :class:`NystromPrecisionWarning` names ``rho``
-and the floor.
+``C`` (``pk·8`` bytes). The result is returned in ``v``'s dtype. What float64
+cannot fix is the rounding of the products themselves, about ``ε‖C‖`` per entry of
+``C``: a shift below that floor regularises nothing but noise, and
+:class:`NystromPrecisionWarning` names ``rho`` and the floor.
 
 ``C`` is held as its transpose, the rows ``R = Cᵀ = H[K, :]`` (``(k, p)``, contiguous,
 ``pk·4`` bytes in float32), which the operator computes by index
