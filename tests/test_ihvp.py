@@ -240,6 +240,24 @@ def test_randomized_nystrom_exact_on_low_rank_matrix():
     assert torch.allclose(basis @ torch.diag(eigenvalues) @ basis.T, matrix, atol=1e-8)
 
 
+@pytest.mark.parametrize("nearly_dependent, through_qr", [(False, False), (True, True)])
+def test_sketch_columns_are_orthonormal_through_the_gram_matrix_or_a_qr(monkeypatch, nearly_dependent, through_qr):
+    """A Gaussian Ω (4000×8) is orthonormalised through the Cholesky factor of ΩᵀΩ; one with two nearly
+    equal columns (condition number ~1e6) through a Householder QR. Either way QᵀQ = I and QQᵀΩ = Ω."""
+    nystrom_pcg_module = importlib.import_module("hg_dist.ihvp.nystrom_pcg")
+    qr_calls = []
+    householder = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda a: qr_calls.append(1) or householder(a))
+    generator = torch.Generator().manual_seed(7)
+    omega = torch.randn(4000, 8, generator=generator, dtype=torch.float64)
+    if nearly_dependent:
+        omega[:, 1] = omega[:, 0] + 1e-6 * torch.randn(4000, generator=generator, dtype=torch.float64)
+    q = nystrom_pcg_module._orthonormal_columns(omega)
+    assert bool(qr_calls) is through_qr
+    assert torch.allclose(q.T @ q, torch.eye(8, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(q @ (q.T @ omega), omega, atol=1e-9)
+
+
 def test_exact_matches_dense_solve(problem):
     matrix, v = problem
     result = ihvp.exact(operator(matrix), v, rho=0.1)

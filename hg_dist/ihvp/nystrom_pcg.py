@@ -43,22 +43,62 @@ def randomized_nystrom(op: HessianOperator, rank: int, like: Tensor,
                        generator: torch.Generator | None = None) -> NystromFactor:
     """Rank-``rank`` randomized Nyström factor of ``H`` from one ``matmat`` call.
 
+    Every factorisation is of a ``k×k`` matrix: ``Ω`` is orthonormalised through the
+    Cholesky factor of ``ΩᵀΩ`` (a Gaussian ``Ω``'s columns are well conditioned; a
+    Householder QR is the fallback when they are not, e.g. ``k`` close to ``p``), ``‖Y‖₂``
+    is read off ``YᵀY``, and the thin SVD of ``F`` comes from the eigendecomposition of
+    ``FᵀF`` accumulated in float64 (``U = F V Σ⁻¹``; directions with ``σ² ≤ 1e-12·σ²_max``,
+    below float64's resolution of that Gram matrix, are dropped: their ``Λ̂`` is 0 anyway).
+    The ``p``-long work is ``k``-column matrix products, not LAPACK on a ``p×k`` matrix.
+
     Raises:
         NonFiniteHypergradientError: the sketch ``Y = HΩ`` has NaN/inf entries
             (checked before any factorisation sees it).
     """
     omega = torch.randn(op.size, rank, generator=generator, dtype=like.dtype).to(like.device)
-    omega, _ = torch.linalg.qr(omega)
+    omega = _orthonormal_columns(omega)
     y = op.matmat(omega)                                               # (p, k)
     check_finite({"the Hessian sketch Y = HΩ": y}, "nystrom_pcg", PRODUCTS_HINT)
-    shift = torch.finfo(like.dtype).eps * max(op.size, 1) ** 0.5 * torch.linalg.matrix_norm(y, ord=2)
+    norm_y = torch.linalg.eigvalsh(_gram64(y))[-1].clamp_min(0).sqrt()   # ‖Y‖₂
+    shift = torch.finfo(like.dtype).eps * max(op.size, 1) ** 0.5 * norm_y.to(like.dtype)
     y_shifted = y + shift * omega
     core = omega.T @ y_shifted
     d, q = torch.linalg.eigh((core + core.T) / 2)
     keep = d > d.max().clamp_min(0) * 1e-12 + torch.finfo(like.dtype).tiny
-    factor = y_shifted @ (q[:, keep] / d[keep].sqrt())
-    basis, sigma, _ = torch.linalg.svd(factor, full_matrices=False)
-    return NystromFactor(basis, (sigma ** 2 - shift).clamp_min(0))
+    factor = y_shifted @ (q[:, keep] / d[keep].sqrt())                 # F (p, r)
+    sigma2, v = torch.linalg.eigh(_gram64(factor))                     # FᵀF = V Σ² Vᵀ, ascending
+    sigma2, v = sigma2.flip(0), v.flip(1)
+    kept = sigma2 > sigma2[0].clamp_min(0) * 1e-12 + torch.finfo(torch.float64).tiny
+    sigma2, v = sigma2[kept], v[:, kept]
+    basis = factor @ (v / sigma2.sqrt()).to(factor.dtype)              # U = F V Σ⁻¹ (p, r)
+    return NystromFactor(basis, (sigma2.to(like.dtype) - shift).clamp_min(0))
+
+
+GAUSSIAN_CONDITION_LIMIT = 1e2
+"""Largest condition number of a Gaussian ``Ω`` orthonormalised through ``ΩᵀΩ`` (its columns'
+orthogonality is then within ``ε·1e4``); a worse one (``k`` close to ``p``) takes a Householder QR."""
+
+
+def _gram64(a: Tensor) -> Tensor:
+    """``AᵀA`` in float64 for a ``(p, k)`` ``A``, accumulated over blocks of rows (no float64 copy of ``A``)."""
+    k = a.shape[1]
+    gram = torch.zeros(k, k, dtype=torch.float64, device=a.device)
+    step = max(1, (1 << 20) // max(k, 1))
+    for start in range(0, a.shape[0], step):
+        block = a[start:start + step].to(torch.float64)
+        gram.addmm_(block.T, block)
+    return gram
+
+
+def _orthonormal_columns(omega: Tensor) -> Tensor:
+    """An orthonormal basis of ``Ω``'s columns: ``Ω R⁻¹`` with ``RᵀR = ΩᵀΩ`` (Cholesky, float64), or a
+    Householder QR when ``Ω`` is too ill-conditioned for that (:data:`GAUSSIAN_CONDITION_LIMIT`)."""
+    r, info = torch.linalg.cholesky_ex(_gram64(omega), upper=True)
+    if int(info) == 0:
+        singular = torch.linalg.svdvals(r)                             # Ω's own singular values
+        if float(singular[-1]) * GAUSSIAN_CONDITION_LIMIT > float(singular[0]):
+            return torch.linalg.solve_triangular(r.to(omega.dtype), omega, upper=True, left=False)
+    return torch.linalg.qr(omega)[0]
 
 
 def nystrom_preconditioner(factor: NystromFactor, rho: float):
