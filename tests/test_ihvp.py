@@ -258,6 +258,16 @@ def test_sketch_columns_are_orthonormal_through_the_gram_matrix_or_a_qr(monkeypa
     assert torch.allclose(q @ (q.T @ omega), omega, atol=1e-9)
 
 
+@pytest.mark.parametrize("solve", [lambda op, v: ihvp.nystrom(op, v, rank=5, rho=0.5),
+                                   lambda op, v: ihvp.nystrom_pcg(op, v, rank=5, num_iters=3, rho=0.5),
+                                   lambda op, v: ihvp.cg(op, v, num_iters=3, rho=0.5)],
+                         ids=["nystrom", "nystrom_pcg", "cg"])
+def test_a_zero_hessian_gives_v_over_rho(solve):
+    """H = 0 (no curvature at this point): (H + ρI)⁻¹ v = v / ρ, with nothing for Nyström to factor."""
+    v = torch.randn(P)
+    assert rel_err(solve(operator(torch.zeros(P, P)), v).solution, v / 0.5) <= 1e-12
+
+
 def test_exact_matches_dense_solve(problem):
     matrix, v = problem
     result = ihvp.exact(operator(matrix), v, rho=0.1)

@@ -68,7 +68,7 @@ def randomized_nystrom(op: HessianOperator, rank: int, like: Tensor,
     factor = y_shifted @ (q[:, keep] / d[keep].sqrt())                 # F (p, r)
     sigma2, v = torch.linalg.eigh(_gram64(factor))                     # FᵀF = V Σ² Vᵀ, ascending
     sigma2, v = sigma2.flip(0), v.flip(1)
-    kept = sigma2 > sigma2[0].clamp_min(0) * 1e-12 + torch.finfo(torch.float64).tiny
+    kept = sigma2 > sigma2[:1].clamp_min(0) * 1e-12 + torch.finfo(torch.float64).tiny   # none when H = 0
     sigma2, v = sigma2[kept], v[:, kept]
     basis = factor @ (v / sigma2.sqrt()).to(factor.dtype)              # U = F V Σ⁻¹ (p, r)
     return NystromFactor(basis, (sigma2.to(like.dtype) - shift).clamp_min(0))
@@ -104,6 +104,8 @@ def _orthonormal_columns(omega: Tensor) -> Tensor:
 def nystrom_preconditioner(factor: NystromFactor, rho: float):
     """``r ↦ M⁻¹ r`` for ``A = H + ρI`` (see the module docstring)."""
     u, lam = factor
+    if lam.numel() == 0:                              # Ĥ = 0 (e.g. H = 0): nothing to precondition
+        return lambda r: r
     # Λ̂ + ρ is floored so that a rank-deficient Ĥ with ρ = 0 stays invertible.
     floor = lam.max() * 1e-10 + torch.finfo(lam.dtype).tiny
     denominators = (lam + rho).clamp_min(floor)
