@@ -150,6 +150,25 @@ def test_woodbury_gram_path_and_its_householder_fallback_match_the_dense_formula
     assert bool(calls) is not gram_path
 
 
+def test_woodbury_on_ill_conditioned_float64_columns_keeps_the_qr_accuracy():
+    """float64 columns with cond(C) ≈ 2e4 (nearly dependent columns): the Gram path's ε·cond(C)² costs
+    4.5e-10 here against the QR's 7e-13, so the solve must take the QR and match the dense formula to 1e-11."""
+    nystrom_module = importlib.import_module("hg_dist.ihvp.nystrom")
+    generator = torch.Generator().manual_seed(0)
+    p, k = 600, 20
+    basis, _ = torch.linalg.qr(torch.randn(p, k, generator=generator, dtype=torch.float64))
+    factor = basis * torch.logspace(0, -3, k, dtype=torch.float64) * 30
+    matrix = factor @ factor.T + 1e-2 * torch.eye(p, dtype=torch.float64)
+    columns = torch.randperm(p, generator=generator)[:k]
+    rows = matrix[columns].contiguous()
+    c = rows.T
+    singular = torch.linalg.svdvals(c)
+    assert 1e4 < float(singular[0] / singular[-1]) < 1e5
+    v = torch.randn(p, generator=generator, dtype=torch.float64)
+    expected = torch.linalg.solve(c @ torch.linalg.pinv(c[columns]) @ c.T + 0.01 * torch.eye(p, dtype=torch.float64), v)
+    assert rel_err(nystrom_module.woodbury_solve(rows, columns, v, 0.01), expected) <= 1e-11
+
+
 def test_nystrom_exact_for_low_rank_hessian():
     """If rank(H) = k and the k sampled columns span it, Nyström is exact."""
     generator = torch.Generator().manual_seed(5)
