@@ -210,3 +210,37 @@ def test_mixed_term_through_the_saved_graph_matches_dense_mixed_derivative():
     assert torch.allclose(got, jacobian.T @ x, rtol=1e-12, atol=1e-12)
     assert torch.allclose(got, params_to_vector(mixed_vjp(f, theta, phi, x)), rtol=1e-12, atol=1e-12)
     assert shifted(op, 0.5).mixed is None            # a wrapper does not carry it
+
+
+def test_products_carry_a_graph_only_when_an_input_requires_grad():
+    """Detached parameters and tangent: products and the mixed term are plain tensors (computed without
+    grad mode, no differentiable backward); a parameter or a tangent that requires grad gets a graph back
+    to it, whose derivative is the third-derivative term (checked against the dense Hessian's dependence on
+    θ by autograd through ``torch.func.hessian``). Values are the same either way."""
+    inner, theta, phi, dense = small_mlp()
+    theta = tuple(t.double() for t in theta)
+    phi = tuple(t.double() for t in phi)
+    v = torch.randn(16, dtype=torch.float64)
+    plain = linearize(inner, theta, phi)
+    assert not plain.matvec(v).requires_grad and not plain.rows(torch.tensor([0, 5])).requires_grad
+    assert not any(t.requires_grad for t in plain.mixed(v))
+    tangent = v.clone().requires_grad_()
+    assert plain.matvec(tangent).requires_grad                     # a tangent that requires grad: H v has H as dv
+
+    leaves = tuple(t.clone().requires_grad_() for t in theta)
+    tracked = linearize(inner, leaves, phi)
+    hv = tracked.matvec(v)
+    assert hv.requires_grad
+    torch.testing.assert_close(hv.detach(), plain.matvec(v), rtol=1e-12, atol=1e-12)
+    u = torch.randn(16, dtype=torch.float64)
+    got = params_to_vector(torch.autograd.grad(hv @ u, leaves))    # d/dθ ⟨u, H(θ) v⟩
+
+    width, d = theta[0].shape
+
+    def flat_hessian_form(flat):
+        def f(t):
+            return inner((t[:width * d].reshape(width, d), t[width * d:]), phi)
+        return u @ hessian(f)(flat) @ v
+
+    expected = torch.func.grad(flat_hessian_form)(params_to_vector(theta))
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
