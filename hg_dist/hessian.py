@@ -89,6 +89,12 @@ def _synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
+def _graph_only_if(needed: bool) -> torch.set_grad_enabled:
+    """Grad mode for a VJP through the saved graph: as the caller has it when an input requires grad,
+    off otherwise (a ``torch.func`` VJP called with grad enabled builds its backward differentiably)."""
+    return torch.set_grad_enabled(torch.is_grad_enabled() and needed)
+
+
 class _BlockProducts:
     """``V H`` for row blocks ``V`` through one saved gradient graph, chunked by a :class:`Calibration`.
 
@@ -117,7 +123,7 @@ class _BlockProducts:
         differentiably (``create_graph``), which measured 5–13% slower per product on the
         peers benchmark's ResNet-18 and MLP.
         """
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (self.keeps_graph or v.requires_grad)):
+        with _graph_only_if(self.keeps_graph or v.requires_grad):
             return self.grad_vjp(vector_to_params(v, self.like))[0]
 
     def _chunk(self, tangents: Tensor, out: Tensor) -> None:
@@ -240,7 +246,7 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
         return blocks.matmat(vs)
 
     def mixed(x: Tensor) -> Params:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (keeps_graph or x.requires_grad)):
+        with _graph_only_if(keeps_graph or x.requires_grad):
             return tuple(joint_vjp(vector_to_params(x, in_params))[1])
 
     return HessianOperator(matvec=matvec, matmat=matmat, size=num_elements(in_params), rows=blocks.rows,

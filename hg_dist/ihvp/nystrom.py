@@ -82,20 +82,18 @@ def woodbury_solve(rows: Tensor, columns: Tensor, v: Tensor, rho: float) -> Tens
     v64 = v.to(torch.float64)
     gram = torch.zeros(k, k, dtype=torch.float64, device=v.device)
     cv = torch.zeros(k, dtype=torch.float64, device=v.device)
-    for start, block in _row_blocks(rows):               # G = CᵀC, Cᵀv
+    for start, block in float64_blocks(rows):            # G = CᵀC, Cᵀv
         gram.addmm_(block, block.T)
         cv.addmv_(block, v64[start:start + block.shape[1]])
-    t, info = torch.linalg.cholesky_ex(gram, upper=True)  # G = TᵀT, T upper (k, k)
-    singular = torch.linalg.svdvals(t.detach())
-    norm_c, smallest, info = float(singular[0]), float(singular[-1]), int(info)   # one host sync
-    if info != 0 or not smallest * MAX_GRAM_CONDITION.get(rows.dtype, 1e4) > norm_c:
+    t, norm_c = gram_cholesky(gram, MAX_GRAM_CONDITION.get(rows.dtype, 1e4))   # G = TᵀT, T upper (k, k)
+    if t is None:
         x, norm_c = _woodbury_householder(rows, columns, v, rho)
         _warn_below_noise_floor(rho, rows.dtype, norm_c)
         return x
     a = torch.cholesky_solve(cv[:, None], t, upper=True)[:, 0]     # C a = projection of v
     complement = v64.clone()
     c_complement = torch.zeros_like(cv)
-    for start, block in _row_blocks(rows):               # v − C a, and Cᵀ of it for the refinement
+    for start, block in float64_blocks(rows):            # v − C a, and Cᵀ of it for the refinement
         part = complement[start:start + block.shape[1]]
         part.addmv_(block.T, a, alpha=-1)
         c_complement.addmv_(block, part)
@@ -106,7 +104,7 @@ def woodbury_solve(rows: Tensor, columns: Tensor, v: Tensor, rho: float) -> Tens
     y = torch.linalg.solve_triangular(t, z[:, None], upper=True)[:, 0]   # Q z = C y
     coefficients = y - correction / rho                  # x = C y + (complement − C correction)/ρ
     x = torch.empty_like(v)
-    for start, block in _row_blocks(rows):
+    for start, block in float64_blocks(rows):
         end = start + block.shape[1]
         x[start:end] = torch.addmv(complement[start:end], block.T, coefficients, alpha=rho).div_(rho)
     _warn_below_noise_floor(rho, rows.dtype, norm_c)
@@ -128,11 +126,27 @@ _ACCELERATOR_BLOCK_COLUMNS = 1 << 20
 """The same on an accelerator, where a block costs a kernel launch per operation and no cache is to be kept."""
 
 
-def _row_blocks(rows: Tensor):
-    """``(start, rows[:, start:start + n] in float64)`` for consecutive column blocks of ``rows``."""
+def float64_blocks(rows: Tensor):
+    """``(start, rows[:, start:start + n] in float64)`` for consecutive column blocks of a ``(k, p)``
+    ``rows``: passes over a ``k×p`` block in float64 without a float64 copy of all of it."""
     size = _BLOCK_COLUMNS if rows.device.type == "cpu" else _ACCELERATOR_BLOCK_COLUMNS
     for start in range(0, rows.shape[1], size):
         yield start, rows[:, start:start + size].to(torch.float64)
+
+
+def gram_cholesky(gram: Tensor, max_condition: float) -> tuple[Tensor | None, float]:
+    """``(T, ‖A‖₂)`` for a Gram matrix ``gram = AᵀA`` (``k×k``): ``T`` upper with ``TᵀT = gram`` (so
+    ``T``'s singular values are ``A``'s), or ``None`` when ``gram`` is not numerically positive definite
+    or ``cond(A) > max_condition``, where a Householder QR of ``A`` is the way. One host sync."""
+    t, info = torch.linalg.cholesky_ex(gram, upper=True)
+    factored = info == 0
+    # A failed factor may hold anything: its singular values are read off the identity instead.
+    checked = torch.where(factored, t.detach(), torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
+    singular = torch.linalg.svdvals(checked)
+    ok, largest, smallest = torch.stack([factored.to(singular.dtype), singular[0], singular[-1]]).tolist()
+    if not ok or not smallest * max_condition > largest:
+        return None, largest
+    return t, largest
 
 
 def _symmetric(w: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from hg_dist.ihvp._errors import PRODUCTS_HINT, check_finite, check_on_divergenc
 from hg_dist.ihvp._method import DAMPING, ITERATIONS, Method, checks_rhs
 from hg_dist.ihvp._result import IHVPResult, IHVPStats
 from hg_dist.ihvp.cg import cg
-from hg_dist.ihvp.nystrom import RANK, check_rank
+from hg_dist.ihvp.nystrom import RANK, check_rank, float64_blocks, gram_cholesky
 
 
 class NystromFactor(NamedTuple):
@@ -81,24 +81,19 @@ orthogonality is then within ``ε·1e4``); a worse one (``k`` close to ``p``) ta
 
 def _gram64(a: Tensor) -> Tensor:
     """``AᵀA`` in float64 for a ``(p, k)`` ``A``, accumulated over blocks of rows (no float64 copy of ``A``)."""
-    k = a.shape[1]
-    gram = torch.zeros(k, k, dtype=torch.float64, device=a.device)
-    step = max(1, (1 << 20) // max(k, 1))
-    for start in range(0, a.shape[0], step):
-        block = a[start:start + step].to(torch.float64)
-        gram.addmm_(block.T, block)
+    gram = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
+    for _, block in float64_blocks(a.T):
+        gram.addmm_(block, block.T)
     return gram
 
 
 def _orthonormal_columns(omega: Tensor) -> Tensor:
     """An orthonormal basis of ``Ω``'s columns: ``Ω R⁻¹`` with ``RᵀR = ΩᵀΩ`` (Cholesky, float64), or a
     Householder QR when ``Ω`` is too ill-conditioned for that (:data:`GAUSSIAN_CONDITION_LIMIT`)."""
-    r, info = torch.linalg.cholesky_ex(_gram64(omega), upper=True)
-    if int(info) == 0:
-        singular = torch.linalg.svdvals(r)                             # Ω's own singular values
-        if float(singular[-1]) * GAUSSIAN_CONDITION_LIMIT > float(singular[0]):
-            return torch.linalg.solve_triangular(r.to(omega.dtype), omega, upper=True, left=False)
-    return torch.linalg.qr(omega)[0]
+    r, _ = gram_cholesky(_gram64(omega), GAUSSIAN_CONDITION_LIMIT)
+    if r is None:
+        return torch.linalg.qr(omega)[0]
+    return torch.linalg.solve_triangular(r.to(omega.dtype), omega, upper=True, left=False)
 
 
 def nystrom_preconditioner(factor: NystromFactor, rho: float):
