@@ -333,6 +333,67 @@ def test_trial_checkpoint_restores_solver_and_counters(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_resume_takes_the_newest_trial_checkpoint_even_one_tune_never_recorded(tmp_path, monkeypatch):
+    """Ctrl-C can fall between a trial writing ``checkpoint_NNNNNN`` and Tune's driver recording it: the
+    resumed trial restores the newest folder by outer step (not by name), past Tune's own, skipping a folder
+    cut off while written (no tracker file) and one that fails to load; Tune's own is the last resort."""
+    import shutil
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from hg_dist.tune import trainable
+    from hg_dist.tune.trainable import ResultTracker, checkpoints_newest_first, restore_newest, trial_checkpoint
+
+    config = ExperimentConfig(approximator={"name": "cg", "num_iters": 3}, num_iters=20, unroll_steps=5,
+                              output=str(tmp_path / "a"))
+    solver = build_tiny(config)
+    solver.log_dir = None
+    trial = tmp_path / "trial"
+    tracker = ResultTracker("outer_loss", "min")
+    # Folder names as Tune numbers them after a resume that restarted its count: name order is not step order.
+    for name, iters in [("checkpoint_000002", 5), ("checkpoint_000001", 10), ("checkpoint_000000", 15)]:
+        solver.num_iters = iters
+        solver.run()
+        tracker.update({"outer_loss": 1.0 / iters, "ihvp_num_hvps": 3}, solver.outer_step)
+        with trial_checkpoint(solver, tracker) as checkpoint:
+            shutil.copytree(checkpoint.path, trial / name)
+        if name == "checkpoint_000000":
+            steps_at_15 = solver.outer_step
+    (trial / "checkpoint_000003").mkdir()            # cut off before its tracker file
+    fs = pyarrow.fs.LocalFileSystem()
+    known = tune.Checkpoint(str(trial / "checkpoint_000001"), filesystem=fs)
+
+    def names(checkpoints):
+        return [Path(c.path).name for c in checkpoints]
+
+    assert names(checkpoints_newest_first(fs, str(trial), None)) == ["checkpoint_000000", "checkpoint_000001",
+                                                                      "checkpoint_000002"]
+    assert names(checkpoints_newest_first(fs, str(trial), known)) == ["checkpoint_000000", "checkpoint_000001"]
+    assert checkpoints_newest_first(fs, str(tmp_path / "none"), None) == []
+
+    storage = SimpleNamespace(storage_filesystem=fs, trial_fs_path=str(trial))
+    monkeypatch.setattr(trainable.tune, "get_context", lambda: SimpleNamespace(get_storage=lambda: storage))
+
+    def restored(known_checkpoint):
+        monkeypatch.setattr(trainable.tune, "get_checkpoint", lambda: known_checkpoint)
+        other = build_tiny(config)
+        other.log_dir = None
+        return other, restore_newest(other, ResultTracker("outer_loss", "min"))
+
+    other, found = restored(known)
+    assert found and other.outer_step == steps_at_15 and other.global_step == 15
+    (trial / "checkpoint_000000" / trainable.SOLVER_FILE).write_bytes(b"cut off")   # fails to load: the next
+    other, found = restored(known)
+    assert found and other.global_step == 10
+    (trial / "checkpoint_000001" / trainable.SOLVER_FILE).write_bytes(b"cut off")   # Tune's own fails: raised
+    with pytest.raises(ValueError):
+        restored(known)
+    assert restored(None)[0].global_step == 5                                       # no Tune checkpoint
+    shutil.rmtree(trial)
+    assert restored(None)[1] is False
+
+
 def test_trial_resources_follow_workers():
     assert trial_resources({"workers": 1}, 1.0).required_resources == {"CPU": 1.0}
     assert trial_resources({"workers": 2}, 0.5).required_resources["CPU"] < 0.1

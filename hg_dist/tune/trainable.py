@@ -9,7 +9,8 @@ trials outer step by outer step (``time_attr="outer_step"``) and stop bad ones e
   :func:`hg_dist.experiment.run_local` would (same seeding and outputs), with a
   :class:`SolveReporter` reporting every outer step to Tune and, every
   ``checkpoint_every`` outer steps, a trial checkpoint (``solver.state_dict()`` and
-  the reporter's counters). A resumed or retried trial continues from it.
+  the reporter's counters). A resumed or retried trial continues from its newest one,
+  also one written just before Ctrl-C that Tune had not yet recorded (:func:`restore_newest`).
 * ``config.workers == W > 1``: the trial starts a ``W``-worker Ray Train run with the
   distributed layer's worker loop, run with ``report_every=1`` (one report per outer
   step; plain distributed runs report far less often, see
@@ -70,6 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 from ray import tune
 from ray.tune import PlacementGroupFactory
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -311,18 +313,70 @@ def check_trial_solver(solver: Any) -> Any:
 
 @contextmanager
 def trial_checkpoint(solver: BaseSolver, tracker: ResultTracker) -> Iterator[tune.Checkpoint]:
-    """A temporary Tune checkpoint of a one-worker trial: ``solver.pt`` and the tracker's counters."""
+    """A temporary Tune checkpoint of a one-worker trial: ``solver.pt`` and the tracker's counters
+    with the solver's ``outer_step`` (which :func:`checkpoints_newest_first` orders by)."""
     with tempfile.TemporaryDirectory(prefix="hg_dist-trial-") as folder:
         solver_checkpoint.save(solver, Path(folder) / SOLVER_FILE)
-        (Path(folder) / TRACKER_FILE).write_text(json.dumps(tracker.state_dict()))
+        state = {**tracker.state_dict(), "outer_step": solver.outer_step}
+        (Path(folder) / TRACKER_FILE).write_text(json.dumps(state))
         yield tune.Checkpoint.from_directory(folder)
 
 
 def restore_trial(checkpoint: tune.Checkpoint, solver: BaseSolver, tracker: ResultTracker) -> None:
     """Load a :func:`trial_checkpoint` into ``solver`` (all or nothing) and ``tracker``."""
     with checkpoint.as_directory() as folder:
+        state = json.loads((Path(folder) / TRACKER_FILE).read_text())
         solver_checkpoint.load(solver, Path(folder) / SOLVER_FILE)
-        tracker.load_state_dict(json.loads((Path(folder) / TRACKER_FILE).read_text()))
+        tracker.load_state_dict(state)
+
+
+def checkpoints_newest_first(filesystem: pyarrow.fs.FileSystem, trial_path: str,
+                             known: tune.Checkpoint | None) -> list[tune.Checkpoint]:
+    """The :func:`trial_checkpoint` folders in a trial's storage folder, newest first, ending with ``known``.
+
+    A trial writes each checkpoint to its storage folder (``checkpoint_NNNNNN``) before Tune's
+    driver records it; Ctrl-C between the two leaves checkpoints there that the experiment
+    state, and so ``tune.get_checkpoint()`` after a resume, does not know. The folders whose
+    outer step (read from their tracker file) is past ``known``'s come first, the latest first,
+    then ``known`` (Tune's, when it has one). Folders without a readable tracker file (cut off
+    while being written) are left out; a later load failure is the caller's to fall back from.
+    """
+    def outer_step(fs: pyarrow.fs.FileSystem, path: str) -> int | None:
+        try:
+            with fs.open_input_stream(f"{path}/{TRACKER_FILE}") as stream:
+                return int(json.loads(stream.read())["outer_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    floor = -1 if known is None else (outer_step(known.filesystem, known.path) or 0)
+    found = []
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(trial_path, allow_not_found=True)):
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            step = outer_step(filesystem, info.path)
+            if step is not None and step > floor:
+                found.append((step, info.path))
+    newer = [tune.Checkpoint(path, filesystem=filesystem) for _, path in sorted(found, reverse=True)]
+    return newer + ([known] if known is not None else [])
+
+
+def restore_newest(solver: BaseSolver, tracker: ResultTracker) -> bool:
+    """Restore this trial's newest checkpoint (:func:`checkpoints_newest_first` of its storage folder)
+    into ``solver`` and ``tracker``; ``False`` when it has none.
+
+    A folder Tune never recorded that fails to load (a copy cut off by a killed process) is
+    skipped with a message; Tune's own checkpoint failing to load raises.
+    """
+    known = tune.get_checkpoint()
+    storage = tune.get_context().get_storage()   # DeveloperAPI of the public context: where Tune writes them
+    for checkpoint in checkpoints_newest_first(storage.storage_filesystem, storage.trial_fs_path, known):
+        try:
+            restore_trial(checkpoint, solver, tracker)
+            return True
+        except Exception as error:  # noqa: BLE001 - any damage to a copy Tune never recorded: try an older one
+            if checkpoint is known:
+                raise
+            print(f"hg_dist: skipped the trial checkpoint {checkpoint.path} ({type(error).__name__}: {error})")
+    return False
 
 
 class SolveReporter:
@@ -497,9 +551,7 @@ def _solve_here(build_solver: BuildSolver, config: ExperimentConfig, metric: str
     def build_trial_solver(config: ExperimentConfig, rank: int = 0, world_size: int = 1) -> BaseSolver:
         solver = check_trial_solver(build_solver(config, rank=rank, world_size=world_size))
         built.append(solver)
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            restore_trial(checkpoint, solver, reporter.tracker)
+        if restore_newest(solver, reporter.tracker):
             resumed["resumed_from_outer_step"] = solver.outer_step
             update_result(config.output, resumed_from_outer_step=solver.outer_step)
         return solver
