@@ -54,7 +54,8 @@ def build_ridge(config: ExperimentConfig, rank: int = 0, world_size: int = 1) ->
 def trial_env(monkeypatch):
     """Tune's per-trial calls stubbed; returns the list of reported results."""
     reports = []
-    monkeypatch.setattr(tune, "get_context", lambda: types.SimpleNamespace(get_trial_name=lambda: "t_00000"))
+    monkeypatch.setattr(tune, "get_context", lambda: types.SimpleNamespace(get_trial_name=lambda: "t_00000",
+                                                                             get_storage=lambda: None))
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(tune, "report", lambda result, checkpoint=None: reports.append(result))
     BUILDS.clear()

@@ -368,7 +368,9 @@ def restore_newest(solver: BaseSolver, tracker: ResultTracker) -> bool:
     """
     known = tune.get_checkpoint()
     storage = tune.get_context().get_storage()   # DeveloperAPI of the public context: where Tune writes them
-    for checkpoint in checkpoints_newest_first(storage.storage_filesystem, storage.trial_fs_path, known):
+    candidates = ([] if known is None else [known]) if storage is None else checkpoints_newest_first(
+        storage.storage_filesystem, storage.trial_fs_path, known)   # None: called outside a Tune session
+    for checkpoint in candidates:
         try:
             restore_trial(checkpoint, solver, tracker)
             return True
