@@ -3,11 +3,14 @@
 For an inner objective ``f(θ, φ)`` at a point ``(θ, φ)``:
 
 * ``H = ∂²f/∂θ²`` (``p×p``, ``p`` = number of inner scalars) is never formed. The
-  gradient ``θ ↦ ∇_θ f(θ, φ)`` is linearized once with ``torch.func.vjp``; every
-  product ``H v`` is then one vector-Jacobian product through that saved graph
-  (reverse over reverse; ``H`` is symmetric, so ``vᵀH = (Hv)ᵀ``). This is what keeps a
-  CG iteration at about one inner gradient of cost instead of recomputing the
-  gradient inside every product.
+  gradient ``g = ∇_θ f(θ, φ)`` is computed once with its graph kept; every product
+  ``H v`` is then one reverse pass through that saved graph (reverse over reverse;
+  ``H`` is symmetric, so ``vᵀH = (Hv)ᵀ``). This is what keeps a CG iteration at about
+  one inner gradient of cost instead of recomputing the gradient inside every product.
+  For detached parameters (what the hypergradient functions pass) the graph is plain
+  autograd on detached leaves, and each pass asks for ``θ`` only (products) or ``φ``
+  only (the mixed term); parameters that require grad are linearized with
+  ``torch.func.vjp`` as they are, so that the products carry a graph back to them.
 * A block of ``k`` products is computed as ``k`` *rows*: ``V H`` for ``V`` of shape
   ``(k, p)``, each row a contiguous tangent, in chunks of ``c`` rows (``c = 1``: a
   loop of single products; ``c ≥ 2``: one ``vmap`` over ``c`` tangents). ``c`` is
@@ -15,7 +18,7 @@ For an inner objective ``f(θ, φ)`` at a point ``(θ, φ)``:
   slower per product than the loop. Nyström's columns ``H[:, K]`` are asked for by
   index (:attr:`HessianOperator.rows`, ``H[K, :] = H[:, K]ᵀ``): the unit tangents
   are made one chunk at a time, so no ``p×k`` identity block is ever allocated.
-* ``∂²f/∂φ∂θ · x`` (shaped like ``φ``) is one more VJP, of ``φ ↦ ∇_θ f(θ, φ)``.
+* ``∂²f/∂φ∂θ · x`` (shaped like ``φ``) is one more reverse pass through the same graph.
 
 Rows rather than columns, because a strided ``(p, k)`` block of tangents makes every
 batched product slower; reverse over reverse rather than forward over reverse (``jvp``
@@ -95,18 +98,98 @@ def _graph_only_if(needed: bool) -> torch.set_grad_enabled:
     return torch.set_grad_enabled(torch.is_grad_enabled() and needed)
 
 
+def _rows_to_params(rows: Tensor, like: Params) -> Params:
+    """Split ``(c, p)`` rows into tensors of shape ``(c, *t.shape)`` for each ``t`` in ``like`` (views)."""
+    out, start = [], 0
+    for t in like:
+        out.append(rows[:, start:start + t.numel()].reshape(rows.shape[0], *t.shape))
+        start += t.numel()
+    return tuple(out)
+
+
+def _functional_graph(inner_obj: Objective, in_params: Params, out_params: Params) -> tuple[Callable, Callable, Callable]:
+    """``(product, batched, mixed)`` through a ``torch.func`` VJP of ``(θ, φ) ↦ ∇_θ f``, taken at the
+    parameters as they are: what carries a graph back to parameters that require grad."""
+    _, joint_vjp = vjp(lambda theta, phi: grad(inner_obj)(theta, phi), in_params, out_params)
+
+    def product(tangent: Params) -> Params:
+        return tuple(joint_vjp(tangent)[0])
+
+    def mixed(cotangent: Params) -> Params:
+        return tuple(joint_vjp(cotangent)[1])
+
+    return product, vmap(product), mixed
+
+
+def _reverse_mode_graph(inner_obj: Objective, in_params: Params, out_params: Params) -> tuple[Callable, Callable,
+                                                                                             Callable]:
+    """``(product, batched, mixed)`` through one autograd graph of ``g = ∇_θ f`` on detached leaves.
+
+    ``g`` is built once with ``create_graph``; ``H v = ∂⟨g, v⟩/∂θ`` and
+    ``∂²f/∂φ∂θ · x = ∂⟨g, x⟩/∂φ`` are reverse passes through it that ask for ``θ`` only or
+    ``φ`` only, so autograd walks only the part of the graph that leads there (a weight decay's
+    ``φ`` reaches the gradient only through the penalty). A ``torch.func`` VJP of
+    ``(θ, φ) ↦ g`` computes both parts every time: on the peers benchmark's MLP its products
+    were 10% slower, and its mixed term cost a whole product. ``batched`` is the same pass
+    over tangents with a leading dimension (``is_grads_batched``), or, for a model whose
+    double backward cannot batch, a ``vmap`` of a :func:`_functional_graph` built once.
+    A product is differentiable (``create_graph``) only when its tangent requires grad.
+    """
+    theta = tuple(t.detach().requires_grad_() for t in in_params)
+    phi = tuple(t.detach().requires_grad_() for t in out_params)
+    with torch.enable_grad():
+        loss = inner_obj(theta, phi)
+        grads = (torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True) if loss.requires_grad
+                 else (None,) * len(theta))
+    # Entries of g that do not depend on θ or φ (f linear or constant in a block) are left out.
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    outputs = [grads[i] for i in live]
+
+    def through(inputs: Params, cotangent: Params, batch: tuple[int, ...]) -> Params:
+        result = (None,) * len(inputs)
+        if outputs:
+            result = torch.autograd.grad(outputs, inputs, [cotangent[i] for i in live], retain_graph=True,
+                                         create_graph=torch.is_grad_enabled() and any(c.requires_grad for c in cotangent),
+                                         allow_unused=True, is_grads_batched=bool(batch))
+        return tuple(torch.zeros(*batch, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
+                     for g, t in zip(result, inputs))
+
+    def product(tangent: Params) -> Params:
+        return through(theta, tangent, ())
+
+    vmapped: list[Callable] = []    # the torch.func fallback, built on first need
+
+    def batched(tangents: Params) -> Params:
+        if not vmapped:
+            try:
+                return through(theta, tangents, (tangents[0].shape[0],))
+            except RuntimeError:
+                # Some layers' double backward has no batching rule for is_grads_batched (BatchNorm,
+                # GroupNorm: "The size of tensor a (8) must match the size of tensor b (2)"); a vmap of a
+                # torch.func VJP handles them, at the cost of one more gradient graph, built once.
+                vmapped.append(_functional_graph(inner_obj, in_params, out_params)[1])
+        return vmapped[0](tangents)
+
+    def mixed(cotangent: Params) -> Params:
+        return through(phi, cotangent, ())
+
+    return product, batched, mixed
+
+
 class _BlockProducts:
     """``V H`` for row blocks ``V`` through one saved gradient graph, chunked by a :class:`Calibration`.
 
-    ``grad_vjp`` is the VJP of ``θ ↦ ∇_θ f`` (or of ``(θ, φ) ↦ ∇_θ f``: only the first part of its
-    result is used; ``like`` gives the parameter shapes).
-    A chunk of ``c`` rows ``T`` (``(c, p)``, contiguous) becomes ``c`` products, one
-    ``vmap`` for ``c ≥ 2``, a plain call for ``c = 1``; the per-parameter outputs are
-    concatenated straight into the rows of the result.
+    ``product`` maps a tangent shaped like the parameters (``like``) to ``H v`` in that shape;
+    ``batched`` maps tangents with a leading dimension ``c`` to their ``c`` products, with the
+    same leading dimension. A chunk of ``c`` rows ``T`` (``(c, p)``, contiguous) becomes ``c``
+    products, one ``batched`` call for ``c ≥ 2``, a ``product`` call for ``c = 1``; the
+    per-parameter outputs are concatenated straight into the rows of the result.
     """
 
-    def __init__(self, grad_vjp: Callable, like: Params, calibration: Calibration, keeps_graph: bool) -> None:
-        self.grad_vjp = grad_vjp
+    def __init__(self, product: Callable[[Params], Params], batched: Callable[[Params], Params], like: Params,
+                 calibration: Calibration, keeps_graph: bool) -> None:
+        self._product = product
+        self._batched = batched
         self.like = like
         self.keeps_graph = keeps_graph   # some parameter requires grad: products carry a graph back to it
         self.calibration = calibration
@@ -124,7 +207,7 @@ class _BlockProducts:
         peers benchmark's ResNet-18 and MLP.
         """
         with _graph_only_if(self.keeps_graph or v.requires_grad):
-            return self.grad_vjp(vector_to_params(v, self.like))[0]
+            return self._product(vector_to_params(v, self.like))
 
     def _chunk(self, tangents: Tensor, out: Tensor) -> None:
         """``out = tangents H`` for ``(c, p)`` contiguous ``tangents`` into ``out`` (``(c, p)`` contiguous).
@@ -137,7 +220,8 @@ class _BlockProducts:
         if c == 1:
             grads = [g.reshape(1, -1) for g in self.product(tangents[0])]
         else:
-            grads = [g.reshape(c, -1) for g in vmap(self.product)(tangents)]
+            with _graph_only_if(self.keeps_graph or tangents.requires_grad):
+                grads = [g.reshape(c, -1) for g in self._batched(_rows_to_params(tangents, self.like))]
         if any(g.requires_grad for g in grads):
             out.copy_(torch.cat(grads, dim=1))
         else:
@@ -205,7 +289,7 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
               chunk_size: int | None = None) -> HessianOperator:
     """Build ``H = ∂²f/∂θ²`` at ``(in_params, out_params)`` as an operator.
 
-    Cost: one inner gradient to build (the saved graph), then one VJP per product, and one
+    Cost: one inner gradient to build (the saved graph), then one reverse pass per product, and one
     for the mixed term (:attr:`HessianOperator.mixed`).
 
     Args:
@@ -232,12 +316,13 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
         chunk_size = check_int("chunk_size", chunk_size, minimum=1,
                                hint="use None to measure it, 1 for a loop of products")
     in_params, out_params = check_params(in_params, out_params)
-    # One saved graph of (θ, φ) ↦ ∇_θ f serves the products (the θ part of its VJP) and the mixed
-    # term (the φ part): the mixed term costs one VJP, not another inner gradient.
-    _, joint_vjp = vjp(lambda theta, phi: grad(inner_obj)(theta, phi), in_params, out_params)
-    calibration = calibration_for(in_params) if chunk_size is None else Calibration.fixed(chunk_size)
+    # One saved graph of ∇_θ f serves the products and the mixed term: the mixed term costs one
+    # reverse pass, not another inner gradient.
     keeps_graph = any(t.requires_grad for t in (*in_params, *out_params))
-    blocks = _BlockProducts(joint_vjp, in_params, calibration, keeps_graph)
+    graph = _functional_graph if keeps_graph else _reverse_mode_graph
+    product, batched, mixed_of = graph(inner_obj, in_params, out_params)
+    calibration = calibration_for(in_params) if chunk_size is None else Calibration.fixed(chunk_size)
+    blocks = _BlockProducts(product, batched, in_params, calibration, keeps_graph)
 
     def matvec(v: Tensor) -> Tensor:
         return params_to_vector(blocks.product(v))
@@ -247,7 +332,7 @@ def linearize(inner_obj: Objective, in_params: Params, out_params: Params, *,
 
     def mixed(x: Tensor) -> Params:
         with _graph_only_if(keeps_graph or x.requires_grad):
-            return tuple(joint_vjp(vector_to_params(x, in_params))[1])
+            return mixed_of(vector_to_params(x, in_params))
 
     return HessianOperator(matvec=matvec, matmat=matmat, size=num_elements(in_params), rows=blocks.rows,
                            mixed=mixed)

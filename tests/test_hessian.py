@@ -244,3 +244,58 @@ def test_products_carry_a_graph_only_when_an_input_requires_grad():
 
     expected = torch.func.grad(flat_hessian_form)(params_to_vector(theta))
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5])
+def test_blocks_that_do_not_reach_the_gradient_give_zero_rows_and_mixed_terms(chunk_size):
+    """Detached parameters (one autograd graph of ∇_θ f, passes that ask for θ only or φ only): a θ block
+    that ``f`` ignores, one it is linear in, a φ entry it ignores, and ``f`` constant in θ, all against the
+    dense Hessian and the dense mixed Jacobian; a tangent that requires grad gets ``H`` as its derivative."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    theta = tuple(torch.randn(n, generator=gen, dtype=torch.float64) for n in (3, 2, 2))
+    phi = tuple(torch.randn(n, generator=gen, dtype=torch.float64) for n in (3, 1))
+
+    def f(th, ph):   # th[1] unused, th[2] linear, ph[1] unused
+        return torch.tanh(a @ th[0]).pow(2).sum() + (ph[0].exp() * th[0] ** 2).sum() + 3.0 * th[2].sum()
+
+    def split(flat):
+        return flat[:3], flat[3:5], flat[5:]
+
+    flat_theta = params_to_vector(theta)
+    dense = hessian(lambda t: f(split(t), phi))(flat_theta)
+    op = linearize(f, theta, phi, chunk_size=chunk_size)
+    eye = torch.eye(7, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(eye), dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op.rows(torch.tensor([6, 0, 3, 1, 4])), dense[[6, 0, 3, 1, 4]], rtol=1e-12, atol=1e-12)
+    x = torch.randn(7, generator=gen, dtype=torch.float64)
+    mixed = torch.func.jacrev(lambda q: torch.func.grad(lambda t: f(split(t), (q[:3], q[3:])))(flat_theta))(
+        params_to_vector(phi))
+    torch.testing.assert_close(params_to_vector(op.mixed(x)), mixed.T @ x, rtol=1e-12, atol=1e-12)
+    tangent = x.clone().requires_grad_()
+    hx = op.matvec(tangent)
+    torch.testing.assert_close(torch.autograd.grad(hx.sum(), tangent)[0], dense.sum(0), rtol=1e-12, atol=1e-12)
+
+    constant = linearize(lambda th, ph: ph[0].sum() * 2.0, theta, phi, chunk_size=chunk_size)
+    assert torch.equal(constant.matmat(eye), torch.zeros(7, 7, dtype=torch.float64))
+    assert torch.equal(params_to_vector(constant.mixed(x)), torch.zeros(4, dtype=torch.float64))
+
+
+def test_batched_rows_of_a_model_whose_double_backward_cannot_batch():
+    """GroupNorm's double backward has no batching rule for ``is_grads_batched``: chunks of rows fall back
+    to a ``vmap`` of a ``torch.func`` VJP and equal the loop of single products."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Tanh(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 1)).double()
+    names = [name for name, _ in model.named_parameters()]
+    theta = tuple(t.detach() for t in model.parameters())
+    x, y = torch.randn(3, 2, 6, 6), torch.randn(3, 1)
+
+    def inner(th, ph):
+        out = torch.func.functional_call(model, dict(zip(names, th)), (x,))
+        return F.mse_loss(out, y) + ph[0].exp() * (params_to_vector(th) ** 2).sum()
+
+    phi = (torch.tensor(-3.0),)
+    indices = torch.tensor([0, 7, 40, 100, 148])
+    looped = linearize(inner, theta, phi, chunk_size=1).rows(indices)
+    batched = linearize(inner, theta, phi, chunk_size=5).rows(indices)
+    torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-12)
