@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.func import grad, vjp, vmap
 
 from hg_dist._checks import check_int, check_params
-from hg_dist.calibration import Calibration, calibration_for
+from hg_dist.calibration import Calibration, calibration_for, calibration_key
 from hg_dist.utils import Objective, Params, num_elements, params_to_vector, vector_to_params
 
 
@@ -93,9 +93,15 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _graph_only_if(needed: bool) -> torch.set_grad_enabled:
-    """Grad mode for a VJP through the saved graph: as the caller has it when an input requires grad,
+    """Grad mode for a pass through the saved graph: as the caller has it when an input requires grad,
     off otherwise (a ``torch.func`` VJP called with grad enabled builds its backward differentiably)."""
     return torch.set_grad_enabled(torch.is_grad_enabled() and needed)
+
+
+CANNOT_BATCH: set[tuple] = set()
+"""Calibration keys (:func:`~hg_dist.calibration.calibration_key`) of models whose batched reverse
+pass failed: their later operators go straight to the ``torch.func`` fallback instead of failing a
+batched pass (after most of its work) once per operator."""
 
 
 def _rows_to_params(rows: Tensor, like: Params) -> Params:
@@ -158,16 +164,19 @@ def _reverse_mode_graph(inner_obj: Objective, in_params: Params, out_params: Par
         return through(theta, tangent, ())
 
     vmapped: list[Callable] = []    # the torch.func fallback, built on first need
+    key = calibration_key(in_params)
 
     def batched(tangents: Params) -> Params:
-        if not vmapped:
+        if not vmapped and key not in CANNOT_BATCH:
             try:
                 return through(theta, tangents, (tangents[0].shape[0],))
             except RuntimeError:
                 # Some layers' double backward has no batching rule for is_grads_batched (BatchNorm,
                 # GroupNorm: "The size of tensor a (8) must match the size of tensor b (2)"); a vmap of a
                 # torch.func VJP handles them, at the cost of one more gradient graph, built once.
-                vmapped.append(_functional_graph(inner_obj, in_params, out_params)[1])
+                CANNOT_BATCH.add(key)
+        if not vmapped:
+            vmapped.append(_functional_graph(inner_obj, in_params, out_params)[1])
         return vmapped[0](tangents)
 
     def mixed(cotangent: Params) -> Params:
