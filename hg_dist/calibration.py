@@ -1,7 +1,7 @@
 """How many Hessian products to batch together, chosen by measuring.
 
 A block of ``k`` products ``H v₁ … H v_k`` runs in chunks of ``c`` rows: ``c = 1`` is a
-loop of single products, ``c ≥ 2`` one ``vmap`` over ``c`` tangents. Which ``c`` is
+loop of single products, ``c ≥ 2`` one batched pass over ``c`` tangents. Which ``c`` is
 fastest depends on the model, the batch, the dtype, the device and the thread
 count (batching shares reads of the data and weights and amortises per-op overhead,
 but ``c`` copies of every activation stop fitting in cache: see

@@ -13,7 +13,7 @@ For an inner objective ``f(θ, φ)`` at a point ``(θ, φ)``:
   ``torch.func.vjp`` as they are, so that the products carry a graph back to them.
 * A block of ``k`` products is computed as ``k`` *rows*: ``V H`` for ``V`` of shape
   ``(k, p)``, each row a contiguous tangent, in chunks of ``c`` rows (``c = 1``: a
-  loop of single products; ``c ≥ 2``: one ``vmap`` over ``c`` tangents). ``c`` is
+  loop of single products; ``c ≥ 2``: one batched pass over ``c`` tangents). ``c`` is
   measured on first use and cached (:mod:`hg_dist.calibration`), so a block is never
   slower per product than the loop. Nyström's columns ``H[:, K]`` are asked for by
   index (:attr:`HessianOperator.rows`, ``H[K, :] = H[:, K]ᵀ``): the unit tangents

@@ -248,6 +248,8 @@ def test_a_run_with_other_outputs_leaves_the_constructor_settings(tmp_path):
         build_ridge(config_in(tmp_path)).run((42,))
 
 
+# Called outside a Tuner on purpose: Ray warns that get_storage() has no session and returns None.
+@pytest.mark.filterwarnings("ignore:`get_storage` is meant to only be called:UserWarning")
 def test_tune_trial_solve_leaves_the_built_solver_as_built(tmp_path, monkeypatch):
     """The one-worker trial's solve (history, reporter, no bar) without Ray: Tune's report stubbed."""
     pytest.importorskip("ray")
