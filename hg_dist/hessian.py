@@ -154,20 +154,22 @@ def _reverse_mode_graph(inner_obj: Objective, in_params: Params, out_params: Par
     def through(inputs: Params, cotangent: Params, batch: tuple[int, ...]) -> Params:
         result = (None,) * len(inputs)
         if outputs:
+            # Grad mode is on here only when the cotangent requires grad (the callers' _graph_only_if).
             result = torch.autograd.grad(outputs, inputs, [cotangent[i] for i in live], retain_graph=True,
-                                         create_graph=torch.is_grad_enabled() and any(c.requires_grad for c in cotangent),
-                                         allow_unused=True, is_grads_batched=bool(batch))
+                                         create_graph=torch.is_grad_enabled(), allow_unused=True,
+                                         is_grads_batched=bool(batch))
         return tuple(torch.zeros(*batch, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
                      for g, t in zip(result, inputs))
 
     def product(tangent: Params) -> Params:
         return through(theta, tangent, ())
 
-    vmapped: list[Callable] = []    # the torch.func fallback, built on first need
+    fallback: Callable | None = None    # the torch.func batched product, built on first need
     key = calibration_key(in_params)
 
     def batched(tangents: Params) -> Params:
-        if not vmapped and key not in CANNOT_BATCH:
+        nonlocal fallback
+        if fallback is None and key not in CANNOT_BATCH:
             try:
                 return through(theta, tangents, (tangents[0].shape[0],))
             except RuntimeError:
@@ -175,9 +177,9 @@ def _reverse_mode_graph(inner_obj: Objective, in_params: Params, out_params: Par
                 # GroupNorm: "The size of tensor a (8) must match the size of tensor b (2)"); a vmap of a
                 # torch.func VJP handles them, at the cost of one more gradient graph, built once.
                 CANNOT_BATCH.add(key)
-        if not vmapped:
-            vmapped.append(_functional_graph(inner_obj, in_params, out_params)[1])
-        return vmapped[0](tangents)
+        if fallback is None:
+            fallback = _functional_graph(inner_obj, in_params, out_params)[1]
+        return fallback(tangents)
 
     def mixed(cotangent: Params) -> Params:
         return through(phi, cotangent, ())

@@ -368,8 +368,10 @@ def restore_newest(solver: BaseSolver, tracker: ResultTracker) -> bool:
     """
     known = tune.get_checkpoint()
     storage = tune.get_context().get_storage()   # DeveloperAPI of the public context: where Tune writes them
-    candidates = ([] if known is None else [known]) if storage is None else checkpoints_newest_first(
-        storage.storage_filesystem, storage.trial_fs_path, known)   # None: called outside a Tune session
+    if storage is None:                          # called outside a Tune session: Tune's checkpoint only
+        candidates = [] if known is None else [known]
+    else:
+        candidates = checkpoints_newest_first(storage.storage_filesystem, storage.trial_fs_path, known)
     for checkpoint in candidates:
         try:
             restore_trial(checkpoint, solver, tracker)
